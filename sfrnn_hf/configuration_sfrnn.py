@@ -1,0 +1,113 @@
+"""Configuration of sfrnn models: multi-layer GRU / LSTM / tanh-RNN language models whose backward is exact BPTT,
+Diagonal State Feedbacks (DSF, arXiv 2503.23104) or fully truncated BPTT.
+
+Hub-exported file: imports only transformers.
+"""
+
+from transformers import PreTrainedConfig
+
+CELL_TYPES = ("gru", "lstm", "rnn")
+GRADIENT_MODES = ("bptt", "dsf", "ft_bptt")
+BLOCK_TYPES = ("residual", "prenorm")
+
+# Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
+# `model.config.gradient_mode = "dfs"` fails at once instead of at the next forward pass.
+_CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES}
+
+
+def _check_choice(name, value):
+    allowed = _CHOICES[name]
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+class SfrnnConfig(PreTrainedConfig):
+    r"""
+    Args:
+        vocab_size (`int`): number of tokens.
+        hidden_size (`int`): width `d` of the embeddings and of every recurrent state.
+        num_hidden_layers (`int`): number of blocks.
+        cell_type (`str`): `"gru"`, `"lstm"` or `"rnn"` (tanh Elman). Weights use the layout and gate order of
+            `torch.nn.GRU` / `nn.LSTM` / `nn.RNN`.
+        gradient_mode (`str`): how the state gradient is computed in training:
+            `"bptt"` exact backpropagation through time (torch's fused kernels),
+            `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,
+            `"ft_bptt"` fully truncated (`g_t = e_t`). Forward values are identical in every mode, and the mode may
+            be changed on a live model (`model.config.gradient_mode = "bptt"`): it applies at the next forward.
+        feedback_min, feedback_max (`float`): the fixed feedback diagonal is `linspace(feedback_min, feedback_max, S)`
+            over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.
+        block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
+            WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).
+        intermediate_size (`int`, *optional*): width of the prenorm MLP; defaults to `4 * hidden_size`.
+        lstm_expose_cell_state (`bool`): LSTM only. When true the layer hands `[h, c]` (2d) to the block's output
+            projection (the paper's variant), so the `c` half of the feedback receives error. Off by default: then
+            the layer's output is `h`, exactly as `nn.LSTM`, and the residual block needs no projection; the cost is
+            that the `c` half of the state gradient is only fed through `h` within each step.
+        layer_norm_eps (`float`): epsilon of the LayerNorms (prenorm blocks).
+        initializer_range (`float`): std of the normal init of embeddings and linear layers; the last linear layer of
+            each residual branch uses `initializer_range / sqrt(2 * num_hidden_layers)` (GPT-2). Recurrent weights use
+            torch's `U(-1/sqrt(d), 1/sqrt(d))`.
+    """
+
+    model_type = "sfrnn"
+
+    vocab_size: int = 10000
+    hidden_size: int = 256
+    num_hidden_layers: int = 1
+    cell_type: str = "gru"
+    gradient_mode: str = "dsf"
+    feedback_min: float = 0.0
+    feedback_max: float = 1.0
+    block_type: str = "residual"
+    intermediate_size: int | None = None
+    lstm_expose_cell_state: bool = False
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        for name in _CHOICES:
+            _check_choice(name, getattr(self, name))
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            _check_positive_int(name, getattr(self, name))
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        _check_positive_int("intermediate_size", self.intermediate_size)
+        for name in ("feedback_min", "feedback_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be a number in [0, 1] (a contracting feedback), got {value!r}.")
+        if self.lstm_expose_cell_state and self.cell_type != "lstm":
+            raise ValueError(
+                f"`lstm_expose_cell_state=True` needs `cell_type='lstm'`, got cell_type={self.cell_type!r}."
+            )
+        if not self.initializer_range > 0:
+            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
+        super().__post_init__(**kwargs)
+
+    def __setattr__(self, key, value):
+        if key in _CHOICES:
+            _check_choice(key, value)
+        super().__setattr__(key, value)
+
+    @property
+    def layer_types(self):
+        # What transformers' cache code expects of an all-recurrent model.
+        return ["linear_attention"] * self.num_hidden_layers
+
+    @property
+    def state_multiplier(self):
+        """Number of `d`-wide vectors in one layer's state: 2 for the LSTM (`[h, c]`), else 1."""
+        return 2 if self.cell_type == "lstm" else 1
+
+
+__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES"]

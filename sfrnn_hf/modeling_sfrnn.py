@@ -1,0 +1,344 @@
+"""Hugging Face models of sfrnn: multi-layer GRU / LSTM / tanh-RNN language models trained with exact BPTT, DSF
+(Diagonal State Feedbacks, arXiv 2503.23104) or FT-BPTT.
+
+Layers: `SfrnnForCausalLM` (head + loss + generate) -> `SfrnnModel` (embeddings, blocks, final norm) -> `SfrnnBlock`
+(residual or pre-norm) -> `SfrnnRecurrentLayer` (cell weights, gradient mode; `recurrent_sfrnn.py`) -> cells and the
+reverse diagonal scan (`cells_sfrnn.py`, `scan_sfrnn.py`). The recurrent state between calls lives in `SfrnnCache`.
+
+Hub-exported file: imports only torch, transformers and its flat siblings.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, LinearAttentionLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_sfrnn import SfrnnConfig
+from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
+
+
+class SfrnnStateLayer(LinearAttentionLayer):
+    """Cache of one layer: its whole recurrent state `(batch, S)` (the LSTM's `[h, c]` as one tensor)."""
+
+    is_compileable = False  # generate would otherwise try to compile a Python time loop
+
+    def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx=0, **kwargs):
+        self.dtype, self.device = recurrent_states.dtype, recurrent_states.device
+        self.is_recurrent_states_initialized[state_idx] = True
+
+    def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
+        if not self.is_recurrent_states_initialized[state_idx]:
+            self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+        self.recurrent_states[state_idx] = recurrent_states
+        self.has_previous_state[state_idx] = True  # else `get_recurrent_state` answers None: a silent restart at 0
+        return recurrent_states
+
+    def update_conv_state(self, conv_states, state_idx=0, **kwargs):
+        raise NotImplementedError("sfrnn layers have no convolution state.")
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_recurrent_states_initialized[0]:
+            self.recurrent_states[0] = self.recurrent_states[0].repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        if self.is_recurrent_states_initialized[0]:
+            self.recurrent_states[0] = self.recurrent_states[0][indices]
+
+
+class SfrnnCache(Cache):
+    """The recurrent state of every layer after the tokens seen so far: constant size, whatever the context length.
+
+    `get_seq_length()` answers from a token counter the model advances (generate slices its inputs with it).
+    """
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__(layers=[SfrnnStateLayer() for _ in range(config.num_hidden_layers)])
+        self.state_size = config.hidden_size * config.state_multiplier
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_state(self, layer_idx: int) -> torch.Tensor | None:
+        """The state `(batch, S)` of layer `layer_idx`, or None before the first token."""
+        return self.get_recurrent_state(layer_idx)
+
+    def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.update_recurrent_state(state, layer_idx)
+
+
+class SfrnnMLP(nn.Module):
+    """`Linear(d, 4d) -> GELU -> Linear(4d, d)` of the pre-norm block."""
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = nn.GELU()
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return self.down_proj(self.act(self.up_proj(hidden_states)))
+
+
+class SfrnnBlock(GradientCheckpointingLayer):
+    """`residual`: `x = x + RNN(x)` (the paper's PTB model). `prenorm`: `x = x + Linear(RNN(LN(x)))`, then
+    `x = x + MLP(LN(x))` (the paper's WikiText-103 block). An LSTM exposing `[h, c]` always has the projection."""
+
+    def __init__(self, config: SfrnnConfig, layer_idx: int):
+        super().__init__()
+        self.block_type = config.block_type
+        self.recurrent = SfrnnRecurrentLayer(config, layer_idx)
+        recurrent_width = self.recurrent.output_size
+        prenorm = config.block_type == "prenorm"
+        self.recurrent_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if prenorm else None
+        needs_projection = prenorm or recurrent_width != config.hidden_size
+        self.output_projection = nn.Linear(recurrent_width, config.hidden_size) if needs_projection else None
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if prenorm else None
+        self.mlp = SfrnnMLP(config) if prenorm else None
+        for branch_output in (self.output_projection, self.mlp.down_proj if prenorm else None):
+            if branch_output is not None:
+                branch_output.is_residual_branch_output = True  # GPT-2 scaled init, see `_init_weights`
+
+    def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
+        """hidden_states `(batch, time, d)` -> `(batch, time, d)`, final state `(batch, S)`."""
+        branch = hidden_states if self.recurrent_norm is None else self.recurrent_norm(hidden_states)
+        branch, final_state = self.recurrent(branch, initial_state, mask, need_final_state)
+        if self.output_projection is not None:
+            branch = self.output_projection(branch)
+        hidden_states = hidden_states + branch
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return hidden_states, final_state
+
+
+class SfrnnPreTrainedModel(PreTrainedModel):
+    config: SfrnnConfig
+    config_class = SfrnnConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SfrnnBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True  # no assisted decoding: the state cannot be rolled back
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Every parameter and buffer (v5 builds on the meta device and fills what a checkpoint lacks from here)."""
+        std = self.config.initializer_range
+        if isinstance(module, SfrnnRecurrentLayer):
+            bound = module.init_bound
+            for weight in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
+                init.uniform_(weight, -bound, bound)
+            init.copy_(module.feedback, linspace_feedback(self.config))
+        elif isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_branch_output", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)  # GPT-2 residual scaling
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
+    """Clear errors for bad inputs, before they reach torch. Returns `(batch, time)`."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds` (got both or neither).")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, time), got shape {tuple(input_ids.shape)}.")
+        if input_ids.numel() > 0:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"`input_ids` holds id {bad}, outside the vocabulary [0, {config.vocab_size - 1}].")
+        batch, time = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
+            raise ValueError("`inputs_embeds` must be a floating-point tensor.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, time, {config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+            )
+        batch, time = inputs_embeds.shape[:2]
+    if time == 0 or batch == 0:
+        raise ValueError(f"Empty input: got batch {batch} and sequence length {time}; both must be at least 1.")
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < time:
+            raise ValueError(
+                f"`attention_mask` must have shape (batch={batch}, time>={time}), got {tuple(attention_mask.shape)}."
+            )
+    return batch, time
+
+
+class SfrnnModel(SfrnnPreTrainedModel):
+    """Embeddings -> blocks -> final LayerNorm (pre-norm models only)."""
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([SfrnnBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.block_type == "prenorm" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: SfrnnCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: `(batch, time)` token ids, or `inputs_embeds` `(batch, time, d)`.
+            attention_mask: `(batch, time')` with `time' >= time` (its last `time` columns are used), 1 for real
+                tokens; at a 0 the recurrent state is held. generate's dict form `{"linear_attention": mask}` works too.
+            past_key_values: an `SfrnnCache` to continue from (and to update); created when `use_cache`.
+        """
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask.get("linear_attention")
+        batch, time = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, SfrnnCache):
+            raise ValueError(f"`past_key_values` must be an SfrnnCache, got {type(past_key_values).__name__}.")
+        if use_cache and past_key_values is None:
+            past_key_values = SfrnnCache(self.config)
+        if past_key_values is not None:
+            _check_cache(past_key_values, self.config, batch)
+
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -time:].to(hidden_states.device)
+            mask = None if bool(mask.all()) else mask
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for idx, block in enumerate(self.layers):
+            initial_state = past_key_values.get_state(idx) if past_key_values is not None else None
+            hidden_states, final_state = block(hidden_states, initial_state, mask, past_key_values is not None)
+            if past_key_values is not None:
+                past_key_values.set_state(idx, final_state)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        if self.norm_f is not None:
+            hidden_states = self.norm_f(hidden_states)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += time
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, past_key_values, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
+
+
+def _check_cache(cache, config, batch):
+    """A cache from another model (size, depth, cell) or batch gets a clear error rather than a shape error in torch."""
+    if len(cache.layers) != config.num_hidden_layers:
+        raise ValueError(f"The cache has {len(cache.layers)} layers, the model {config.num_hidden_layers}.")
+    state = cache.get_state(0)
+    expected = config.hidden_size * config.state_multiplier
+    if state is not None and tuple(state.shape) != (batch, expected):
+        raise ValueError(
+            f"The cache holds states of shape {tuple(state.shape)}, but this model and batch need ({batch}, {expected})."
+        )
+
+
+class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__(config)
+        self.model = SfrnnModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.embeddings = new_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The stock DynamicCache breaks on all-recurrent layers: the model creates its own SfrnnCache.
+        return False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: SfrnnCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | CausalLMOutputWithPast:
+        """
+        Args:
+            labels: `(batch, time)`; shifted inside the loss; -100 is ignored.
+            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0: all).
+            **kwargs: passed to the loss (the Trainer's `num_items_in_batch` for gradient accumulation).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnCache"]

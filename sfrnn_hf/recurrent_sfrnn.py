@@ -1,0 +1,210 @@
+"""The recurrent layer and its gradient modes.
+
+`SfrnnRecurrentLayer` owns one cell's weights (the layout of `torch.nn.GRU` / `nn.LSTM` / `nn.RNN`) and the fixed
+feedback diagonal, and runs the sequence in the mode `config.gradient_mode` names:
+
+- `bptt`: the recurrence with autograd through torch's fused kernels (cuDNN / oneDNN): exact gradients.
+- `dsf` / `ft_bptt`: `dsf_states`: the recurrence without a graph, one batched one-step evaluation of the cell with
+  the previous states held constant, and the state gradient rewritten by the reverse diagonal scan
+  (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`).
+- no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
+
+Hub-exported file: imports only torch and its flat siblings.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
+from .scan_sfrnn import reverse_diagonal_scan
+
+_FUSED_KERNELS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of `mask` `(batch, time)` is ones followed by zeros (padding only at the end)."""
+    lengths = mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return bool(torch.equal(mask.bool(), positions[None, :] < lengths))
+
+
+def _hold_state_after_end(states, initial_state, mask):
+    """Right-padded rows: replace the states computed past each row's end by the row's last real state, which is
+    what the gated recurrence holds there. states `(batch, time, width)`, initial_state `(batch, width)`."""
+    lengths = mask.sum(dim=1)
+    last_index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, states.shape[-1])
+    last = states.gather(1, last_index)
+    last = torch.where((lengths > 0).view(-1, 1, 1), last, initial_state[:, None, : states.shape[-1]])
+    return torch.where(mask.bool().unsqueeze(-1), states, last)
+
+
+def fused_recurrence(cell_type, inputs, initial_state, weights):
+    """Torch's fused kernel for the whole sequence (autograd through it when enabled: exact BPTT).
+
+    inputs `(batch, time, d)`, initial_state `(batch, S)`, weights `(weight_ih, weight_hh, bias_ih, bias_hh)`.
+    Returns `h` for every step `(batch, time, d)` and the final state `(batch, S)`.
+    """
+    kernel = _FUSED_KERNELS[cell_type]
+    flat_weights = list(weights)
+    train = torch.is_grad_enabled()  # cuDNN keeps its workspace for the backward only when told so
+    if cell_type == "lstm":
+        h0, c0 = (part.unsqueeze(0).contiguous() for part in initial_state.chunk(2, dim=-1))
+        outputs, h_n, c_n = kernel(inputs, (h0, c0), flat_weights, True, 1, 0.0, train, False, True)
+        return outputs, torch.cat([h_n[0], c_n[0]], dim=-1)
+    outputs, h_n = kernel(inputs, initial_state.unsqueeze(0).contiguous(), flat_weights, True, 1, 0.0, train, False, True)
+    return outputs, h_n[0]
+
+
+def looped_recurrence(cell_type, input_projection, initial_state, weight_hh, bias_hh, mask=None):
+    """The gated recurrence as a loop of `cell_step` (any mask; every state, `[h, c]` included).
+
+    input_projection `(batch, time, G*d)`, initial_state `(batch, S)`, mask `(batch, time)` or None.
+    Returns the states `(batch, time, S)`.
+    """
+    state = initial_state
+    states = []
+    for t in range(input_projection.shape[1]):
+        step_mask = None if mask is None else mask[:, t]
+        state = cell_step(cell_type, input_projection[:, t], state, weight_hh, bias_hh, step_mask)
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def lstm_cell_states(inputs, h_all, initial_state, weights):
+    """The LSTM's `c` at every step, from the fused kernel's `h` `(batch, time, d)`: with `h_{t-1}` known for all t
+    the gates are one batched evaluation, and `c_t = forget_t * c_{t-1} + write_t` is an elementwise scan.
+    Returns `(batch, time, d)`."""
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    h0, c0 = initial_state.chunk(2, dim=-1)
+    h_previous = torch.cat([h0.unsqueeze(1), h_all[:, :-1]], dim=1)
+    forget, write, _ = lstm_gates(F.linear(inputs, weight_ih, bias_ih), h_previous, weight_hh, bias_hh)
+    c, cells = c0, []
+    for t in range(inputs.shape[1]):
+        c = torch.addcmul(write[:, t], forget[:, t], c)
+        cells.append(c)
+    return torch.stack(cells, dim=1)
+
+
+def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_states=False, need_final_state=True):
+    """The gated recurrence through the fastest correct path. Differentiable when grad is enabled (exact BPTT).
+
+    Torch's fused kernel whenever padding is only at the end of rows (the states past a row's end are then replaced
+    by its last real state); the loop of `cell_step` for any other mask.
+
+    Args:
+        inputs: `(batch, time, d)`; initial_state: `(batch, S)`; mask: `(batch, time)` of 0/1 or None.
+        all_states: return the whole state `(batch, time, S)` (the LSTM's `[h, c]`) instead of `h` alone.
+        need_final_state: whether the final state is read (a cache); if not, a padded LSTM skips computing `c`.
+    Returns:
+        `(outputs, final_state)`: `(batch, time, d or S)` and `(batch, S)` (None when not needed and not free).
+    """
+    if mask is not None and bool(mask.all()):
+        mask = None
+    if mask is not None and not is_right_padded(mask):
+        weight_ih, weight_hh, bias_ih, bias_hh = weights
+        states = looped_recurrence(cell_type, F.linear(inputs, weight_ih, bias_ih), initial_state, weight_hh, bias_hh, mask)
+        width = states.shape[-1] if all_states else inputs.shape[-1]
+        return states[..., :width], states[:, -1]
+    outputs, final_state = fused_recurrence(cell_type, inputs, initial_state, weights)
+    if cell_type == "lstm" and (all_states or (mask is not None and need_final_state)):
+        outputs = torch.cat([outputs, lstm_cell_states(inputs, outputs, initial_state, weights)], dim=-1)
+    if mask is not None:
+        outputs = _hold_state_after_end(outputs, initial_state, mask)
+        final_state = outputs[:, -1] if outputs.shape[-1] == initial_state.shape[-1] else None
+    width = outputs.shape[-1] if all_states else inputs.shape[-1]
+    return outputs[..., :width], final_state
+
+
+class DiagonalStateFeedback(torch.autograd.Function):
+    """The DSF rule. Forward: the states of the recurrence, unchanged. Backward: the incoming state gradient `e`
+    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`)."""
+
+    @staticmethod
+    def forward(ctx, states, one_step_states, feedback):
+        ctx.feedback = feedback
+        return states.view_as(states)
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        if ctx.feedback is None:
+            return None, grad_states, None
+        return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
+
+
+def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
+    """States `(batch, time, S)` whose values are the recurrence's and whose backward is DSF.
+
+    (1) the recurrence without a graph; (2) one batched evaluation of the cell over all positions with the previous
+    states held constant (the one-step gradients); (3) the state gradient rewritten by `DiagonalStateFeedback`.
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    with torch.no_grad():
+        states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
+    previous_states = torch.cat([initial_state.detach().unsqueeze(1), states[:, :-1]], dim=1)
+    one_step_states = cell_step(cell_type, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
+    return DiagonalStateFeedback.apply(states, one_step_states, feedback)
+
+
+def linspace_feedback(config):
+    """The paper's fixed feedback: `linspace(feedback_min, feedback_max, S)` over a layer's state entries."""
+    width = config.hidden_size * STATES_PER_CELL[config.cell_type]
+    return torch.linspace(config.feedback_min, config.feedback_max, width)
+
+
+class SfrnnRecurrentLayer(nn.Module):
+    """One recurrent layer: `(batch, time, d)` -> `(batch, time, d)` (`2d` for an LSTM exposing `[h, c]`).
+
+    Parameters have the shapes and gate order of `nn.GRU` / `nn.LSTM` / `nn.RNN` (without the `_l0` suffix):
+    `weight_ih (G*d, d)`, `weight_hh (G*d, d)`, `bias_ih (G*d,)`, `bias_hh (G*d,)`, G = 3 / 4 / 1.
+    The buffer `feedback` `(S,)` is the fixed DSF diagonal (saved with the checkpoint, never trained).
+    """
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self.config = config  # `gradient_mode` is read at every forward, so it can be switched on a live model
+        self.layer_idx = layer_idx
+        self.cell_type = config.cell_type
+        self.hidden_size = d = config.hidden_size
+        self.state_size = d * STATES_PER_CELL[self.cell_type]
+        self.output_size = self.state_size if config.lstm_expose_cell_state else d
+        gates = GATES_PER_CELL[self.cell_type] * d
+        self.weight_ih = nn.Parameter(torch.empty(gates, d))
+        self.weight_hh = nn.Parameter(torch.empty(gates, d))
+        self.bias_ih = nn.Parameter(torch.empty(gates))
+        self.bias_hh = nn.Parameter(torch.empty(gates))
+        self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
+
+    @property
+    def init_bound(self):
+        """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
+        return 1.0 / math.sqrt(self.hidden_size)
+
+    def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
+        """
+        Args:
+            hidden_states: `(batch, time, d)`.
+            initial_state: `(batch, S)` or None (zeros).
+            mask: `(batch, time)`, 1 for real tokens; a padded position leaves the state unchanged.
+            need_final_state: whether the final state will be read (a cache).
+        Returns:
+            outputs `(batch, time, output_size)`, final state `(batch, S)`.
+        """
+        batch = hidden_states.shape[0]
+        if initial_state is None:
+            initial_state = hidden_states.new_zeros(batch, self.state_size)
+        # Read once: under a PEFT `target_parameters` LoRA these are the adapted weights.
+        weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights))
+        mode = self.config.gradient_mode
+        if needs_grad and mode != "bptt":
+            feedback = self.feedback if mode == "dsf" else None
+            states = dsf_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback)
+            return states[..., : self.output_size], states[:, -1]
+        all_states = self.output_size == self.state_size
+        return run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask, all_states, need_final_state)
+
+
+__all__ = ["SfrnnRecurrentLayer", "dsf_states", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]
