@@ -124,6 +124,12 @@ class SfrnnPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True  # no assisted decoding: the state cannot be rolled back
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the flat code files and the full `auto_map`, so that the folder loads with
+        `trust_remote_code=True` where this package is not installed."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """Every parameter and buffer (v5 builds on the meta device and fills what a checkpoint lacks from here)."""
@@ -181,6 +187,8 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
 
 class SfrnnModel(SfrnnPreTrainedModel):
     """Embeddings -> blocks -> final LayerNorm (pre-norm models only)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # loading the base of a causal-LM checkpoint
 
     def __init__(self, config: SfrnnConfig):
         super().__init__(config)
@@ -340,5 +348,16 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
 
+
+# `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,
+# so the whole map is set in `save_pretrained`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_sfrnn.SfrnnConfig",
+    "AutoModel": "modeling_sfrnn.SfrnnModel",
+    "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM",
+}
+SfrnnConfig.register_for_auto_class("AutoConfig")
+SfrnnModel.register_for_auto_class("AutoModel")
+SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnCache"]

@@ -1,0 +1,141 @@
+"""Publishing: the exported folder is a complete Hub repository that loads with `trust_remote_code=True` in a fresh
+interpreter where sfrnn_hf cannot be imported, with bit-identical logits, a working generate and all three gradient
+modes; its model card carries valid Hub metadata."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.export import export_for_hub
+
+REMOTE_USER = textwrap.dedent("""
+    import sys
+    sys.modules["sfrnn_hf"] = None  # the package is not installed for this user
+    try:
+        import sfrnn_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("sfrnn_hf is importable: the test would prove nothing")
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder, out = sys.argv[1], sys.argv[2]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11 w12"], return_tensors="pt").input_ids
+    causal = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert "sfrnn_hf" not in type(causal).__module__, type(causal).__module__
+    with torch.no_grad():
+        result = {"ids": ids, "logits": causal(input_ids=ids).logits,
+                  "hidden": base(input_ids=ids).last_hidden_state,
+                  "generated": causal.generate(ids, max_new_tokens=6, do_sample=False)}
+    causal.train()
+    for mode in ("bptt", "dsf", "ft_bptt"):
+        causal.config.gradient_mode = mode
+        loss = causal(input_ids=ids, labels=ids).loss
+        result["grad_" + mode] = torch.autograd.grad(loss, causal.model.layers[0].recurrent.weight_hh)[0]
+    torch.save(result, out)
+""")
+
+
+def exported_model(tmp_path, tokenizer, cell):
+    config = SfrnnConfig(vocab_size=len(tokenizer), hidden_size=12, num_hidden_layers=2, cell_type=cell,
+                         block_type="prenorm", pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = SfrnnForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].recurrent.weight_hh.mul_(3)
+    folder = export_for_hub(model, tokenizer, tmp_path / "hub", repo_id="someone/sfrnn-test",
+                            datasets=["ptb_text_only"], perplexity=123.45, eval_command="sfrnn-train --eval")
+    return model, folder
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_remote_code_round_trip_without_the_package(tmp_path, word_tokenizer, cell):
+    model, folder = exported_model(tmp_path, word_tokenizer, cell)
+    out = tmp_path / "remote.pt"
+    script = tmp_path / "remote_user.py"
+    script.write_text(REMOTE_USER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(script), str(folder), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = torch.load(out)
+    ids = remote["ids"]
+    assert torch.equal(ids, word_tokenizer(["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11 w12"], return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(remote["logits"], model(input_ids=ids).logits)
+        assert torch.equal(remote["hidden"], model.model(input_ids=ids).last_hidden_state)
+        assert torch.equal(remote["generated"], model.generate(ids, max_new_tokens=6, do_sample=False))
+    model.train()
+    for mode in ("bptt", "dsf", "ft_bptt"):
+        model.config.gradient_mode = mode
+        loss = model(input_ids=ids, labels=ids).loss
+        want = torch.autograd.grad(loss, model.model.layers[0].recurrent.weight_hh)[0]
+        torch.testing.assert_close(remote["grad_" + mode], want, rtol=1e-6, atol=1e-8, msg=mode)
+    assert not torch.allclose(remote["grad_dsf"], remote["grad_ft_bptt"])
+
+
+def test_exported_folder_is_a_complete_hub_repository(tmp_path, word_tokenizer):
+    model, folder = exported_model(tmp_path, word_tokenizer, "gru")
+    files = {p.name for p in folder.iterdir()}
+    for name in ("model.safetensors", "config.json", "generation_config.json", "configuration_sfrnn.py",
+                 "modeling_sfrnn.py", "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert name in files, name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_sfrnn.SfrnnConfig",
+                                  "AutoModel": "modeling_sfrnn.SfrnnModel",
+                                  "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM"}
+    # Hub-facing code imports only torch, transformers and flat siblings (which are all in the folder).
+    for code in folder.glob("*.py"):
+        for line in code.read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                root = module.split(".")[0]
+                allowed = root in {"torch", "transformers"} or root in sys.stdlib_module_names
+                assert allowed or module.startswith("."), (code.name, line)
+                if module.startswith("."):
+                    assert (folder / f"{module[1:]}.py").exists(), (code.name, line)
+
+    readme = (folder / "README.md").read_text()
+    front_matter = yaml.safe_load(readme.split("---")[1])
+    assert front_matter["library_name"] == "transformers"
+    assert front_matter["pipeline_tag"] == "text-generation"
+    assert front_matter["license"] == "apache-2.0"
+    assert front_matter["datasets"] == ["ptb_text_only"]
+    assert {"sfrnn", "gru", "dsf"} <= set(front_matter["tags"])
+    metric = front_matter["model-index"][0]["results"][0]["metrics"][0]
+    assert metric == {"type": "perplexity", "value": 123.45}
+    card = ModelCard.load(folder / "README.md")  # the Hub's own parser accepts it
+    assert card.data.eval_results[0].metric_value == 123.45
+    body = card.text
+    assert "2503.23104" in body and "trust_remote_code=True" in body and 'from_pretrained("someone/sfrnn-test"' in body
+    assert "`dsf`" in body and "`gru`" in body and "123.45" in body
+
+
+def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, word_tokenizer):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8))
+    model.save_pretrained(tmp_path / "ckpt")
+    word_tokenizer.save_pretrained(tmp_path / "ckpt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "sfrnn_hf.export", str(tmp_path / "ckpt"), str(tmp_path / "out")]
+    done = subprocess.run(command + ["--repo-id", "me/x", "--perplexity", "99.5", "--dataset", "ptb_text_only"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "not uploaded (HF_HUB_OFFLINE is set)" in done.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+    local_only = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert local_only.returncode == 0 and "not uploaded: no --repo-id given" in local_only.stdout
+    missing = subprocess.run([sys.executable, "-m", "sfrnn_hf.export", str(tmp_path / "nope"), str(tmp_path / "o2")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "not a model folder" in missing.stderr
