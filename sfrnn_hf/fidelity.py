@@ -5,9 +5,14 @@ the same batches. The budget-independent measure of how well DSF approximates BP
 - `state_gradient_fidelity`: the state gradient split by time distance. The exact gradient at `h_t` is
   `g_t = sum_k e_{t+k} J_{t+k} ... J_{t+1}` and DSF's is `sum_k a^k e_{t+k}`: compared term by term for each distance
   `k`, and in total.
+
+    python -m sfrnn_hf.fidelity runs/reproduce_ptb/dsf/early --batches 3 --out fidelity-early.json --plot early.png
 """
 
+import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -189,4 +194,56 @@ def plot_fidelity(parameter_results: dict, state_results: dict | None, path) -> 
     plt.close(figure)
 
 
+def ptb_batches(tokenizer, count: int, batch_size: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """`count` padded batches of PTB sentences (the paper's protocol), drawn at random with `seed`."""
+    import torch
+
+    from .data import CausalLMCollator, prepare_data
+    from .training_config import DataConfig
+
+    sentences = prepare_data(DataConfig(dataset="ptb", sequences="sentence", max_length=65), tokenizer).splits[split]
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+    collate = CausalLMCollator(tokenizer.pad_token_id)
+    return [collate([sentences[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]) for k in range(count)]
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="an sfrnn checkpoint trained on PTB (word level)")
+    parser.add_argument("--tokenizer", help="its tokenizer folder (default: the checkpoint, then ../tokenizer)")
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt"])
+    parser.add_argument("--max-distance", type=int, default=32)
+    parser.add_argument("--out", default="fidelity.json")
+    parser.add_argument("--plot", help="PNG path for the figure")
+    args = parser.parse_args(argv)
+
+    checkpoint = Path(args.checkpoint)
+    candidates = [Path(args.tokenizer)] if args.tokenizer else [checkpoint, checkpoint.parent / "tokenizer",
+                                                                 checkpoint.parent.parent / "tokenizer"]
+    tokenizer_folder = next((c for c in candidates if (c / "tokenizer_config.json").exists()), None)
+    if tokenizer_folder is None:
+        raise SystemExit(f"No tokenizer found in {[str(c) for c in candidates]}; pass --tokenizer.")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model.train()  # the gradients of training, not of an eval-mode model
+    batches = ptb_batches(AutoTokenizer.from_pretrained(tokenizer_folder), args.batches, args.batch_size)
+    parameters = gradient_fidelity(model, batches, modes=tuple(args.modes))
+    states = state_gradient_fidelity(model, batches[0], max_distance=args.max_distance)
+    Path(args.out).write_text(json.dumps({"checkpoint": str(checkpoint), "batches": args.batches,
+                                          "batch_size": args.batch_size, **parameters, "state_gradients": states},
+                                         indent=2))
+    for mode, per_name in parameters["parameters"].items():
+        print(f"{mode}: " + ", ".join(f"{name.removeprefix('model.')} {entry['cosine']:.3f}"
+                                      for name, entry in per_name.items()))
+    if args.plot:
+        plot_fidelity(parameters, states, args.plot)
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+
+
 __all__ = ["gradient_fidelity", "state_gradient_fidelity", "state_gradient_contributions", "plot_fidelity"]
+
+if __name__ == "__main__":
+    main()

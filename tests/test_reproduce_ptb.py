@@ -1,0 +1,49 @@
+"""The PTB reproduction script and the fidelity command, end to end on a tiny budget: every mode trains from the same
+start, the table, JSON and figure are written, a second run continues instead of restarting, and the fidelity
+diagnostic runs on the kept early checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reproduce_then_fidelity(tmp_path):
+    output = tmp_path / "reproduce"
+    command = [sys.executable, str(ROOT / "examples" / "reproduce_ptb.py"), "--hidden", "16", "--epochs", "2",
+               "--max-train-samples", "256", "--set", "data.max_eval_samples=128", "--set", "training.logging_steps=1",
+               "--output", str(output)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert [run["mode"] for run in results["runs"]] == ["bptt", "dsf", "ft_bptt"]
+    first_losses = []
+    for run in results["runs"]:
+        assert run["epochs"] == [1, 2] and all(p > 1 for p in run["validation_perplexity"])
+        assert run["seconds_per_epoch"] > 0
+        log = [json.loads(line) for line in (output / run["mode"] / "log_history.jsonl").read_text().splitlines()]
+        first_losses.append(next(entry["loss"] for entry in log if "loss" in entry))
+        assert (output / run["mode"] / "early" / "model.safetensors").exists()
+    # Same seed, initial weights and first batch: the first step's loss (a forward) is the same in every mode.
+    assert max(first_losses) - min(first_losses) < 1e-4 * first_losses[0]
+    assert (output / "perplexity.png").stat().st_size > 1000
+    assert "| dsf |" in (output / "results.md").read_text()
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 3
+    assert json.loads((output / "results.json").read_text())["runs"] == results["runs"]
+
+    fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "early"),
+                               "--batches", "2", "--batch-size", "8", "--max-distance", "4",
+                               "--out", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")],
+                              capture_output=True, text=True, timeout=600)
+    assert fidelity.returncode == 0, fidelity.stderr[-3000:]
+    report = json.loads((tmp_path / "f.json").read_text())
+    weight_hh = "model.layers.0.recurrent.weight_hh"
+    for mode in ("dsf", "ft_bptt"):
+        assert -1 <= report["parameters"][mode][weight_hh]["cosine"] <= 1
+    assert report["state_gradients"]["layers.0"]["distance"] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "f.png").exists()
