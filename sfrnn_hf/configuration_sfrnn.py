@@ -55,6 +55,7 @@ class SfrnnConfig(PreTrainedConfig):
     """
 
     model_type = "sfrnn"
+    keys_to_ignore_at_inference = ["past_key_values"]  # the Trainer's evaluation must not gather the state cache
 
     vocab_size: int = 10000
     hidden_size: int = 256

