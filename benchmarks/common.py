@@ -84,3 +84,36 @@ def median_seconds(step, device: torch.device, warmup: int, repeats: int) -> flo
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats: int):
+    """Median seconds of each named step, the steps interleaved inside every repeat (a, b, c, a, b, c, ...) so that
+    background load hits all of them alike. The first warm-up run of each step also measures its peak memory.
+    Returns `({name: median seconds}, {name: peak bytes}, {name: best seconds})`: on shared cores the best run is
+    the least disturbed by other processes, so both are reported."""
+    peaks = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as memory:
+            step()
+            synchronize(device)
+        peaks[name] = memory.peak_bytes
+        for _ in range(warmup - 1):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return ({name: statistics.median(t) for name, t in times.items()}, peaks,
+            {name: min(t) for name, t in times.items()})
+
+
+def load_line() -> str:
+    """The 1-minute load average, printed next to CPU timings (other processes share the cores)."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cpus)"
+    except OSError:
+        return "load average unknown"

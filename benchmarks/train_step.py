@@ -1,15 +1,17 @@
 """Training-step benchmark: median time of a full step (forward, backward, optimizer) of one model in each gradient
-mode, and the speed-up of DSF and FT-BPTT over exact BPTT (torch's fused kernels), all from one run.
+mode, and the speed-up of DSF and FT-BPTT over exact BPTT (torch's fused kernels), all from one run. The modes are
+interleaved inside every repeat, so background load hits all of them alike.
 
-    python benchmarks/train_step.py                                  # GRU, 3 x 512, batch 32, length 256
+    python benchmarks/train_step.py                                  # GRU, 3 x 512, batch 32, length 256, PTB vocab
     python benchmarks/train_step.py --cell lstm --length 1024 --recurrent-only
+    python benchmarks/train_step.py --dtypes float32 bfloat16
 """
 
 import argparse
 
 import torch
 
-from common import PeakMemory, machine_description, median_seconds
+from common import interleaved_medians, load_line, machine_description
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 
 
@@ -25,10 +27,11 @@ def parse_args():
     parser.add_argument("--recurrent-only", action="store_true",
                         help="time the recurrent stack alone: inputs_embeds in, no head, loss = mean of the output")
     parser.add_argument("--modes", nargs="+", default=list(GRADIENT_MODES), choices=list(GRADIENT_MODES))
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="bfloat16: autocast around forward and loss")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -37,40 +40,44 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = SfrnnConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                          cell_type=args.cell, block_type=args.block)
     model = SfrnnForCausalLM(config).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
-    embeds = torch.randn(args.batch, args.length, args.hidden, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    embeds = torch.randn(args.batch, args.length, args.hidden, device=device, requires_grad=True)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            if args.recurrent_only:
-                loss = model.model(inputs_embeds=embeds).last_hidden_state.float().pow(2).mean()
-            else:
-                loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
+    def step_in(mode, autocast):
+        def step():
+            model.config.gradient_mode = mode
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                if args.recurrent_only:
+                    loss = model.model(inputs_embeds=embeds).last_hidden_state.float().pow(2).mean()
+                else:
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+        return step
 
     print(machine_description(device))
     what = "recurrent stack (inputs_embeds)" if args.recurrent_only else f"full LM (vocab {args.vocab})"
     print(f"model: {args.cell} {args.layers} x {args.hidden} {args.block}, {what}, batch {args.batch}, "
-          f"length {args.length}, {args.dtype}, median of {args.repeats} after {args.warmup} warm-up")
-    seconds, peaks = {}, {}
-    for mode in args.modes:
-        model.config.gradient_mode = mode
-        with PeakMemory(device) as memory:
-            seconds[mode] = median_seconds(step, device, args.warmup, args.repeats)
-        peaks[mode] = memory.peak_bytes
-        print(f"  {mode:8s} {seconds[mode] * 1000:9.1f} ms/step   peak memory {peaks[mode] / 2**20:8.1f} MiB")
-    if "bptt" in seconds:
-        for mode in seconds:
-            if mode != "bptt":
-                print(f"  speed-up BPTT/{mode.upper()}: {seconds['bptt'] / seconds[mode]:.2f}x")
+          f"length {args.length}, optimizer step included, median of {args.repeats} interleaved repeats after "
+          f"{args.warmup} warm-up")
+    for dtype in args.dtypes:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+        seconds, peaks, best = interleaved_medians({mode: step_in(mode, autocast) for mode in args.modes}, device,
+                                                   args.warmup, args.repeats)
+        for mode in args.modes:
+            ratio = (f"  BPTT/{mode}: {seconds['bptt'] / seconds[mode]:.2f}x (best runs "
+                     f"{best['bptt'] / best[mode]:.2f}x)" if "bptt" in seconds else "")
+            print(f"  {dtype:9s} {mode:8s} median {seconds[mode] * 1000:9.1f} ms/step, best {best[mode] * 1000:9.1f}"
+                  f"   peak memory {peaks[mode] / 2**20:8.1f} MiB{ratio}")
+        print(f"  ({load_line()})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One step of each recurrent cell: the single source of truth for the cell math.
 
 Used by the looped forward, the batched one-step recompute of DSF (all positions at once, the previous states held
-constant) and the generation step. Layout and gate order are those of `torch.nn.GRU` (r, z, n), `nn.LSTM`
+constant) and the generation step. The fused DSF path (`fused_sfrnn.py`) uses the same cells written out gate by gate,
+`step_saving_gates` (forward, filling preallocated buffers) and `one_step_grad` (the explicit derivatives of one step
+with the previous state held constant); tests check both against `cell_step` and its autograd. Layout and gate order are those of `torch.nn.GRU` (r, z, n), `nn.LSTM`
 (i, f, g, o) and `nn.RNN` (tanh), so the fused torch kernels compute the same function.
 
 A layer's state is one tensor `(..., S)`: `S = d` for GRU and RNN, `S = 2d` for the LSTM, whose state is `[h, c]`.
@@ -59,4 +61,113 @@ def cell_step(cell_type, input_projection, state, weight_hh, bias_hh, mask=None)
     return torch.where(mask.unsqueeze(-1).bool(), new_state, state)
 
 
-__all__ = ["cell_step", "lstm_gates", "GATES_PER_CELL", "STATES_PER_CELL"]
+# ---------------------------------------------------------------------------------------------------------------------
+# The same cells gate by gate, for the fused DSF path: a forward that saves the gate activations, and the derivative
+# of one step with the previous state held constant. Every function takes any leading shape `(...)`, so it serves one
+# time step `(batch, .)` and a chunk of steps `(time, batch, .)` alike.
+
+# Width of the saved gate activations, in units of d: GRU [r, z, h_n, n] (h_n = W_hn h + b_hn, needed by dr);
+# LSTM [i, f, g, o]; tanh RNN none (its derivative needs only the new state).
+SAVED_GATES_PER_CELL = {"gru": 4, "lstm": 4, "rnn": 0}
+# Whether the step's recurrent matmul takes the input projection as its bias (LSTM, RNN: the pre-activation is
+# `x W_ih^T + b_ih + b_hh + h W_hh^T`, one addmm); the GRU keeps `h W_hh^T + b_hh` apart, its n gate needs `r * h_n`.
+FOLDS_INPUT_PROJECTION = {"gru": False, "lstm": True, "rnn": True}
+
+
+def recurrent_matmul_target(cell_type, gates, new_state):
+    """The buffer a step's recurrent matmul writes into, before `step_saving_gates`: GRU `gates[..., :3d]`
+    (`h W_hh^T + b_hh`), LSTM `gates` and RNN `new_state` (the whole pre-activation)."""
+    if cell_type == "gru":
+        return gates[..., : 3 * new_state.shape[-1]]
+    return gates if cell_type == "lstm" else new_state
+
+
+def step_saving_gates(cell_type, input_projection, state, gates, new_state):
+    """One step of the cell, in place in preallocated buffers (no autograd; the mask is applied by the caller).
+
+    On entry the step's recurrent matmul is in `recurrent_matmul_target(...)`:
+        GRU: `gates[..., :3d]` = h W_hh^T + b_hh, and input_projection `(..., 3d)` = x W_ih^T + b_ih;
+        LSTM: `gates` `(..., 4d)` = x W_ih^T + b_ih + h W_hh^T + b_hh; RNN: `new_state` likewise `(..., d)`
+        (input_projection unused: `FOLDS_INPUT_PROJECTION`).
+    On exit `gates` `(..., SAVED_GATES_PER_CELL * d)` holds the activations (GRU [r, z, h_n, n], LSTM [i, f, g, o];
+    None for the RNN) and `new_state` `(..., S)` the new state (must not alias `state` `(..., S)`).
+    Equals `cell_step(cell_type, input_projection, state, W_hh, b_hh)` to rounding (tested).
+    """
+    if cell_type == "gru":
+        d = state.shape[-1]
+        candidate = gates[..., 3 * d :]
+        gates[..., : 2 * d].add_(input_projection[..., : 2 * d]).sigmoid_()  # r, z
+        torch.addcmul(input_projection[..., 2 * d :], gates[..., :d], gates[..., 2 * d : 3 * d], out=candidate)
+        candidate.tanh_()  # n = tanh(x_n + r * h_n)
+        torch.lerp(candidate, state, gates[..., d : 2 * d], out=new_state)  # h' = n + z * (h - n)
+    elif cell_type == "lstm":
+        d = state.shape[-1] // 2
+        gates[..., 2 * d : 3 * d].tanh_()  # g
+        gates[..., : 2 * d].sigmoid_()  # i, f
+        gates[..., 3 * d :].sigmoid_()  # o
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_new = new_state[..., d:]
+        torch.mul(f, state[..., d:], out=c_new).addcmul_(i, g)  # c' = f * c + i * g
+        torch.tanh(c_new, out=new_state[..., :d]).mul_(o)  # h' = o * tanh(c')
+    elif cell_type == "rnn":
+        new_state.tanh_()
+    else:
+        raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
+
+
+def _tanh_grad(grad, output, out=None):
+    """`grad * (1 - output^2)`, the derivative through `output = tanh(x)`, in one pass (into `out` if given)."""
+    if out is None:
+        return torch.ops.aten.tanh_backward(grad, output)
+    return torch.ops.aten.tanh_backward.grad_input(grad, output, grad_input=out)
+
+
+def _sigmoid_grad(grad, output, out=None):
+    """`grad * output * (1 - output)`, the derivative through `output = sigmoid(x)`, in one pass."""
+    if out is None:
+        return torch.ops.aten.sigmoid_backward(grad, output)
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, output, grad_input=out)
+
+
+def one_step_grad(cell_type, grad, gates, previous, new_state):
+    """The gradient of one step with the previous state held constant, written out (no autograd).
+
+    Args:
+        grad: `(..., S)` the gradient reaching the new state (already zero at padded positions).
+        gates: `(..., SAVED_GATES_PER_CELL * d)` from `step_saving_gates` (None for the RNN).
+        previous, new_state: `(..., S)` the states before and after the step.
+    Returns:
+        `(grad_input_projection, grad_hidden_candidate)`: `(..., G*d)` the gradient of the pre-activations, which is
+        also the gradient of the input projection `x W_ih^T + b_ih`; the hidden projection `h W_hh^T + b_hh` gets the
+        same except, for the GRU, its n block, `grad_hidden_candidate = dn * r` `(..., d)` (None for LSTM and RNN).
+    """
+    out_shape = grad.shape[:-1]
+    if cell_type == "gru":  # h' = n + z (h - n), n = tanh(x_n + r h_n), r = sigmoid(.), z = sigmoid(.)
+        d = grad.shape[-1]
+        r, z, hidden_n, n = gates.chunk(4, dim=-1)
+        out = grad.new_empty(out_shape + (3 * d,))
+        dr, dz, dn = out.chunk(3, dim=-1)
+        _tanh_grad(torch.addcmul(grad, grad, z, value=-1), n, out=dn)  # dh'/dn = 1 - z
+        _sigmoid_grad(torch.sub(previous, n).mul_(grad), z, out=dz)  # dh'/dz = h - n
+        _sigmoid_grad(torch.mul(dn, hidden_n), r, out=dr)  # d n_pre / dr = h_n
+        return out, dn * r
+    if cell_type == "lstm":  # c' = f c + i g, h' = o tanh(c')
+        d = grad.shape[-1] // 2
+        i, f, g, o = gates.chunk(4, dim=-1)
+        grad_h, grad_c = grad[..., :d], grad[..., d:]
+        tanh_c = torch.tanh(new_state[..., d:])
+        out = grad.new_empty(out_shape + (4 * d,))
+        di, df, dg, do = out.chunk(4, dim=-1)
+        dc = _tanh_grad(grad_h * o, tanh_c).add_(grad_c)  # dL/dc' = grad_c + grad_h o (1 - tanh(c')^2)
+        _sigmoid_grad(grad_h.mul(tanh_c), o, out=do)
+        _sigmoid_grad(dc * previous[..., d:], f, out=df)
+        _sigmoid_grad(dc * g, i, out=di)
+        _tanh_grad(dc * i, g, out=dg)
+        return out, None
+    if cell_type == "rnn":  # h' = tanh(.)
+        return _tanh_grad(grad, new_state), None
+    raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
+
+
+__all__ = ["cell_step", "lstm_gates", "step_saving_gates", "one_step_grad", "recurrent_matmul_target",
+           "GATES_PER_CELL", "STATES_PER_CELL", "SAVED_GATES_PER_CELL", "FOLDS_INPUT_PROJECTION"]

@@ -4,22 +4,30 @@
 feedback diagonal, and runs the sequence in the mode `config.gradient_mode` names:
 
 - `bptt`: the recurrence with autograd through torch's fused kernels (cuDNN / oneDNN): exact gradients.
-- `dsf` / `ft_bptt`: `dsf_states`: the recurrence without a graph, one batched one-step evaluation of the cell with
-  the previous states held constant, and the state gradient rewritten by the reverse diagonal scan
-  (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`).
+- `dsf` / `ft_bptt`: the DSF rule. Its definition is `dsf_states`: the recurrence without a graph, one batched
+  one-step evaluation of the cell with the previous states held constant, and the state gradient rewritten by the
+  reverse diagonal scan (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`). It runs through the fused
+  op of `fused_sfrnn.py` (forward saving the gates, chunked reverse backward: no recompute); `dsf_layer_states`
+  chooses the path, in this one place, by device and dtype.
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
 
-Hub-exported file: imports only torch and its flat siblings.
+Hub-exported file: imports only torch, transformers and its flat siblings.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
+from .fused_sfrnn import DSF_CHUNK, fused_dsf_states
 from .scan_sfrnn import reverse_diagonal_scan
+from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
+
+logger = logging.get_logger(__name__)
 
 _FUSED_KERNELS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 
@@ -148,6 +156,84 @@ def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
     return DiagonalStateFeedback.apply(states, one_step_states, feedback)
 
 
+# DSF paths: "fused" (the CPU default: the loop forward saving the gates, the chunked reverse backward), "fused_cudnn"
+# (the CUDA default: cuDNN forward, gates recomputed batched, the backward's scan and pointwise gradient in one Triton
+# kernel when Triton is installed, else in torch), "recompute" (`dsf_states`, the reference form; devices not
+# measured). `DSF_PATH` (or the environment variable SFRNN_DSF_PATH) forces one.
+DSF_PATHS = ("fused", "fused_cudnn", "recompute")
+DSF_PATH = None
+_logged_paths = set()
+
+
+def select_dsf_path(inputs: torch.Tensor) -> str:
+    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device."""
+    forced = DSF_PATH or os.environ.get("SFRNN_DSF_PATH")
+    if forced:
+        if forced not in DSF_PATHS:
+            raise ValueError(f"Unknown DSF path {forced!r}; expected one of {DSF_PATHS}.")
+        return forced
+    if inputs.device.type == "cuda":
+        return "fused_cudnn"
+    if inputs.device.type == "cpu":
+        return "fused"
+    return "recompute"  # devices whose kernels were not measured (mps, xpu, ...): the reference form
+
+
+def _bf16_matmul_supported(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX512-BF16 / AMX through oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback):
+    """States `(batch, time, S)` with the recurrence's values and the DSF backward (feedback None: FT-BPTT), through
+    the path `select_dsf_path` picks. Shapes as `dsf_states`.
+
+    Precision: states, scans and gradient accumulators are in the weights' dtype promoted to at least fp32 (fp64 stays
+    fp64). Under `torch.autocast(dtype=torch.bfloat16)` the large matmuls (input projection, weight and input
+    gradients) take bf16 operands where the device runs them natively, the output is fp32; without autocast the output
+    has the inputs' dtype.
+    """
+    device = inputs.device
+    path = select_dsf_path(inputs)
+    autocast = torch.is_autocast_enabled(device.type)
+    compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
+    matmul_dtype = None
+    if autocast and torch.get_autocast_dtype(device.type) == torch.bfloat16 and _bf16_matmul_supported(device):
+        matmul_dtype = torch.bfloat16
+    out_dtype = compute_dtype if autocast else inputs.dtype
+    # GPU: the backward in long chunks (large matmuls); CPU: short, cache-sized chunks.
+    chunk = 1024 if device.type == "cuda" else DSF_CHUNK
+    use_triton = path == "fused_cudnn" and device.type == "cuda" and TRITON_AVAILABLE
+    pointwise_kernel = triton_dsf_pointwise_backward if use_triton else None
+    key = (path, device.type, compute_dtype, matmul_dtype, pointwise_kernel is not None)
+    if key not in _logged_paths:
+        _logged_paths.add(key)
+        backward = "triton" if pointwise_kernel is not None else "torch"
+        logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
+                    f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
+    inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
+    weights = tuple(w.to(compute_dtype) for w in weights)
+    with torch.autocast(device.type, enabled=False):
+        if path == "recompute":
+            states = dsf_states(cell_type, inputs, initial_state, weights, mask, feedback)
+        else:
+            forward_states = None
+            if path == "fused_cudnn":
+                def forward_states():  # time-major states `(time, batch, S)` from torch's fused kernel
+                    states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
+                    return states.transpose(0, 1).contiguous()
+            states = fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states,
+                                      matmul_dtype, chunk, pointwise_kernel)
+    return states.to(out_dtype)
+
+
 def linspace_feedback(config):
     """The paper's fixed feedback: `linspace(feedback_min, feedback_max, S)` over a layer's state entries."""
     width = config.hidden_size * STATES_PER_CELL[config.cell_type]
@@ -201,10 +287,10 @@ class SfrnnRecurrentLayer(nn.Module):
         mode = self.config.gradient_mode
         if needs_grad and mode != "bptt":
             feedback = self.feedback if mode == "dsf" else None
-            states = dsf_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback)
+            states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback)
             return states[..., : self.output_size], states[:, -1]
         all_states = self.output_size == self.state_size
         return run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask, all_states, need_final_state)
 
 
-__all__ = ["SfrnnRecurrentLayer", "dsf_states", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]
+__all__ = ["SfrnnRecurrentLayer", "dsf_states", "dsf_layer_states", "select_dsf_path", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]

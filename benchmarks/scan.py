@@ -1,0 +1,96 @@
+"""Scan micro-benchmark: the reverse diagonal scan `g_t = e_t + a * g_{t+1}` of DSF, in every form the package has,
+with its achieved memory bandwidth (bytes of e read + g written, per second) and, on a known GPU, the share of the
+card's peak bandwidth.
+
+Forms: `loop` (in-place sequential, the CPU default of `reverse_diagonal_scan`), `chunked` (Toeplitz chunks, the GPU
+default of `reverse_diagonal_scan`), `fused_chunks` (the fused backward's chunk scan, `reverse_scan_chunk_`),
+`triton` (the Triton backward kernel's scan alone, CUDA with Triton only).
+
+    python benchmarks/scan.py                          # batch 32, S = 512, T in {256, 1024}
+    python benchmarks/scan.py --device cuda --dtype bfloat16 --states 512 1024 --lengths 256 1024 4096
+"""
+
+import argparse
+
+import torch
+
+from common import interleaved_medians, load_line, machine_description
+from sfrnn_hf.fused_sfrnn import DSF_CHUNK, reverse_scan_chunk_
+from sfrnn_hf.scan_sfrnn import _scan_chunked, _scan_loop
+
+# Peak memory bandwidth of cards we may be lent, bytes per second (vendor figures).
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100-SXM4-40GB": 1.56e12, "A100-PCIE-40GB": 1.56e12, "L4": 0.3e12}
+
+
+def card_peak(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BANDWIDTH.items():
+        if key in name:
+            return peak
+    return None
+
+
+def fused_chunks(errors_tm, feedback):
+    """The fused backward's scan over the whole sequence, chunk by chunk (time-major `(time, batch, S)`)."""
+    g = errors_tm.float().clone()
+    carry = None
+    time = g.shape[0]
+    for end in range(time, 0, -DSF_CHUNK):
+        start = max(0, end - DSF_CHUNK)
+        reverse_scan_chunk_(g[start:end], carry, feedback, start)
+        carry = g[start]
+    return g
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--states", nargs="+", type=int, default=[512])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of e")
+    parser.add_argument("--forms", nargs="+", default=["loop", "chunked", "fused_chunks", "triton"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    peak = card_peak(device)
+    print(machine_description(device))
+    print(load_line())
+    print(f"peak bandwidth: {peak / 1e12:.2f} TB/s" if peak else "peak bandwidth: unknown for this device")
+    print(f"{'S':>5s} {'T':>5s} {'form':13s} {'ms':>9s} {'GB/s':>8s} {'% peak':>7s}")
+    triton_scan = None
+    if device.type == "cuda" and "triton" in args.forms:
+        try:
+            from sfrnn_hf.triton_sfrnn import TRITON_AVAILABLE, triton_reverse_scan
+            triton_scan = triton_reverse_scan if TRITON_AVAILABLE else None
+        except ImportError:
+            triton_scan = None
+    for width in args.states:
+        feedback = torch.linspace(0, 1, width, device=device)
+        for length in args.lengths:
+            errors = torch.randn(args.batch, length, width, device=device).to(dtype)
+            errors_tm = errors.transpose(0, 1).contiguous()
+            forms = {"loop": lambda: _scan_loop(errors, feedback), "chunked": lambda: _scan_chunked(errors, feedback),
+                     "fused_chunks": lambda: fused_chunks(errors_tm, feedback)}
+            if triton_scan is not None:
+                forms["triton"] = lambda: triton_scan(errors_tm, feedback)
+            forms = {k: v for k, v in forms.items() if k in args.forms}
+            seconds, _, _ = interleaved_medians(forms, device, args.warmup, args.repeats)
+            # bytes: e read in its dtype, g written in fp32 (the accumulation dtype)
+            moved = errors.numel() * (errors.element_size() + 4)
+            for name, sec in seconds.items():
+                rate = moved / sec
+                share = f"{100 * rate / peak:6.1f}%" if peak else "     -"
+                print(f"{width:5d} {length:5d} {name:13s} {sec * 1000:9.3f} {rate / 1e9:8.1f} {share}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The fused DSF op: the recurrence saving its gates, and the DSF backward walking time in reverse chunks.
+
+Forward (`recurrence_saving_gates`): no autograd graph; the input projection of the whole sequence is one matmul, and
+each step is one `h W_hh^T` matmul plus the cell's pointwise math (`cells_sfrnn.step_saving_gates`) written into
+preallocated, time-major buffers of the states and the gate activations.
+
+Backward (`dsf_backward`): for chunks of `DSF_CHUNK` steps, from the last to the first, on cache-sized slices:
+(1) the reverse diagonal scan `g_t = e_t + a * g_{t+1}` inside the chunk, started from the carry of the later chunk;
+(2) the one-step gradient of the cell with the previous state held constant (`cells_sfrnn.one_step_grad`);
+(3) the weight gradients accumulated and the input gradient written, as large matmuls. No per-step autograd graph.
+
+`FusedDsfRecurrence` ties both into an `autograd.Function`; the readable definition of the same rule is
+`recurrent_sfrnn.dsf_states` (the recompute form), against which this op is tested.
+
+Internal layout is time-major `(time, batch, .)`: a step and a chunk of steps are contiguous slices, so a chunk
+flattens to `(steps * batch, .)` rows for the gradient matmuls.
+
+Hub-exported file: imports only torch and its flat siblings.
+"""
+
+import torch
+
+from .cells_sfrnn import (
+    FOLDS_INPUT_PROJECTION,
+    SAVED_GATES_PER_CELL,
+    STATES_PER_CELL,
+    one_step_grad,
+    recurrent_matmul_target,
+    step_saving_gates,
+)
+
+# Steps per backward chunk: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in the L2/L3 cache.
+DSF_CHUNK = 64
+
+
+def _matmul(a, b, matmul_dtype):
+    """`a @ b` with the operands in `matmul_dtype` (bf16 for the large matmuls when asked), result in `a.dtype`."""
+    if matmul_dtype is None or matmul_dtype == a.dtype:
+        return a @ b
+    return (a.to(matmul_dtype) @ b.to(matmul_dtype)).to(a.dtype)
+
+
+def _input_projection(cell_type, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype):
+    """`x W_ih^T + b_ih` (+ b_hh where the cell folds it into the recurrent matmul's bias) for every position.
+    inputs `(time, batch, d)` contiguous -> `(time, batch, G*d)`."""
+    time, batch, d = inputs.shape
+    bias = bias_ih + bias_hh if FOLDS_INPUT_PROJECTION[cell_type] else bias_ih
+    flat = inputs.reshape(time * batch, d)
+    if matmul_dtype is None or matmul_dtype == inputs.dtype:
+        projection = torch.addmm(bias, flat, weight_ih.t())
+    else:
+        projection = _matmul(flat, weight_ih.t(), matmul_dtype).add_(bias)
+    return projection.view(time, batch, -1)
+
+
+def _accumulate_matmul_(out, a, b, matmul_dtype):
+    """`out += a @ b` (out is the fp32/fp64 accumulator)."""
+    if matmul_dtype is None or matmul_dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a.to(matmul_dtype) @ b.to(matmul_dtype))
+
+
+def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask=None,
+                            matmul_dtype=None):
+    """The gated recurrence, no graph, saving every state and gate activation.
+
+    Args:
+        inputs: `(time, batch, d)` time-major and contiguous.
+        initial_state: `(batch, S)`.
+        weight_ih, weight_hh: `(G*d, d)`; bias_ih, bias_hh: `(G*d,)`.
+        mask: `(time, batch, 1)` bool or None; a False position holds the previous state.
+        matmul_dtype: dtype of the input-projection matmul's operands (None: the inputs' dtype).
+    Returns:
+        states `(time, batch, S)`, gates `(time, batch, SAVED_GATES_PER_CELL * d)` (None for the RNN).
+    """
+    time, batch, d = inputs.shape
+    states = inputs.new_empty(time, batch, STATES_PER_CELL[cell_type] * d)
+    saved = SAVED_GATES_PER_CELL[cell_type]
+    gates = inputs.new_empty(time, batch, saved * d) if saved else None
+    folds = FOLDS_INPUT_PROJECTION[cell_type]
+    weight_hh_t = weight_hh.t()
+    state = initial_state
+    for t in range(time):
+        if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
+            input_projection = _input_projection(cell_type, inputs[t : t + DSF_CHUNK], weight_ih, bias_ih, bias_hh,
+                                                 matmul_dtype)
+        step_gates = None if gates is None else gates[t]
+        target = recurrent_matmul_target(cell_type, step_gates, states[t])
+        step_projection = input_projection[t % DSF_CHUNK]
+        # `h` contiguous: the LSTM's h is a strided half of [h, c].
+        torch.addmm(step_projection if folds else bias_hh, state[:, :d].contiguous(), weight_hh_t, out=target)
+        step_saving_gates(cell_type, step_projection, state, step_gates, states[t])
+        if mask is not None:
+            states[t] = torch.where(mask[t], states[t], state)
+        state = states[t]
+    return states, gates
+
+
+def reverse_scan_chunk_(grad, carry, decay, start):
+    """In place on one chunk: `g_t = e_t + decay_{t+1} * g_{t+1}`, the step after the chunk given by `carry`.
+
+    Args:
+        grad: `(steps, batch, S)` the incoming errors `e` of steps `start .. start + steps - 1`; becomes `g`.
+        carry: `(batch, S)` `g` of step `start + steps` (zeros after the last step), or None.
+        decay: `(S,)` a constant diagonal (DSF's feedback), or `(time, batch, S)` a per-step diagonal indexed by the
+            step it multiplies (`decay[t + 1]` scales `g_{t+1}` into `g_t`), e.g. a diagonal Jacobian from the gates.
+    """
+    steps = grad.shape[0]
+    constant = decay.dim() == 1
+    if carry is not None:
+        grad[steps - 1].addcmul_(decay if constant else decay[start + steps], carry)
+    for i in range(steps - 2, -1, -1):
+        grad[i].addcmul_(decay if constant else decay[start + i + 1], grad[i + 1])
+
+
+def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, weights, mask, decay, needs,
+                 matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
+    """The DSF backward, chunk by chunk from the end of the sequence.
+
+    Args:
+        grad_states: `(time, batch, S)` (any strides) the gradient reaching each state from outside the recurrence.
+        inputs: `(time, batch, d)` contiguous; initial_state `(batch, S)`; states `(time, batch, S)`; gates as saved.
+        weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`.
+        mask: `(time, batch, 1)` bool or None.
+        decay: the scan's diagonal: `(S,)` constant or `(time, batch, S)` per step (see `reverse_scan_chunk_`);
+            None: no scan (FT-BPTT).
+        needs: five bools, whether the gradient of inputs, weight_ih, weight_hh, bias_ih, bias_hh is wanted.
+        pointwise_kernel: None (the scan and `one_step_grad` chunk by chunk in torch), or a kernel doing both for the
+            whole sequence with a constant decay, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
+    Returns:
+        `(grad_inputs (time, batch, d), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh)`, None where not
+        needed; accumulated in the states' dtype (fp32 / fp64).
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    time, batch, width_state = states.shape
+    d = inputs.shape[-1]
+    dtype = states.dtype
+    need_x, need_wih, need_whh, need_bih, need_bhh = needs
+    grad_x = torch.empty_like(inputs) if need_x else None
+    grad_wih = torch.zeros_like(weight_ih, dtype=dtype) if need_wih else None
+    grad_whh = torch.zeros_like(weight_hh, dtype=dtype) if need_whh else None
+    grad_bih = torch.zeros_like(bias_ih, dtype=dtype) if need_bih else None
+    grad_bhh = torch.zeros_like(bias_hh, dtype=dtype) if need_bhh else None
+    weight_ih_c = weight_ih.to(dtype) if need_x else None
+    grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
+    first_previous = states.new_empty(min(chunk, time), batch, width_state)
+    if pointwise_kernel is not None:
+        grad_pre_all, grad_hidden_all = pointwise_kernel(cell_type, grad_states, gates, states, initial_state, mask,
+                                                         decay)
+    carry = None
+    for end in range(time, 0, -chunk):
+        start = max(0, end - chunk)
+        steps = end - start
+        if start > 0:
+            previous = states[start - 1 : end - 1]
+        else:
+            previous = first_previous[:steps]
+            previous[0] = initial_state
+            previous[1:] = states[: steps - 1]
+        if pointwise_kernel is not None:
+            grad_pre = grad_pre_all[start:end]
+            grad_hidden_candidate = None if grad_hidden_all is None else grad_hidden_all[start:end]
+        else:
+            g = grad[:steps]
+            g.copy_(grad_states[start:end])
+            if decay is not None:
+                reverse_scan_chunk_(g, carry, decay, start)
+                carry = g[0].clone()
+            if mask is not None:
+                g.mul_(mask[start:end])
+            grad_pre, grad_hidden_candidate = one_step_grad(
+                cell_type, g, None if gates is None else gates[start:end], previous, states[start:end]
+            )
+        rows = steps * batch
+        grad_pre = grad_pre.view(rows, -1)
+        bias_grad = grad_pre.sum(0) if need_bih or need_bhh else None
+        if need_wih:
+            _accumulate_matmul_(grad_wih, grad_pre.t(), inputs[start:end].reshape(rows, d), matmul_dtype)
+        if need_bih:
+            grad_bih.add_(bias_grad)
+        if need_whh or need_bhh:
+            h_previous = previous[..., :d].reshape(rows, d).contiguous()
+            if grad_hidden_candidate is None:
+                if need_whh:
+                    _accumulate_matmul_(grad_whh, grad_pre.t(), h_previous, matmul_dtype)
+                if need_bhh:
+                    grad_bhh.add_(bias_grad)
+            else:  # GRU: [dr, dz] as for the input projection, dn * r for the n block
+                grad_hidden_candidate = grad_hidden_candidate.view(rows, d)
+                if need_whh:
+                    _accumulate_matmul_(grad_whh[: 2 * d], grad_pre[:, : 2 * d].t(), h_previous, matmul_dtype)
+                    _accumulate_matmul_(grad_whh[2 * d :], grad_hidden_candidate.t(), h_previous, matmul_dtype)
+                if need_bhh:
+                    grad_bhh[: 2 * d].add_(bias_grad[: 2 * d])
+                    grad_bhh[2 * d :].add_(grad_hidden_candidate.sum(0))
+        if need_x:
+            if matmul_dtype is None or matmul_dtype == dtype:
+                torch.mm(grad_pre, weight_ih_c, out=grad_x[start:end].view(rows, d))
+            else:
+                grad_x[start:end] = _matmul(grad_pre, weight_ih_c, matmul_dtype).view(steps, batch, d)
+    return grad_x, grad_wih, grad_whh, grad_bih, grad_bhh
+
+
+def gates_from_states(cell_type, inputs, initial_state, states, weights, matmul_dtype=None):
+    """The gate activations of every step, recomputed batched from known states (two large matmuls, no loop): for a
+    forward that yields states without gates (cuDNN). inputs `(time, batch, d)`, states `(time, batch, S)`.
+    Returns `(time, batch, SAVED_GATES_PER_CELL * d)` (None for the RNN)."""
+    if SAVED_GATES_PER_CELL[cell_type] == 0:
+        return None
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    time, batch, d = inputs.shape
+    previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
+    input_projection = _input_projection(cell_type, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype)
+    gates = states.new_empty(time, batch, SAVED_GATES_PER_CELL[cell_type] * d)
+    scratch = torch.empty_like(previous)
+    target = recurrent_matmul_target(cell_type, gates, scratch)
+    recurrent = _matmul(previous[..., :d].reshape(time * batch, d), weight_hh.t(), matmul_dtype).view(target.shape)
+    target.copy_(recurrent).add_(input_projection if FOLDS_INPUT_PROJECTION[cell_type] else bias_hh)
+    step_saving_gates(cell_type, input_projection, previous, gates, scratch)
+    return gates
+
+
+class FusedDsfRecurrence(torch.autograd.Function):
+    """States of the recurrence `(batch, time, S)` with the DSF backward (feedback None: FT-BPTT).
+
+    Inputs are `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
+    mask (batch, time) or None, feedback (S,) or None)` in one floating dtype (fp32 or fp64), then the options
+    `cell_type`, `forward_states` (None: the fused loop; else a function returning the time-major states, e.g. the
+    cuDNN kernel, the gates being then recomputed batched), `matmul_dtype` (bf16 for the large matmuls, or None),
+    `chunk`. The initial state is held constant (no gradient), as in every DSF layer of this package.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, feedback, cell_type,
+                forward_states=None, matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
+        weights = (weight_ih, weight_hh, bias_ih, bias_hh)
+        with torch.autocast(inputs.device.type, enabled=False):
+            inputs_tm = inputs.transpose(0, 1).contiguous()
+            mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
+            initial_state = initial_state.detach()
+            if forward_states is None:
+                states, gates = recurrence_saving_gates(cell_type, inputs_tm, initial_state, *weights, mask_tm,
+                                                        matmul_dtype)
+            else:
+                states = forward_states()
+                gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
+        ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm, feedback)
+        ctx.options = (cell_type, matmul_dtype, chunk, pointwise_kernel)
+        return states.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm, feedback = (
+            ctx.saved_tensors
+        )
+        cell_type, matmul_dtype, chunk, pointwise_kernel = ctx.options
+        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
+        decay = None if feedback is None else feedback.to(states.dtype)
+        with torch.autocast(inputs_tm.device.type, enabled=False):
+            grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
+                cell_type, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
+                (weight_ih, weight_hh, bias_ih, bias_hh), mask_tm, decay, needs, matmul_dtype, chunk, pointwise_kernel,
+            )
+        if grad_x is not None:
+            grad_x = grad_x.transpose(0, 1)
+        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None, None, None, None
+
+
+def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states=None,
+                     matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
+    """States `(batch, time, S)` with the values of the recurrence and the DSF backward, through the fused op.
+
+    Args:
+        inputs: `(batch, time, d)`; initial_state `(batch, S)`; weights `(weight_ih, weight_hh, bias_ih, bias_hh)`,
+            all in one dtype (fp32 or fp64; the caller casts).
+        mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` or None (FT-BPTT).
+    Example:
+        >>> states = fused_dsf_states("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None, feedback)
+        >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
+    """
+    return FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, feedback, cell_type, forward_states,
+                                    matmul_dtype, chunk, pointwise_kernel)
+
+
+__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
+           "reverse_scan_chunk_", "DSF_CHUNK"]

@@ -1,0 +1,181 @@
+"""Triton kernels for the DSF backward on GPU (optional: everything here has a pure-torch equal in `fused_sfrnn.py`).
+
+`triton_dsf_pointwise_backward`: one program per (batch row, tile of channels) walks time in reverse, carries the scan
+`g_t = e_t + a * g_{t+1}` (constant feedback `a`) in registers, and applies the cell's one-step derivative with the
+previous state held constant (the same formulas as `cells_sfrnn.one_step_grad`), writing the pre-activation gradients
+`(time, batch, G*d)` (and the GRU's `dn * r`). The three large gradient matmuls follow in torch (`fused_sfrnn`).
+`triton_reverse_scan`: the scan alone, for the bandwidth benchmark. Both are tested against the torch forms under
+Triton's CPU interpreter (tests/test_triton_dsf.py).
+
+Kernels are compiled on first use, so `TRITON_INTERPRET=1` set before that runs them on CPU tensors (tests).
+
+Hub-exported file: imports only torch at top level; triton inside `try:`.
+"""
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pure-torch fallback everywhere
+    triton = tl = None
+    TRITON_AVAILABLE = False
+
+# Channels per program: 32 keeps batch * d / 32 programs (512 at B = 32, d = 512) to fill a large GPU.
+CHANNEL_TILE = 32
+
+
+if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exist only with Triton
+
+
+    def _reverse_scan(errors, out, feedback, time, row_stride, time_stride, width, TILE: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        valid = cols < width
+        a = tl.load(feedback + cols, mask=valid, other=0.0)
+        carry = tl.full([TILE], 0.0, tl.float32)
+        for step in range(time):
+            t = time - 1 - step
+            offset = t * time_stride + row * row_stride + cols
+            carry = tl.load(errors + offset, mask=valid, other=0.0).to(tl.float32) + a * carry
+            tl.store(out + offset, carry, mask=valid)
+
+
+    def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, out_pre, out_hidden,
+                       time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
+                       TILE: tl.constexpr):
+        """CELL 0 = GRU, 1 = LSTM, 2 = RNN. Layouts (time-major, contiguous except grad): gates (T, B, 4d), states
+        (T, B, S), initial (B, S), mask (T, B) float, out_pre (T, B, G*d), out_hidden (T, B, d) (GRU)."""
+        row = tl.program_id(0)
+        j = tl.program_id(1) * TILE + tl.arange(0, TILE)
+        valid = j < d
+        if CELL == 0:
+            S = d
+            G = 3
+        elif CELL == 1:
+            S = 2 * d
+            G = 4
+        else:
+            S = d
+            G = 1
+        carry = tl.full([TILE], 0.0, tl.float32)
+        carry_c = tl.full([TILE], 0.0, tl.float32)
+        if HAS_FEEDBACK:
+            a = tl.load(feedback + j, mask=valid, other=0.0)
+            if CELL == 1:
+                a_c = tl.load(feedback + d + j, mask=valid, other=0.0)
+        for step in range(time):
+            t = time - 1 - step
+            g_offset = t * grad_time_stride + row * grad_row_stride + j
+            e = tl.load(grad + g_offset, mask=valid, other=0.0).to(tl.float32)
+            if HAS_FEEDBACK:
+                carry = e + a * carry
+            else:
+                carry = e
+            m = 1.0
+            if HAS_MASK:
+                m = tl.load(mask + t * batch + row)
+            g = carry * m
+            state_offset = (t * batch + row) * S + j
+            previous_offset = (t - 1) * batch * S + row * S + j
+            gate_offset = (t * batch + row) * 4 * d + j
+            pre_offset = (t * batch + row) * G * d + j
+            if CELL == 0:
+                r = tl.load(gates + gate_offset, mask=valid, other=0.0)
+                z = tl.load(gates + gate_offset + d, mask=valid, other=0.0)
+                hidden_n = tl.load(gates + gate_offset + 2 * d, mask=valid, other=0.0)
+                n = tl.load(gates + gate_offset + 3 * d, mask=valid, other=0.0)
+                if t > 0:
+                    previous = tl.load(states + previous_offset, mask=valid, other=0.0)
+                else:
+                    previous = tl.load(initial + row * S + j, mask=valid, other=0.0)
+                dn = g * (1.0 - z) * (1.0 - n * n)
+                dz = g * (previous - n) * z * (1.0 - z)
+                dr = dn * hidden_n * r * (1.0 - r)
+                tl.store(out_pre + pre_offset, dr, mask=valid)
+                tl.store(out_pre + pre_offset + d, dz, mask=valid)
+                tl.store(out_pre + pre_offset + 2 * d, dn, mask=valid)
+                tl.store(out_hidden + (t * batch + row) * d + j, dn * r, mask=valid)
+            elif CELL == 1:
+                e_c = tl.load(grad + g_offset + d, mask=valid, other=0.0).to(tl.float32)
+                if HAS_FEEDBACK:
+                    carry_c = e_c + a_c * carry_c
+                else:
+                    carry_c = e_c
+                g_c = carry_c * m
+                i = tl.load(gates + gate_offset, mask=valid, other=0.0)
+                f = tl.load(gates + gate_offset + d, mask=valid, other=0.0)
+                cand = tl.load(gates + gate_offset + 2 * d, mask=valid, other=0.0)
+                o = tl.load(gates + gate_offset + 3 * d, mask=valid, other=0.0)
+                c_new = tl.load(states + state_offset + d, mask=valid, other=0.0)
+                if t > 0:
+                    c_previous = tl.load(states + previous_offset + d, mask=valid, other=0.0)
+                else:
+                    c_previous = tl.load(initial + row * S + d + j, mask=valid, other=0.0)
+                tanh_c = 1.0 - 2.0 / (tl.exp(2.0 * c_new) + 1.0)  # tanh(c_new), overflow-safe
+                dc = g_c + g * o * (1.0 - tanh_c * tanh_c)
+                tl.store(out_pre + pre_offset, dc * cand * i * (1.0 - i), mask=valid)
+                tl.store(out_pre + pre_offset + d, dc * c_previous * f * (1.0 - f), mask=valid)
+                tl.store(out_pre + pre_offset + 2 * d, dc * i * (1.0 - cand * cand), mask=valid)
+                tl.store(out_pre + pre_offset + 3 * d, g * tanh_c * o * (1.0 - o), mask=valid)
+            else:
+                h = tl.load(states + state_offset, mask=valid, other=0.0)
+                tl.store(out_pre + pre_offset, g * (1.0 - h * h), mask=valid)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compiled (or, under TRITON_INTERPRET=1, interpreted) kernels, built on first use."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("Triton is not installed: use the torch path of fused_sfrnn.")
+    return {"scan": triton.jit(_reverse_scan), "pointwise": triton.jit(_dsf_pointwise)}
+
+
+_CELL_CODES = {"gru": 0, "lstm": 1, "rnn": 2}
+
+
+def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
+    """`g_t = e_t + a * g_{t+1}` over time, in fp32. errors `(time, batch, S)` contiguous; feedback `(S,)`."""
+    time, batch, width = errors.shape
+    out = torch.empty(errors.shape, dtype=torch.float32, device=errors.device)
+    grid = (batch, triton.cdiv(width, tile))
+    _kernels()["scan"][grid](errors, out, feedback.float().contiguous(), time, width, batch * width, width, TILE=tile)
+    return out
+
+
+def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial_state, mask, feedback,
+                                  tile=CHANNEL_TILE):
+    """The scan and the one-step derivative for the whole sequence, in one kernel.
+
+    Args:
+        grad_states: `(time, batch, S)`, last dim contiguous (any time / batch strides).
+        gates: `(time, batch, 4d)` (None for the RNN); states `(time, batch, S)`; initial_state `(batch, S)`: fp32.
+        mask: `(time, batch, 1)` bool or None; feedback `(S,)` or None (FT-BPTT).
+    Returns:
+        `(grad_pre (time, batch, G*d), grad_hidden_candidate (time, batch, d) or None)` as `one_step_grad`.
+    """
+    time, batch, width = states.shape
+    d = width // 2 if cell_type == "lstm" else width
+    widths = {"gru": 3, "lstm": 4, "rnn": 1}
+    if grad_states.stride(-1) != 1:
+        grad_states = grad_states.contiguous()
+    out_pre = torch.empty(time, batch, widths[cell_type] * d, dtype=torch.float32, device=states.device)
+    out_hidden = torch.empty(time, batch, d, dtype=torch.float32, device=states.device) if cell_type == "gru" else None
+    mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
+    dummy = states  # unused pointer arguments must still be tensors
+    grid = (batch, triton.cdiv(d, tile))
+    _kernels()["pointwise"][grid](
+        grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
+        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy,
+        feedback.float().contiguous() if feedback is not None else dummy, out_pre,
+        out_hidden if out_hidden is not None else dummy, time, batch, d,
+        CELL=_CELL_CODES[cell_type], HAS_MASK=mask is not None, HAS_FEEDBACK=feedback is not None, TILE=tile,
+    )
+    return out_pre, out_hidden
+
+
+__all__ = ["TRITON_AVAILABLE", "triton_reverse_scan", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]

@@ -1,0 +1,286 @@
+"""The fused DSF op (`fused_sfrnn.py`) equals the DSF rule's definitions on outputs and on every gradient.
+
+References: `recurrent_sfrnn.dsf_states` (the recompute form: autograd of `cell_step` over all positions) and
+`references.reference_dsf_layer` (per-timestep autograd of torch's own cells, plain-loop scan). Every cell, masks
+(none, right, left, arbitrary), float64 (rtol 1e-10), float32 (rtol 1e-5) and bf16 large matmuls (stated tolerance),
+chunk lengths that do and do not divide the sequence.
+"""
+
+import pytest
+import torch
+
+from references import reference_dsf_layer
+from sfrnn_hf import SfrnnConfig
+from sfrnn_hf import recurrent_sfrnn
+from sfrnn_hf.cells_sfrnn import (
+    FOLDS_INPUT_PROJECTION,
+    SAVED_GATES_PER_CELL,
+    cell_step,
+    one_step_grad,
+    recurrent_matmul_target,
+    step_saving_gates,
+)
+from sfrnn_hf.fused_sfrnn import fused_dsf_states, reverse_scan_chunk_
+from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, dsf_states, run_recurrence
+
+CELLS = ("gru", "lstm", "rnn")
+MASKS = (None, "right", "left", "arbitrary")
+
+
+def make_layer(cell, d=5, dtype=torch.float64, scale=3.0):
+    config = SfrnnConfig(vocab_size=7, hidden_size=d, num_hidden_layers=1, cell_type=cell)
+    layer = SfrnnRecurrentLayer(config).to(dtype)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(layer, name).uniform_(-scale / d**0.5, scale / d**0.5)  # strong enough that the past matters
+        layer.feedback.copy_(recurrent_sfrnn.linspace_feedback(config))
+    return layer
+
+
+def make_mask(kind, batch, time):
+    if kind is None:
+        return None
+    mask = torch.ones(batch, time, dtype=torch.long)
+    if kind == "right":
+        mask[1, time - 3 :] = 0
+        mask[2, 2:] = 0
+    elif kind == "left":
+        mask[1, :3] = 0
+        mask[2, : time - 2] = 0
+    else:  # arbitrary holes, a row that starts padded, and a fully padded row
+        generator = torch.Generator().manual_seed(5)
+        mask = (torch.rand(batch, time, generator=generator) > 0.4).long()
+        mask[0, 0] = 0
+        mask[-1] = 0
+    return mask
+
+
+def layer_weights(layer):
+    return (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)
+
+
+def outputs_and_grads(states_fn, layer, inputs, readout):
+    """Forward, then the gradients of `sum(states * readout)` for the inputs and the four weights."""
+    params = [inputs, *layer_weights(layer)]
+    states = states_fn()
+    grads = torch.autograd.grad((states * readout).sum(), params)
+    return states.detach(), grads
+
+
+def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, rtol=1e-10, atol=1e-12,
+          reference="recompute"):
+    layer = make_layer(cell, dtype=dtype)
+    inputs = torch.randn(batch, time, layer.hidden_size, dtype=dtype, requires_grad=True)
+    mask = make_mask(mask_kind, batch, time)
+    readout = torch.randn(batch, time, layer.state_size, dtype=dtype)
+    feedback = layer.feedback if feedback_on else None
+    initial = torch.zeros(batch, layer.state_size, dtype=dtype)
+    got = outputs_and_grads(
+        lambda: fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=chunk),
+        layer, inputs, readout)
+    if reference == "recompute":
+        want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback),
+                                 layer, inputs, readout)
+    else:
+        want = outputs_and_grads(lambda: reference_dsf_layer(layer, inputs, mask, feedback), layer, inputs, readout)
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol, msg="states")
+    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got[1], want[1]):
+        assert w.abs().max() > 0, name
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=name)
+
+
+# ----- the cell math written gate by gate equals cell_step and its autograd --------------------------------------
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_saving_gates_equals_cell_step(cell):
+    layer = make_layer(cell)
+    d = layer.hidden_size
+    x = torch.randn(2, 3, d, dtype=torch.float64)  # any leading shape
+    state = torch.randn(2, 3, layer.state_size, dtype=torch.float64)
+    w_ih, w_hh, b_ih, b_hh = (t.detach() for t in layer_weights(layer))
+    input_projection = x @ w_ih.T + b_ih
+    want = cell_step(cell, input_projection, state, w_hh, b_hh)
+    gates = torch.empty(2, 3, SAVED_GATES_PER_CELL[cell] * d, dtype=torch.float64) if cell != "rnn" else None
+    new_state = torch.empty_like(state)
+    folded = input_projection + b_hh if FOLDS_INPUT_PROJECTION[cell] else b_hh
+    recurrent_matmul_target(cell, gates, new_state).copy_(state[..., :d] @ w_hh.T + folded)
+    step_saving_gates(cell, input_projection, state, gates, new_state)
+    torch.testing.assert_close(new_state, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_step_grad_equals_autograd_of_cell_step(cell):
+    layer = make_layer(cell)
+    d = layer.hidden_size
+    w_hh, b_hh = layer.weight_hh.detach(), layer.bias_hh.detach()
+    input_projection = torch.randn(4, layer.weight_ih.shape[0], dtype=torch.float64, requires_grad=True)
+    hidden_projection = (torch.randn(4, d, dtype=torch.float64) @ w_hh.T + b_hh).requires_grad_()
+    state = torch.randn(4, layer.state_size, dtype=torch.float64)
+    grad = torch.randn(4, layer.state_size, dtype=torch.float64)
+    # cell_step with its matmul made an input: substitute h W_hh^T + b_hh by an independent leaf via the bias.
+    zero_weight = torch.zeros_like(w_hh)
+    new_state = cell_step(cell, input_projection, state, zero_weight, hidden_projection)
+    want_input, want_hidden = torch.autograd.grad(new_state, [input_projection, hidden_projection], grad)
+    # the same step through the gated form, saving gates
+    gates = torch.empty(4, SAVED_GATES_PER_CELL[cell] * d, dtype=torch.float64) if cell != "rnn" else None
+    out = torch.empty_like(state)
+    folded = hidden_projection.detach() + (input_projection.detach() if FOLDS_INPUT_PROJECTION[cell] else 0)
+    recurrent_matmul_target(cell, gates, out).copy_(folded)
+    step_saving_gates(cell, input_projection.detach(), state, gates, out)
+    grad_input, grad_hidden_candidate = one_step_grad(cell, grad, gates, state, out)
+    torch.testing.assert_close(grad_input, want_input, rtol=1e-12, atol=1e-13)
+    got_hidden = grad_input.clone()
+    if grad_hidden_candidate is not None:
+        got_hidden[:, 2 * d :] = grad_hidden_candidate
+    torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-12, atol=1e-13)
+
+
+# ----- the fused op against the references ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_fused_equals_recompute_float64(cell, mask_kind):
+    check(cell, mask_kind, torch.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", ["right", "arbitrary"])
+def test_fused_equals_torch_cell_reference_float64(cell, mask_kind):
+    check(cell, mask_kind, torch.float64, reference="torch_cells")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", [None, "left", "arbitrary"])
+def test_fused_ft_bptt_equals_recompute(cell, mask_kind):
+    check(cell, mask_kind, torch.float64, feedback_on=False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_fused_equals_recompute_float32(cell, mask_kind):
+    check(cell, mask_kind, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk, time", [(1, 5), (3, 9), (4, 2), (64, 11), (5, 70)])
+def test_chunking_does_not_change_the_result(chunk, time):
+    check("gru", "arbitrary", torch.float64, chunk=chunk, time=time)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_with_initial_state_held_constant(cell):
+    layer = make_layer(cell)
+    inputs = torch.randn(3, 6, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    initial = torch.randn(3, layer.state_size, dtype=torch.float64, requires_grad=True)
+    readout = torch.randn(3, 6, layer.state_size, dtype=torch.float64)
+    mask = make_mask("left", 3, 6)
+    params = [inputs, *layer_weights(layer)]
+    got = torch.autograd.grad((fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, layer.feedback,
+                                                chunk=4) * readout).sum(), params)
+    want = torch.autograd.grad((dsf_states(cell, inputs, initial, layer_weights(layer), mask, layer.feedback)
+                                * readout).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", [None, "right", "arbitrary"])
+def test_gates_from_fused_kernel_states_equal_the_loop(cell, mask_kind):
+    """The GPU forward's form (states from torch's fused kernel, gates recomputed batched), run here on CPU."""
+    layer = make_layer(cell, dtype=torch.float32)
+    inputs = torch.randn(3, 9, layer.hidden_size, requires_grad=True)
+    mask = make_mask(mask_kind, 3, 9)
+    readout = torch.randn(3, 9, layer.state_size)
+    initial = torch.zeros(3, layer.state_size)
+    weights = layer_weights(layer)
+
+    def kernel_states():
+        return run_recurrence(cell, inputs.detach(), initial, [w.detach() for w in weights], mask,
+                              all_states=True)[0].transpose(0, 1).contiguous()
+
+    got = outputs_and_grads(lambda: fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback,
+                                                     forward_states=kernel_states, chunk=4), layer, inputs, readout)
+    want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, weights, mask, layer.feedback),
+                             layer, inputs, readout)
+    for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_large_matmuls_stay_close(cell):
+    """bf16 operands for the projection and gradient matmuls (fp32 states, scan and accumulators): every output and
+    gradient within 2% of the fp32 result in relative Frobenius norm (bf16 has an 8-bit mantissa: 0.4% per operand)."""
+    layer = make_layer(cell, d=32, dtype=torch.float32, scale=1.0)
+    inputs = torch.randn(4, 40, 32, requires_grad=True)
+    mask = make_mask("arbitrary", 4, 40)
+    readout = torch.randn(4, 40, layer.state_size)
+    initial = torch.zeros(4, layer.state_size)
+    weights = layer_weights(layer)
+    got = outputs_and_grads(lambda: fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback,
+                                                     matmul_dtype=torch.bfloat16, chunk=16), layer, inputs, readout)
+    want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, weights, mask, layer.feedback),
+                             layer, inputs, readout)
+    for name, g, w in zip(("states", "inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                          (got[0], *got[1]), (want[0], *want[1])):
+        assert g.dtype == torch.float32, name
+        error = ((g - w).norm() / w.norm()).item()
+        assert error < 2e-2, (name, error)
+        assert error > 0 or name.startswith("bias"), name  # bf16 really was used for the matmuls
+
+
+def test_time_varying_decay_scan_equals_plain_loop():
+    """The backward's chunk scan takes a per-step diagonal `(time, batch, S)` (room for a diagonal-Jacobian mode)."""
+    errors = torch.randn(11, 3, 4, dtype=torch.float64)
+    decay = torch.rand(11, 3, 4, dtype=torch.float64)
+    want = errors.clone()
+    for t in range(9, -1, -1):
+        want[t] = errors[t] + decay[t + 1] * want[t + 1]
+    got = errors.clone()
+    carry = None
+    for end in range(11, 0, -4):
+        start = max(0, end - 4)
+        reverse_scan_chunk_(got[start:end], carry, decay, start)
+        carry = got[start].clone()
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+
+
+# ----- dispatch ---------------------------------------------------------------------------------------------------
+
+def test_cpu_training_runs_the_fused_path_in_float64_and_float32(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the recompute path ran although the fused path is the CPU default")
+
+    monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
+    for dtype in (torch.float64, torch.float32):
+        layer = make_layer("gru", dtype=dtype)
+        out, _ = layer(torch.randn(3, 5, layer.hidden_size, dtype=dtype), mask=make_mask("left", 3, 5))
+        out.sum().backward()
+        assert layer.weight_hh.grad is not None
+
+
+def test_forced_path_and_bad_path(monkeypatch):
+    layer = make_layer("lstm")
+    x = torch.randn(2, 5, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    outputs = {}
+    for path in ("recompute", "fused", "fused_cudnn"):
+        monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", path)
+        out, _ = layer(x)
+        outputs[path] = (out, torch.autograd.grad(out.square().sum(), [x, layer.weight_hh]))
+    for path in ("fused", "fused_cudnn"):
+        torch.testing.assert_close(outputs[path][0], outputs["recompute"][0], rtol=1e-10, atol=1e-12)
+        for g, w in zip(outputs[path][1], outputs["recompute"][1]):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", "fast")
+    with pytest.raises(ValueError, match="Unknown DSF path"):
+        layer(x)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_autocast_bf16_runs_and_keeps_fp32_states(cell):
+    layer = make_layer(cell, d=16, dtype=torch.float32, scale=1.0)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, final = layer(x.to(torch.bfloat16), mask=make_mask("arbitrary", 2, 7))
+    assert out.dtype == torch.float32 and final.dtype == torch.float32
+    out.float().square().sum().backward()
+    for tensor in (x.grad, layer.weight_ih.grad, layer.weight_hh.grad, layer.bias_ih.grad, layer.bias_hh.grad):
+        assert tensor is not None and torch.isfinite(tensor).all()

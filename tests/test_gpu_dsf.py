@@ -1,0 +1,41 @@
+"""On a CUDA device: the default DSF path (cuDNN forward, gates recomputed batched, Triton or torch backward) equals
+the recompute form on outputs and every gradient; bf16 autocast runs. Skipped without CUDA."""
+
+import pytest
+import torch
+
+from test_fused_dsf import CELLS, layer_weights, make_layer, make_mask
+from sfrnn_hf import recurrent_sfrnn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind", [None, "right", "arbitrary"])
+def test_cuda_path_equals_recompute(cell, mask_kind, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    layer = make_layer(cell, d=64, dtype=torch.float32, scale=2.0).cuda()
+    x = torch.randn(4, 50, 64, device="cuda", requires_grad=True)
+    mask = make_mask(mask_kind, 4, 50)
+    mask = None if mask is None else mask.cuda()
+    readout = torch.randn(4, 50, layer.output_size, device="cuda")
+    results = {}
+    for path in ("recompute", "fused_cudnn"):
+        monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", path)
+        out, _ = layer(x, mask=mask)
+        results[path] = (out, *torch.autograd.grad((out * readout).sum(), [x, *layer_weights(layer)]))
+    for got, want in zip(results["fused_cudnn"], results["recompute"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_autocast_bf16_runs(cell):
+    layer = make_layer(cell, d=64, dtype=torch.float32, scale=1.0).cuda()
+    x = torch.randn(4, 30, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = layer(x)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.float32
+    for tensor in (x.grad, *(w.grad for w in layer_weights(layer))):
+        assert torch.isfinite(tensor).all()

@@ -1,0 +1,49 @@
+"""The Triton DSF backward kernels equal the torch path (scan + `one_step_grad`), run on CPU by Triton's interpreter
+(`TRITON_INTERPRET=1`). Skipped where Triton is not installed."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_fused_dsf import CELLS, layer_weights, make_layer, make_mask  # noqa: E402
+from sfrnn_hf import triton_sfrnn  # noqa: E402
+from sfrnn_hf.fused_sfrnn import fused_dsf_states  # noqa: E402
+from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan_reference  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Kernels built under the interpreter for this test (they are built on first use, then cached)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_sfrnn._kernels.cache_clear()
+    yield
+    triton_sfrnn._kernels.cache_clear()
+
+
+def test_triton_scan_equals_reference():
+    errors = torch.randn(2, 9, 40)
+    feedback = torch.linspace(0, 1, 40)
+    got = triton_sfrnn.triton_reverse_scan(errors.transpose(0, 1).contiguous(), feedback, tile=16)
+    torch.testing.assert_close(got.transpose(0, 1), reverse_diagonal_scan_reference(errors, feedback),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mask_kind, feedback_on", [(None, True), ("arbitrary", True), ("left", False)])
+def test_triton_backward_equals_torch_backward(cell, mask_kind, feedback_on):
+    layer = make_layer(cell, d=20, dtype=torch.float32, scale=2.0)
+    inputs = torch.randn(3, 7, 20, requires_grad=True)
+    mask = make_mask(mask_kind, 3, 7)
+    readout = torch.randn(3, 7, layer.state_size)
+    initial = torch.randn(3, layer.state_size)
+    feedback = layer.feedback if feedback_on else None
+    params = [inputs, *layer_weights(layer)]
+    results = []
+    for kernel in (None, triton_sfrnn.triton_dsf_pointwise_backward):
+        states = fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=3,
+                                  pointwise_kernel=kernel)
+        results.append(torch.autograd.grad((states * readout).sum(), params))
+    for got, want in zip(results[1], results[0]):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
