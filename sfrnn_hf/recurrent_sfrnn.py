@@ -55,6 +55,12 @@ def fused_recurrence(cell_type, inputs, initial_state, weights):
     inputs `(batch, time, d)`, initial_state `(batch, S)`, weights `(weight_ih, weight_hh, bias_ih, bias_hh)`.
     Returns `h` for every step `(batch, time, d)` and the final state `(batch, S)`.
     """
+    if inputs.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU autocast would send the LSTM to oneDNN in bf16, which CPUs without native bf16 cannot run
+        # ("unsupported datatype"); the recurrence runs in the weights' dtype, the layers around it stay autocast.
+        with torch.autocast("cpu", enabled=False):
+            dtype = weights[0].dtype
+            return fused_recurrence(cell_type, inputs.to(dtype), initial_state.to(dtype), weights)
     kernel = _FUSED_KERNELS[cell_type]
     flat_weights = list(weights)
     train = torch.is_grad_enabled()  # cuDNN keeps its workspace for the backward only when told so

@@ -62,3 +62,22 @@ def test_switching_mode_on_a_live_model_takes_effect_at_next_forward():
     assert not torch.allclose(first["dsf"], first["ft_bptt"], rtol=1e-3)
     for mode in reversed(MODES):  # back and forth: each mode gives its own gradient again
         torch.testing.assert_close(grad_in(mode), first[mode])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_bf16_autocast_runs_every_cell_and_mode(cell, mode):
+    # torch's oneDNN LSTM has no bf16 kernel on CPUs without native bf16: the recurrence must not be sent there.
+    model = tiny(cell, "prenorm", gradient_mode=mode)
+    input_ids, labels, mask = padded_batch(29, 3, 12, "right")
+    reference = model(input_ids=input_ids, labels=labels, attention_mask=mask).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=input_ids, labels=labels, attention_mask=mask).loss
+        with torch.no_grad():
+            model.eval()
+            generated = model.generate(input_ids[:1, :4], max_new_tokens=3, do_sample=False)
+            model.train()
+    loss.backward()
+    assert generated.shape == (1, 7)
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()  # bf16 linear layers: ~1% of the loss
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
