@@ -169,5 +169,33 @@ def one_step_grad(cell_type, grad, gates, previous, new_state):
     raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
 
 
-__all__ = ["cell_step", "lstm_gates", "step_saving_gates", "one_step_grad", "recurrent_matmul_target",
+def diagonal_jacobian(cell_type, gates, previous, new_state, weight_hh):
+    """`diag(d state' / d state)` of one step, from the saved gates (`step_saving_gates`): elementwise in the gate
+    activations and the diagonals of the blocks of `weight_hh`, O(S) per step.
+
+    GRU: `z + (1 - z)(1 - n^2)(r W_n,ii + h_n r (1 - r) W_r,ii) + (h - n) z (1 - z) W_z,ii`;
+    LSTM ([h, c]): the h half `tanh(c') o (1 - o) W_o,ii + o (1 - tanh(c')^2) dc'_i/dh_i` with
+    `dc'_i/dh_i = c f (1 - f) W_f,ii + g i (1 - i) W_i,ii + i (1 - g^2) W_g,ii`, the c half `f`;
+    tanh RNN: `(1 - h'^2) W_ii`.
+    Shapes: gates `(..., SAVED_GATES_PER_CELL * d)`, previous / new_state `(..., S)`, weight_hh `(G*d, d)`;
+    returns `(..., S)`. A padded step (state held) has Jacobian 1: the caller applies the mask.
+    """
+    d = weight_hh.shape[1]
+    blocks = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)  # (G, d): diag of each gate's block
+    if cell_type == "gru":
+        r, z, hidden_n, n = gates.chunk(4, dim=-1)
+        through_n = (1 - n * n) * (r * blocks[2] + hidden_n * r * (1 - r) * blocks[0])
+        return z + (1 - z) * through_n + (previous - n) * z * (1 - z) * blocks[1]
+    if cell_type == "lstm":
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_previous, tanh_c = previous[..., d:], torch.tanh(new_state[..., d:])
+        dc_dh = c_previous * f * (1 - f) * blocks[1] + g * i * (1 - i) * blocks[0] + i * (1 - g * g) * blocks[2]
+        dh_dh = tanh_c * o * (1 - o) * blocks[3] + o * (1 - tanh_c * tanh_c) * dc_dh
+        return torch.cat([dh_dh, f], dim=-1)
+    if cell_type == "rnn":
+        return (1 - new_state * new_state) * blocks[0]
+    raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
+
+
+__all__ = ["cell_step", "diagonal_jacobian", "lstm_gates", "step_saving_gates", "one_step_grad", "recurrent_matmul_target",
            "GATES_PER_CELL", "STATES_PER_CELL", "SAVED_GATES_PER_CELL", "FOLDS_INPUT_PROJECTION"]
