@@ -7,7 +7,7 @@ Hub-exported file: imports only transformers.
 from transformers import PreTrainedConfig
 
 CELL_TYPES = ("gru", "lstm", "rnn")
-GRADIENT_MODES = ("bptt", "dsf", "ft_bptt")
+GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
 BLOCK_TYPES = ("residual", "prenorm")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
@@ -37,7 +37,9 @@ class SfrnnConfig(PreTrainedConfig):
         gradient_mode (`str`): how the state gradient is computed in training:
             `"bptt"` exact backpropagation through time (torch's fused kernels),
             `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,
-            `"ft_bptt"` fully truncated (`g_t = e_t`). Forward values are identical in every mode, and the mode may
+            `"ft_bptt"` fully truncated (`g_t = e_t`),
+            `"diag_jacobian"` the time-varying diagonal `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (beyond the paper: each
+            unit's own memory, from the gates the forward saved). Forward values are identical in every mode, and the mode may
             be changed on a live model (`model.config.gradient_mode = "bptt"`): it applies at the next forward.
         feedback_min, feedback_max (`float`): the fixed feedback diagonal is `linspace(feedback_min, feedback_max, S)`
             over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.

@@ -22,12 +22,16 @@ import torch
 
 from .cells_sfrnn import (
     FOLDS_INPUT_PROJECTION,
+    diagonal_jacobian,
     SAVED_GATES_PER_CELL,
     STATES_PER_CELL,
     one_step_grad,
     recurrent_matmul_target,
     step_saving_gates,
 )
+
+# The `feedback` that asks for the time-varying decay diag(J_t) (gradient_mode "diag_jacobian") instead of a constant.
+DIAG_JACOBIAN = "diag_jacobian"
 
 # Steps per backward chunk: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in the L2/L3 cache.
 DSF_CHUNK = 64
@@ -202,6 +206,14 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     return grad_x, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
+def diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh, mask=None):
+    """The scan's per-step decay for `diag_jacobian`: `diag(d state_t / d state_{t-1})` of every step from the saved
+    gates, and 1 where the mask holds the state (exact there). states `(time, batch, S)` -> `(time, batch, S)`."""
+    previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
+    decay = diagonal_jacobian(cell_type, gates, previous, states, weight_hh.to(states.dtype))
+    return decay if mask is None else torch.where(mask, decay, torch.ones_like(decay))
+
+
 def gates_from_states(cell_type, inputs, initial_state, states, weights, matmul_dtype=None):
     """The gate activations of every step, recomputed batched from known states (two large matmuls, no loop): for a
     forward that yields states without gates (cuDNN). inputs `(time, batch, d)`, states `(time, batch, S)`.
@@ -245,8 +257,11 @@ class FusedDsfRecurrence(torch.autograd.Function):
             else:
                 states = forward_states()
                 gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
-        ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm, feedback)
-        ctx.options = (cell_type, matmul_dtype, chunk, pointwise_kernel)
+        time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
+        ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
+                              None if time_varying else feedback)
+        # The Triton kernel takes a constant decay only.
+        ctx.options = (cell_type, matmul_dtype, chunk, None if time_varying else pointwise_kernel, time_varying)
         return states.transpose(0, 1)
 
     @staticmethod
@@ -254,9 +269,12 @@ class FusedDsfRecurrence(torch.autograd.Function):
         inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm, feedback = (
             ctx.saved_tensors
         )
-        cell_type, matmul_dtype, chunk, pointwise_kernel = ctx.options
+        cell_type, matmul_dtype, chunk, pointwise_kernel, time_varying = ctx.options
         needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
-        decay = None if feedback is None else feedback.to(states.dtype)
+        if time_varying:
+            decay = diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh, mask_tm)
+        else:
+            decay = None if feedback is None else feedback.to(states.dtype)
         with torch.autocast(inputs_tm.device.type, enabled=False):
             grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
                 cell_type, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
@@ -274,7 +292,8 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     Args:
         inputs: `(batch, time, d)`; initial_state `(batch, S)`; weights `(weight_ih, weight_hh, bias_ih, bias_hh)`,
             all in one dtype (fp32 or fp64; the caller casts).
-        mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` or None (FT-BPTT).
+        mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` (DSF), None (FT-BPTT) or `DIAG_JACOBIAN` (the scan
+            decays by each step's own diag(J_t), from the saved gates).
     Example:
         >>> states = fused_dsf_states("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None, feedback)
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
@@ -283,5 +302,5 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
                                     matmul_dtype, chunk, pointwise_kernel)
 
 
-__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
+__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "diagonal_jacobian_decay", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
            "reverse_scan_chunk_", "DSF_CHUNK"]

@@ -9,6 +9,8 @@ feedback diagonal, and runs the sequence in the mode `config.gradient_mode` name
   reverse diagonal scan (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`). It runs through the fused
   op of `fused_sfrnn.py` (forward saving the gates, chunked reverse backward: no recompute); `dsf_layer_states`
   chooses the path, in this one place, by device and dtype.
+- `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
+  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates): fused path only.
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
 
 Hub-exported file: imports only torch, transformers and its flat siblings.
@@ -23,7 +25,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
-from .fused_sfrnn import DSF_CHUNK, fused_dsf_states
+from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, fused_dsf_states
 from .scan_sfrnn import reverse_diagonal_scan
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
@@ -224,6 +226,9 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback):
         backward = "triton" if pointwise_kernel is not None else "torch"
         logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
                     f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
+    if path == "recompute" and isinstance(feedback, str):
+        raise ValueError(f"gradient_mode='diag_jacobian' runs on the fused path only (CPU, CUDA); got path {path!r} "
+                         f"on {device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
     with torch.autocast(device.type, enabled=False):
@@ -292,7 +297,7 @@ class SfrnnRecurrentLayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights))
         mode = self.config.gradient_mode
         if needs_grad and mode != "bptt":
-            feedback = self.feedback if mode == "dsf" else None
+            feedback = {"dsf": self.feedback, "ft_bptt": None, "diag_jacobian": DIAG_JACOBIAN}[mode]
             states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback)
             return states[..., : self.output_size], states[:, -1]
         all_states = self.output_size == self.state_size

@@ -1,0 +1,95 @@
+"""gradient_mode="diag_jacobian": the scan decays by each step's own diag(J). Its gradients equal a per-timestep
+reference built from torch's cells with the diagonals taken from autograd Jacobians; where the true Jacobian IS
+diagonal (GRU and tanh RNN with diagonal recurrent blocks) they equal exact BPTT."""
+
+import pytest
+import torch
+
+from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from test_fused_dsf import layer_weights, make_layer, make_mask
+
+
+def reference_diag_jacobian_layer(layer, inputs, mask):
+    """Per-timestep autograd of the torch cell with the previous state held constant; the state gradient rewritten
+    by a plain loop `g_t = e_t + d_{t+1} g_{t+1}`, `d_t` the diagonal of the autograd Jacobian of step t (1 where the
+    mask holds the state)."""
+    cell = torch_cell_sharing_weights(layer)
+    batch, time, _ = inputs.shape
+    state = inputs.new_zeros(batch, layer.state_size)
+    outputs, decays = [], []
+    for t in range(time):
+        held = state.detach()
+        new = cell_state_step(cell, inputs[:, t], held)
+        diagonal = torch.stack([
+            torch.autograd.functional.jacobian(lambda s: cell_state_step(cell, inputs[b:b + 1, t].detach(), s[None])[0],
+                                               held[b]).diagonal()
+            for b in range(batch)]).detach()
+        if mask is not None:
+            keep = mask[:, t, None].bool()
+            new = torch.where(keep, new, held)
+            diagonal = torch.where(keep, diagonal, torch.ones_like(diagonal))
+        outputs.append(new)
+        decays.append(diagonal)
+        state = new
+    states, decay = torch.stack(outputs, dim=1), torch.stack(decays, dim=1)
+
+    def rewrite(errors):
+        out, carry = torch.zeros_like(errors), torch.zeros_like(errors[:, 0])
+        for t in reversed(range(time)):
+            carry = errors[:, t] + (decay[:, t + 1] * carry if t + 1 < time else 0)
+            out[:, t] = carry
+        return out
+
+    states.register_hook(rewrite)
+    return states
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("mask_kind", [None, "right", "left", "arbitrary"])
+def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind):
+    layer = make_layer(cell)
+    layer.config.gradient_mode = "diag_jacobian"
+    inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(mask_kind, 4, 9)
+    readout = torch.randn(4, 9, layer.output_size, dtype=torch.float64)
+    params = [inputs, *layer_weights(layer)]
+    got = torch.autograd.grad((layer(inputs, mask=mask)[0] * readout).sum(), params)
+    reference = reference_diag_jacobian_layer(layer, inputs, mask)[..., : layer.output_size]
+    want = torch.autograd.grad((reference * readout).sum(), params)
+    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+        assert w.abs().max() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_diagonal_recurrent_blocks_make_diag_jacobian_exact_bptt(cell):
+    # Each unit then depends on its own past only: J_t is diagonal, so its diagonal is the whole Jacobian.
+    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type=cell, block_type="prenorm",
+                         intermediate_size=8)
+    model = SfrnnForCausalLM(config).double()
+    with torch.no_grad():
+        for block in model.model.layers:
+            weight_hh = block.recurrent.weight_hh.view(-1, 6, 6)
+            weight_hh.copy_(torch.diag_embed(torch.randn(weight_hh.shape[0], 6, dtype=torch.float64) * 1.5))
+    input_ids, labels, mask = padded_batch(19, 3, 10, "right")
+    params = list(model.parameters())
+    grads = {}
+    for mode in ("bptt", "diag_jacobian", "dsf"):
+        model.config.gradient_mode = mode
+        loss = causal_lm_cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits, labels)
+        grads[mode] = torch.autograd.grad(loss, params)
+    for (name, _), got, want in zip(model.named_parameters(), grads["diag_jacobian"], grads["bptt"]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+    weight_hh_index = [n for n, _ in model.named_parameters()].index("model.layers.0.recurrent.weight_hh")
+    assert not torch.allclose(grads["dsf"][weight_hh_index], grads["bptt"][weight_hh_index], rtol=1e-3)
+
+
+def test_diag_jacobian_forward_is_the_dsf_forward():
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=19, hidden_size=8, num_hidden_layers=2, cell_type="lstm"))
+    input_ids, labels, mask = padded_batch(19, 3, 10, "left")
+    logits = {}
+    for mode in ("dsf", "diag_jacobian"):
+        model.config.gradient_mode = mode
+        logits[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask).logits
+    assert torch.equal(logits["dsf"], logits["diag_jacobian"])
