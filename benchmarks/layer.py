@@ -30,6 +30,8 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=list(GRADIENT_MODES), choices=list(GRADIENT_MODES))
     parser.add_argument("--lora", action="store_true", help="also time dsf with a LoRA on the recurrent weights")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="also time dsf with feedback_type='calibrated' (the diagonal re-estimated every step)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -79,6 +81,10 @@ def main():
                 if "lora_B" in name:  # nonzero B, so the adapter's gradient path is exercised in full
                     torch.nn.init.normal_(param, std=0.01)
             models["dsf+lora"] = peft_model
+        if args.calibrated:
+            calibrated = copy.deepcopy(base)
+            calibrated.config.feedback_type = "calibrated"
+            models["dsf+calibrated"] = calibrated
         for length in args.lengths:
             embeds = torch.randn(args.batch, length, args.hidden, device=device, requires_grad=True)
             for dtype in args.dtypes:
@@ -92,7 +98,9 @@ def main():
                           f"{peaks[name] / 2**20:9.1f} {ratio:8.2f}x {best[name] * 1000:9.1f} {best_ratio:8.2f}x")
                 print(f"      ({load_line()})")
                 if "dsf" in seconds:
-                    for other, label in (("ft_bptt", "FT-BPTT / DSF"), ("dsf+lora", "DSF+LoRA / DSF")):
+                    for other, label in (("ft_bptt", "FT-BPTT / DSF"), ("dsf+lora", "DSF+LoRA / DSF"),
+                                         ("diag_jacobian", "diag_jacobian / DSF"),
+                                         ("dsf+calibrated", "calibrated / DSF")):
                         if other in seconds:
                             print(f"      {label} time: {seconds[other] / seconds['dsf']:.3f} (medians), "
                                   f"{best[other] / best['dsf']:.3f} (best runs)")

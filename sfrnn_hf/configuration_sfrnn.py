@@ -9,10 +9,12 @@ from transformers import PreTrainedConfig
 CELL_TYPES = ("gru", "lstm", "rnn")
 GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
 BLOCK_TYPES = ("residual", "prenorm")
+FEEDBACK_TYPES = ("linspace", "calibrated")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
 # `model.config.gradient_mode = "dfs"` fails at once instead of at the next forward pass.
-_CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES}
+_CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES,
+            "feedback_type": FEEDBACK_TYPES}
 
 
 def _check_choice(name, value):
@@ -43,6 +45,10 @@ class SfrnnConfig(PreTrainedConfig):
             be changed on a live model (`model.config.gradient_mode = "bptt"`): it applies at the next forward.
         feedback_min, feedback_max (`float`): the fixed feedback diagonal is `linspace(feedback_min, feedback_max, S)`
             over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.
+        feedback_type (`str`): `"linspace"` (the paper: the diagonal above, fixed) or `"calibrated"`: starting from
+            it, every `dsf` training step moves the diagonal towards the batch's mean diag(J_t) of each unit,
+            `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint.
+        feedback_momentum (`float`): `m` above, in [0, 1).
         block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
             WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).
         intermediate_size (`int`, *optional*): width of the prenorm MLP; defaults to `4 * hidden_size`.
@@ -66,6 +72,8 @@ class SfrnnConfig(PreTrainedConfig):
     gradient_mode: str = "dsf"
     feedback_min: float = 0.0
     feedback_max: float = 1.0
+    feedback_type: str = "linspace"
+    feedback_momentum: float = 0.9
     block_type: str = "residual"
     intermediate_size: int | None = None
     lstm_expose_cell_state: bool = False
@@ -89,6 +97,9 @@ class SfrnnConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must be a number in [0, 1] (a contracting feedback), got {value!r}.")
+        momentum = self.feedback_momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"`feedback_momentum` must be a number in [0, 1), got {momentum!r}.")
         if self.lstm_expose_cell_state and self.cell_type != "lstm":
             raise ValueError(
                 f"`lstm_expose_cell_state=True` needs `cell_type='lstm'`, got cell_type={self.cell_type!r}."
@@ -113,4 +124,4 @@ class SfrnnConfig(PreTrainedConfig):
         return 2 if self.cell_type == "lstm" else 1
 
 
-__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES"]
+__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES"]

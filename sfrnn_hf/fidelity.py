@@ -215,7 +215,7 @@ def main(argv=None):
     parser.add_argument("--tokenizer", help="its tokenizer folder (default: the checkpoint, then ../tokenizer)")
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt"])
+    parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt", "diag_jacobian"])
     parser.add_argument("--max-distance", type=int, default=32)
     parser.add_argument("--out", default="fidelity.json")
     parser.add_argument("--plot", help="PNG path for the figure")

@@ -245,7 +245,7 @@ class FusedDsfRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, feedback, cell_type,
-                forward_states=None, matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
+                forward_states=None, matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None, calibration=None):
         weights = (weight_ih, weight_hh, bias_ih, bias_hh)
         with torch.autocast(inputs.device.type, enabled=False):
             inputs_tm = inputs.transpose(0, 1).contiguous()
@@ -257,6 +257,13 @@ class FusedDsfRecurrence(torch.autograd.Function):
             else:
                 states = forward_states()
                 gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
+        if calibration is not None:  # the calibrated feedback's estimate: mean diag(J) of the real steps, per unit
+            with torch.no_grad():
+                decay = diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh)
+                if mask_tm is None:
+                    calibration.append(decay.mean(dim=(0, 1)))
+                else:
+                    calibration.append((decay * mask_tm).sum(dim=(0, 1)) / mask_tm.sum().clamp(min=1))
         time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
         ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
                               None if time_varying else feedback)
@@ -282,11 +289,11 @@ class FusedDsfRecurrence(torch.autograd.Function):
             )
         if grad_x is not None:
             grad_x = grad_x.transpose(0, 1)
-        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None, None, None, None
+        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None, None, None, None, None
 
 
 def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states=None,
-                     matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
+                     matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None, calibration=None):
     """States `(batch, time, S)` with the values of the recurrence and the DSF backward, through the fused op.
 
     Args:
@@ -294,12 +301,14 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
             all in one dtype (fp32 or fp64; the caller casts).
         mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` (DSF), None (FT-BPTT) or `DIAG_JACOBIAN` (the scan
             decays by each step's own diag(J_t), from the saved gates).
+        calibration: None, or a list to which the forward appends the mean over batch and real steps of diag(J_t),
+            `(S,)`, the estimate of a calibrated feedback.
     Example:
         >>> states = fused_dsf_states("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None, feedback)
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
     """
     return FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, feedback, cell_type, forward_states,
-                                    matmul_dtype, chunk, pointwise_kernel)
+                                    matmul_dtype, chunk, pointwise_kernel, calibration)
 
 
 __all__ = ["fused_dsf_states", "FusedDsfRecurrence", "diagonal_jacobian_decay", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",

@@ -9,6 +9,8 @@ feedback diagonal, and runs the sequence in the mode `config.gradient_mode` name
   reverse diagonal scan (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`). It runs through the fused
   op of `fused_sfrnn.py` (forward saving the gates, chunked reverse backward: no recompute); `dsf_layer_states`
   chooses the path, in this one place, by device and dtype.
+- `feedback_type="calibrated"` (with `dsf`): the fixed diagonal is re-estimated at every training step from the
+  model's own diag(J_t) (mean over batch and steps, smoothed by `feedback_momentum`, clamped to [0, 1]).
 - `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
   `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates): fused path only.
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
@@ -199,7 +201,7 @@ def _bf16_matmul_supported(device: torch.device) -> bool:
     return False
 
 
-def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback):
+def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, calibration=None):
     """States `(batch, time, S)` with the recurrence's values and the DSF backward (feedback None: FT-BPTT), through
     the path `select_dsf_path` picks. Shapes as `dsf_states`.
 
@@ -226,9 +228,9 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback):
         backward = "triton" if pointwise_kernel is not None else "torch"
         logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
                     f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
-    if path == "recompute" and isinstance(feedback, str):
-        raise ValueError(f"gradient_mode='diag_jacobian' runs on the fused path only (CPU, CUDA); got path {path!r} "
-                         f"on {device.type}.")
+    if path == "recompute" and (isinstance(feedback, str) or calibration is not None):
+        raise ValueError(f"gradient_mode='diag_jacobian' and feedback_type='calibrated' run on the fused path only "
+                         f"(CPU, CUDA); got path {path!r} on {device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
     with torch.autocast(device.type, enabled=False):
@@ -241,7 +243,7 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback):
                     states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
                     return states.transpose(0, 1).contiguous()
             states = fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states,
-                                      matmul_dtype, chunk, pointwise_kernel)
+                                      matmul_dtype, chunk, pointwise_kernel, calibration)
     return states.to(out_dtype)
 
 
@@ -274,6 +276,14 @@ class SfrnnRecurrentLayer(nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(gates))
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
 
+    @torch.no_grad()
+    def update_calibrated_feedback(self, batch_mean):
+        """`feedback <- clamp(momentum * feedback + (1 - momentum) * batch_mean, 0, 1)`, `batch_mean` `(S,)` the mean
+        diag(J) of this batch. Out of place: this step's backward still reads the feedback its forward saw."""
+        momentum = self.config.feedback_momentum
+        updated = momentum * self.feedback + (1 - momentum) * batch_mean.to(self.feedback.dtype)
+        self.feedback = updated.clamp(0.0, 1.0)
+
     @property
     def init_bound(self):
         """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
@@ -298,7 +308,11 @@ class SfrnnRecurrentLayer(nn.Module):
         mode = self.config.gradient_mode
         if needs_grad and mode != "bptt":
             feedback = {"dsf": self.feedback, "ft_bptt": None, "diag_jacobian": DIAG_JACOBIAN}[mode]
-            states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback)
+            calibration = [] if mode == "dsf" and self.config.feedback_type == "calibrated" else None
+            states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback,
+                                      calibration)
+            if calibration:
+                self.update_calibrated_feedback(calibration[0])
             return states[..., : self.output_size], states[:, -1]
         all_states = self.output_size == self.state_size
         return run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask, all_states, need_final_state)

@@ -10,6 +10,14 @@ from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
 from test_fused_dsf import layer_weights, make_layer, make_mask
 
 
+def autograd_jacobian_diagonals(cell, inputs, held, t):
+    """`(batch, S)`: the diagonal of the autograd Jacobian of step t of the torch cell, row by row."""
+    return torch.stack([
+        torch.autograd.functional.jacobian(lambda s: cell_state_step(cell, inputs[b:b + 1, t].detach(), s[None])[0],
+                                           held[b]).diagonal()
+        for b in range(inputs.shape[0])]).detach()
+
+
 def reference_diag_jacobian_layer(layer, inputs, mask):
     """Per-timestep autograd of the torch cell with the previous state held constant; the state gradient rewritten
     by a plain loop `g_t = e_t + d_{t+1} g_{t+1}`, `d_t` the diagonal of the autograd Jacobian of step t (1 where the
@@ -21,10 +29,7 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
     for t in range(time):
         held = state.detach()
         new = cell_state_step(cell, inputs[:, t], held)
-        diagonal = torch.stack([
-            torch.autograd.functional.jacobian(lambda s: cell_state_step(cell, inputs[b:b + 1, t].detach(), s[None])[0],
-                                               held[b]).diagonal()
-            for b in range(batch)]).detach()
+        diagonal = autograd_jacobian_diagonals(cell, inputs, held, t)
         if mask is not None:
             keep = mask[:, t, None].bool()
             new = torch.where(keep, new, held)
@@ -93,3 +98,81 @@ def test_diag_jacobian_forward_is_the_dsf_forward():
         model.config.gradient_mode = mode
         logits[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask).logits
     assert torch.equal(logits["dsf"], logits["diag_jacobian"])
+
+
+def batch_mean_diagonal(layer, inputs, mask):
+    """Mean over the batch and the real steps of the autograd Jacobian diagonals (independent of the package)."""
+    cell = torch_cell_sharing_weights(layer)
+    state, total, count = inputs.new_zeros(inputs.shape[0], layer.state_size), 0, 0
+    with torch.no_grad():
+        for t in range(inputs.shape[1]):
+            held = state
+            diagonal = autograd_jacobian_diagonals(cell, inputs, held, t)
+            new = cell_state_step(cell, inputs[:, t], held)
+            keep = torch.ones(inputs.shape[0], 1, dtype=torch.bool) if mask is None else mask[:, t, None].bool()
+            total = total + (diagonal * keep).sum(0)
+            count = count + keep.sum()
+            state = torch.where(keep, new, held)
+    return total / count
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell):
+    layer = make_layer(cell, scale=1.0)
+    layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
+    before = layer.feedback.clone()
+    inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = make_mask("right", 4, 9)
+    states = layer(inputs, mask=mask)[0]
+    want = batch_mean_diagonal(layer, inputs.detach(), mask).clamp(0, 1)
+    torch.testing.assert_close(layer.feedback, want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(layer.feedback, before)
+
+    # This step's backward used the feedback its forward saw (the linspace start), not the new estimate.
+    readout = torch.randn_like(states)
+    got = torch.autograd.grad((states * readout).sum(), layer.weight_hh)[0]
+    plain = make_layer(cell, scale=1.0)
+    plain.load_state_dict({**layer.state_dict(), "feedback": before})
+    want_grad = torch.autograd.grad((plain(inputs, mask=mask)[0] * readout).sum(), plain.weight_hh)[0]
+    torch.testing.assert_close(got, want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_training():
+    layer = make_layer("gru", scale=1.0)
+    layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.5
+    inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    start = layer.feedback.clone()
+    for mode in ("bptt", "ft_bptt", "diag_jacobian"):
+        layer.config.gradient_mode = mode
+        layer(inputs)
+    with torch.no_grad():
+        layer.config.gradient_mode = "dsf"
+        layer(inputs)
+    assert torch.equal(layer.feedback, start)  # no estimate outside dsf training
+    layer(inputs)
+    want = (0.5 * start + 0.5 * batch_mean_diagonal(layer, inputs.detach(), None)).clamp(0, 1)
+    torch.testing.assert_close(layer.feedback, want, rtol=1e-10, atol=1e-12)
+
+
+def test_calibrated_feedback_survives_save_and_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = SfrnnConfig(vocab_size=19, hidden_size=8, num_hidden_layers=2, feedback_type="calibrated",
+                         feedback_momentum=0.0)
+    model = SfrnnForCausalLM(config)
+    input_ids, labels, mask = padded_batch(19, 3, 10, "right")
+    model(input_ids=input_ids, labels=labels, attention_mask=mask).loss.backward()
+    calibrated = [block.recurrent.feedback.clone() for block in model.model.layers]
+    assert not torch.allclose(calibrated[0], torch.linspace(0, 1, 8))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.feedback_type == "calibrated"
+    for block, want in zip(loaded.model.layers, calibrated):
+        assert torch.equal(block.recurrent.feedback, want)
+
+
+@pytest.mark.parametrize("field, value", [("feedback_type", "learned"), ("feedback_momentum", 1.0),
+                                          ("feedback_momentum", -0.1)])
+def test_invalid_calibration_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SfrnnConfig(**{field: value})
