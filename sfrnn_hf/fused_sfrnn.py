@@ -1,6 +1,6 @@
 """The fused DSF op: the recurrence saving its gates, and the DSF backward walking time in reverse chunks.
 
-Forward (`recurrence_saving_gates`): no autograd graph; the input projection of the whole sequence is one matmul, and
+Forward (`recurrence_saving_gates`): no autograd graph; the input projection is one matmul per chunk of steps, and
 each step is one `h W_hh^T` matmul plus the cell's pointwise math (`cells_sfrnn.step_saving_gates`) written into
 preallocated, time-major buffers of the states and the gate activations.
 

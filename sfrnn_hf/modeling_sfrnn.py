@@ -58,7 +58,6 @@ class SfrnnCache(Cache):
 
     def __init__(self, config: SfrnnConfig):
         super().__init__(layers=[SfrnnStateLayer() for _ in range(config.num_hidden_layers)])
-        self.state_size = config.hidden_size * config.state_multiplier
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
