@@ -40,8 +40,7 @@ def fused_chunks(errors_tm, feedback):
     time = g.shape[0]
     for end in range(time, 0, -DSF_CHUNK):
         start = max(0, end - DSF_CHUNK)
-        reverse_scan_chunk_(g[start:end], carry, feedback, start)
-        carry = g[start]
+        carry = reverse_scan_chunk_(g[start:end], carry, feedback)
     return g
 
 

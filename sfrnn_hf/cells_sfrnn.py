@@ -182,18 +182,26 @@ def diagonal_jacobian(cell_type, gates, previous, new_state, weight_hh):
     """
     d = weight_hh.shape[1]
     blocks = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)  # (G, d): diag of each gate's block
+    # Each `x * s (1 - s)` is one `_sigmoid_grad` pass and each `x * (1 - t^2)` one `_tanh_grad` pass.
     if cell_type == "gru":
         r, z, hidden_n, n = gates.chunk(4, dim=-1)
-        through_n = (1 - n * n) * (r * blocks[2] + hidden_n * r * (1 - r) * blocks[0])
-        return z + (1 - z) * through_n + (previous - n) * z * (1 - z) * blocks[1]
+        through_n = _sigmoid_grad(hidden_n * blocks[0], r).addcmul_(r, blocks[2])  # r W_n + h_n r (1 - r) W_r
+        _tanh_grad(through_n, n, out=through_n)
+        jacobian = through_n.addcmul_(through_n, z, value=-1)  # (1 - z) * through_n
+        jacobian.add_(_sigmoid_grad(torch.sub(previous, n).mul_(blocks[1]), z)).add_(z)
+        return jacobian
     if cell_type == "lstm":
         i, f, g, o = gates.chunk(4, dim=-1)
         c_previous, tanh_c = previous[..., d:], torch.tanh(new_state[..., d:])
-        dc_dh = c_previous * f * (1 - f) * blocks[1] + g * i * (1 - i) * blocks[0] + i * (1 - g * g) * blocks[2]
-        dh_dh = tanh_c * o * (1 - o) * blocks[3] + o * (1 - tanh_c * tanh_c) * dc_dh
-        return torch.cat([dh_dh, f], dim=-1)
+        jacobian = torch.empty_like(new_state)
+        dh_dh, dc_dc = jacobian[..., :d], jacobian[..., d:]
+        dc_dh = _sigmoid_grad(c_previous * blocks[1], f).add_(_sigmoid_grad(g * blocks[0], i))
+        dc_dh.add_(_tanh_grad(i * blocks[2], g))
+        _sigmoid_grad(tanh_c * blocks[3], o, out=dh_dh).add_(_tanh_grad(dc_dh.mul_(o), tanh_c))
+        dc_dc.copy_(f)
+        return jacobian
     if cell_type == "rnn":
-        return (1 - new_state * new_state) * blocks[0]
+        return _tanh_grad(blocks[0].expand_as(new_state), new_state)
     raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
 
 

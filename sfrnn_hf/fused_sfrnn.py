@@ -66,7 +66,7 @@ def _accumulate_matmul_(out, a, b, matmul_dtype):
 
 
 def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask=None,
-                            matmul_dtype=None):
+                            matmul_dtype=None, diagonal_jacobian_sum=None):
     """The gated recurrence, no graph, saving every state and gate activation.
 
     Args:
@@ -75,6 +75,8 @@ def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_
         weight_ih, weight_hh: `(G*d, d)`; bias_ih, bias_hh: `(G*d,)`.
         mask: `(time, batch, 1)` bool or None; a False position holds the previous state.
         matmul_dtype: dtype of the input-projection matmul's operands (None: the inputs' dtype).
+        diagonal_jacobian_sum: None, or an `(S,)` accumulator to which each chunk of steps adds its diag(J_t) summed
+            over the batch and the real steps, while its gates are still in cache (a calibrated feedback's estimate).
     Returns:
         states `(time, batch, S)`, gates `(time, batch, SAVED_GATES_PER_CELL * d)` (None for the RNN).
     """
@@ -84,6 +86,8 @@ def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_
     gates = inputs.new_empty(time, batch, saved * d) if saved else None
     folds = FOLDS_INPUT_PROJECTION[cell_type]
     weight_hh_t = weight_hh.t()
+    if diagonal_jacobian_sum is not None:
+        first_previous = inputs.new_empty(min(DSF_CHUNK, time), batch, states.shape[-1])  # the first chunk's
     state = initial_state
     for t in range(time):
         if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
@@ -98,24 +102,76 @@ def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_
         if mask is not None:
             states[t] = torch.where(mask[t], states[t], state)
         state = states[t]
+        if diagonal_jacobian_sum is not None and (t % DSF_CHUNK == DSF_CHUNK - 1 or t == time - 1):
+            add_diagonal_jacobian_sum_(diagonal_jacobian_sum, cell_type, gates, initial_state, states, weight_hh,
+                                       mask, t - t % DSF_CHUNK, t + 1, first_previous)
     return states, gates
 
 
-def reverse_scan_chunk_(grad, carry, decay, start):
-    """In place on one chunk: `g_t = e_t + decay_{t+1} * g_{t+1}`, the step after the chunk given by `carry`.
+def reverse_scan_chunk_(grad, carry, decay):
+    """In place on one chunk of steps: `g_t = e_t + decay_{t+1} * g_{t+1}`.
 
     Args:
-        grad: `(steps, batch, S)` the incoming errors `e` of steps `start .. start + steps - 1`; becomes `g`.
-        carry: `(batch, S)` `g` of step `start + steps` (zeros after the last step), or None.
-        decay: `(S,)` a constant diagonal (DSF's feedback), or `(time, batch, S)` a per-step diagonal indexed by the
-            step it multiplies (`decay[t + 1]` scales `g_{t+1}` into `g_t`), e.g. a diagonal Jacobian from the gates.
+        grad: `(steps, batch, S)` the incoming errors `e` of the chunk's steps; becomes `g`.
+        carry: `(batch, S)` what the later chunk passes back, `decay_{end} * g_{end}` (None after the last step).
+        decay: `(S,)` a constant diagonal (DSF's feedback), or `(steps, batch, S)` one per step of this chunk,
+            `decay[i]` scaling the chunk's `g_i` into `g_{i-1}` (e.g. each step's diagonal Jacobian).
+    Returns:
+        the carry for the earlier chunk, `decay_0 * g_0` `(batch, S)`.
     """
     steps = grad.shape[0]
     constant = decay.dim() == 1
     if carry is not None:
-        grad[steps - 1].addcmul_(decay if constant else decay[start + steps], carry)
+        grad[steps - 1].add_(carry)
     for i in range(steps - 2, -1, -1):
-        grad[i].addcmul_(decay if constant else decay[start + i + 1], grad[i + 1])
+        grad[i].addcmul_(decay if constant else decay[i + 1], grad[i + 1])
+    return grad[0] * (decay if constant else decay[0])
+
+
+def previous_states(states, initial_state, start, end, buffer):
+    """The states before steps `start .. end - 1`: a view of `states` `(time, batch, S)`, or, for a chunk at the
+    start of the sequence, `[initial_state, states[: end - 1]]` written into `buffer` `(>= end - start, batch, S)`."""
+    if start > 0:
+        return states[start - 1 : end - 1]
+    previous = buffer[: end - start]
+    previous[0] = initial_state
+    previous[1:] = states[: end - 1]
+    return previous
+
+
+def chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, mask, start, end):
+    """diag(J_t) `(end - start, batch, S)` of steps `start .. end - 1` (`cells_sfrnn.diagonal_jacobian`), 1 where
+    `mask` `(time, batch, 1)` holds the state: a cache-sized slice, computed where the gates are already in cache."""
+    decay = diagonal_jacobian(cell_type, None if gates is None else gates[start:end], previous, states[start:end],
+                              weight_hh)
+    return decay if mask is None else decay.masked_fill_(~mask[start:end], 1.0)
+
+
+def add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start, end, buffer):
+    """`total` `(S,)` += the sum over the batch and the real steps among `start .. end - 1` of diag(J_t).
+    `buffer` `(>= end - start, batch, S)` is scratch for the chunk's previous states."""
+    previous = previous_states(states, initial_state, start, end, buffer)
+    decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, None, start, end)
+    if mask is not None:
+        decay.masked_fill_(~mask[start:end], 0.0)  # padded steps do not count
+    total.add_(decay.sum(dim=(0, 1)))
+
+
+def mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh, mask=None, chunk=DSF_CHUNK):
+    """The calibrated feedback's estimate: the mean of diag(J_t) over the batch and the real steps, per state entry
+    `(S,)`, chunk by chunk (no `(time, batch, S)` temporary). Shapes as `recurrence_saving_gates` returns them."""
+    time, batch, width_state = states.shape
+    total = states.new_zeros(width_state)
+    buffer = states.new_empty(min(chunk, time), batch, width_state)
+    for start in range(0, time, chunk):
+        add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh.to(states.dtype), mask,
+                                   start, min(time, start + chunk), buffer)
+    return total / real_steps(mask, time, batch)
+
+
+def real_steps(mask, time, batch):
+    """How many (step, row) positions are real tokens: `time * batch` without a mask."""
+    return time * batch if mask is None else mask.sum().clamp(min=1)
 
 
 def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, weights, mask, decay, needs,
@@ -127,11 +183,12 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
         inputs: `(time, batch, d)` contiguous; initial_state `(batch, S)`; states `(time, batch, S)`; gates as saved.
         weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`.
         mask: `(time, batch, 1)` bool or None.
-        decay: the scan's diagonal: `(S,)` constant or `(time, batch, S)` per step (see `reverse_scan_chunk_`);
-            None: no scan (FT-BPTT).
+        decay: the scan's diagonal: `(S,)` constant, `DIAG_JACOBIAN` (each step's own diag(J_t), computed chunk
+            by chunk from the gates), or None: no scan (FT-BPTT).
         needs: five bools, whether the gradient of inputs, weight_ih, weight_hh, bias_ih, bias_hh is wanted.
         pointwise_kernel: None (the scan and `one_step_grad` chunk by chunk in torch), or a kernel doing both for the
-            whole sequence with a constant decay, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
+            whole sequence with a constant decay (not `DIAG_JACOBIAN`), signature of
+            `triton_sfrnn.triton_dsf_pointwise_backward`.
     Returns:
         `(grad_inputs (time, batch, d), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh)`, None where not
         needed; accumulated in the states' dtype (fp32 / fp64).
@@ -149,6 +206,8 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     weight_ih_c = weight_ih.to(dtype) if need_x else None
     grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
     first_previous = states.new_empty(min(chunk, time), batch, width_state)
+    time_varying = isinstance(decay, str)
+    weight_hh_c = weight_hh.to(dtype) if time_varying else None
     if pointwise_kernel is not None:
         grad_pre_all, grad_hidden_all = pointwise_kernel(cell_type, grad_states, gates, states, initial_state, mask,
                                                          decay)
@@ -156,21 +215,18 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     for end in range(time, 0, -chunk):
         start = max(0, end - chunk)
         steps = end - start
-        if start > 0:
-            previous = states[start - 1 : end - 1]
-        else:
-            previous = first_previous[:steps]
-            previous[0] = initial_state
-            previous[1:] = states[: steps - 1]
+        previous = previous_states(states, initial_state, start, end, first_previous)
         if pointwise_kernel is not None:
             grad_pre = grad_pre_all[start:end]
             grad_hidden_candidate = None if grad_hidden_all is None else grad_hidden_all[start:end]
         else:
             g = grad[:steps]
             g.copy_(grad_states[start:end])
-            if decay is not None:
-                reverse_scan_chunk_(g, carry, decay, start)
-                carry = g[0].clone()
+            if time_varying:
+                chunk_decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh_c, mask, start, end)
+                carry = reverse_scan_chunk_(g, carry, chunk_decay)
+            elif decay is not None:
+                carry = reverse_scan_chunk_(g, carry, decay)
             if mask is not None:
                 g.mul_(mask[start:end])
             grad_pre, grad_hidden_candidate = one_step_grad(
@@ -204,14 +260,6 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
             else:
                 grad_x[start:end] = _matmul(grad_pre, weight_ih_c, matmul_dtype).view(steps, batch, d)
     return grad_x, grad_wih, grad_whh, grad_bih, grad_bhh
-
-
-def diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh, mask=None):
-    """The scan's per-step decay for `diag_jacobian`: `diag(d state_t / d state_{t-1})` of every step from the saved
-    gates, and 1 where the mask holds the state (exact there). states `(time, batch, S)` -> `(time, batch, S)`."""
-    previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
-    decay = diagonal_jacobian(cell_type, gates, previous, states, weight_hh.to(states.dtype))
-    return decay if mask is None else torch.where(mask, decay, torch.ones_like(decay))
 
 
 def gates_from_states(cell_type, inputs, initial_state, states, weights, matmul_dtype=None):
@@ -251,19 +299,19 @@ class FusedDsfRecurrence(torch.autograd.Function):
             inputs_tm = inputs.transpose(0, 1).contiguous()
             mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
             initial_state = initial_state.detach()
+            # The calibrated feedback's estimate: the mean diag(J) of the real steps, per state entry.
             if forward_states is None:
+                total = None if calibration is None else inputs_tm.new_zeros(initial_state.shape[-1])
                 states, gates = recurrence_saving_gates(cell_type, inputs_tm, initial_state, *weights, mask_tm,
-                                                        matmul_dtype)
+                                                        matmul_dtype, total)
+                if calibration is not None:
+                    calibration.append(total / real_steps(mask_tm, *inputs_tm.shape[:2]))
             else:
                 states = forward_states()
                 gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
-        if calibration is not None:  # the calibrated feedback's estimate: mean diag(J) of the real steps, per unit
-            with torch.no_grad():
-                decay = diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh)
-                if mask_tm is None:
-                    calibration.append(decay.mean(dim=(0, 1)))
-                else:
-                    calibration.append((decay * mask_tm).sum(dim=(0, 1)) / mask_tm.sum().clamp(min=1))
+                if calibration is not None:
+                    calibration.append(mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh,
+                                                              mask_tm, chunk))
         time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
         ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
                               None if time_varying else feedback)
@@ -278,10 +326,7 @@ class FusedDsfRecurrence(torch.autograd.Function):
         )
         cell_type, matmul_dtype, chunk, pointwise_kernel, time_varying = ctx.options
         needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
-        if time_varying:
-            decay = diagonal_jacobian_decay(cell_type, gates, initial_state, states, weight_hh, mask_tm)
-        else:
-            decay = None if feedback is None else feedback.to(states.dtype)
+        decay = DIAG_JACOBIAN if time_varying else None if feedback is None else feedback.to(states.dtype)
         with torch.autocast(inputs_tm.device.type, enabled=False):
             grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
                 cell_type, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
@@ -311,5 +356,6 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
                                     matmul_dtype, chunk, pointwise_kernel, calibration)
 
 
-__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "diagonal_jacobian_decay", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
-           "reverse_scan_chunk_", "DSF_CHUNK"]
+__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "mean_diagonal_jacobian", "add_diagonal_jacobian_sum_",
+           "chunk_diagonal_jacobian", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
+           "previous_states", "reverse_scan_chunk_", "DSF_CHUNK"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, fused_sfrnn, recurrent_sfrnn
 from test_fused_dsf import layer_weights, make_layer, make_mask
 
 
@@ -52,7 +52,9 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("mask_kind", [None, "right", "left", "arbitrary"])
-def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind):
+@pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
+def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
+    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
     layer = make_layer(cell)
     layer.config.gradient_mode = "diag_jacobian"
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -117,7 +119,10 @@ def batch_mean_diagonal(layer, inputs, mask):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
-def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell):
+@pytest.mark.parametrize("chunk", [4, 64])  # the forward loop adds up the mean chunk by chunk
+def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell, chunk, monkeypatch):
+    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    monkeypatch.setattr(fused_sfrnn, "DSF_CHUNK", chunk)
     layer = make_layer(cell, scale=1.0)
     layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
     before = layer.feedback.clone()

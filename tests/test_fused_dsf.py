@@ -228,7 +228,8 @@ def test_bf16_large_matmuls_stay_close(cell):
 
 
 def test_time_varying_decay_scan_equals_plain_loop():
-    """The backward's chunk scan takes a per-step diagonal `(time, batch, S)` (room for a diagonal-Jacobian mode)."""
+    """The backward's chunk scan with a per-step diagonal (the diag_jacobian mode's), each chunk given its own slice
+    and the carry it returns, equals the plain loop over the whole sequence."""
     errors = torch.randn(11, 3, 4, dtype=torch.float64)
     decay = torch.rand(11, 3, 4, dtype=torch.float64)
     want = errors.clone()
@@ -238,8 +239,7 @@ def test_time_varying_decay_scan_equals_plain_loop():
     carry = None
     for end in range(11, 0, -4):
         start = max(0, end - 4)
-        reverse_scan_chunk_(got[start:end], carry, decay, start)
-        carry = got[start].clone()
+        carry = reverse_scan_chunk_(got[start:end], carry, decay[start:end])
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 

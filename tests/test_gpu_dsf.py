@@ -1,5 +1,8 @@
 """On a CUDA device: the default DSF path (cuDNN forward, gates recomputed batched, Triton or torch backward) equals
-the recompute form on outputs and every gradient; bf16 autocast runs. Skipped without CUDA."""
+the recompute form on outputs and every gradient; diag_jacobian and the calibrated feedback equal the CPU fused path;
+bf16 autocast runs. Skipped without CUDA."""
+
+import copy
 
 import pytest
 import torch
@@ -39,3 +42,27 @@ def test_cuda_autocast_bf16_runs(cell):
     assert out.dtype == torch.float32
     for tensor in (x.grad, *(w.grad for w in layer_weights(layer))):
         assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("variant", ["diag_jacobian", "calibrated"])
+def test_cuda_diag_jacobian_and_calibrated_feedback_equal_the_cpu_path(cell, variant):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    layer = make_layer(cell, d=64, dtype=torch.float32, scale=2.0)
+    if variant == "diag_jacobian":
+        layer.config.gradient_mode = "diag_jacobian"
+    else:
+        layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
+    x = torch.randn(4, 50, 64)
+    mask = make_mask("arbitrary", 4, 50)
+    readout = torch.randn(4, 50, layer.output_size)
+    results = {}
+    for device in ("cpu", "cuda"):
+        moved = copy.deepcopy(layer).to(device)
+        inputs = x.to(device).requires_grad_()
+        out, _ = moved(inputs, mask=mask.to(device))
+        grads = torch.autograd.grad((out * readout.to(device)).sum(), [inputs, *layer_weights(moved)])
+        results[device] = [t.cpu() for t in (out, *grads, moved.feedback)]
+    for got, want in zip(results["cuda"], results["cpu"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
