@@ -5,11 +5,13 @@ same seed, initial weights and data order; validation perplexity per epoch and w
     python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 6          # StepLR decays at 1/3 and 2/3
     python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 12 --hidden 128
     python examples/reproduce_ptb.py --config ptb_gru_3x256 --epochs 30 --output runs/reproduce-gpu
+    python examples/reproduce_ptb.py --modes bptt dsf ft_bptt dsf_calibrated diag_jacobian   # and the diag(J) runs
 
 Each mode trains in `<output>/<mode>/` through `sfrnn_hf.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
-weight decay 1e-4, batch 128). Run it again to continue: a finished mode is skipped, an interrupted one resumes from
-its last checkpoint. The model after the first epoch is kept in `<mode>/early/` and the best in `<mode>/` for
-`python -m sfrnn_hf.fidelity`.
+weight decay 1e-4, batch 128). Batches hold sentences of similar length by default (`--sampling`): the same updates
+per epoch with far less padding. Run it again to continue: a finished mode is skipped, an interrupted one
+resumes from its last checkpoint. The model after the first epoch is kept in `<mode>/early/` and the best in `<mode>/`
+for `python -m sfrnn_hf.fidelity`. Measured results: docs/results.md.
 """
 
 import argparse
@@ -24,7 +26,16 @@ from transformers import TrainerCallback
 from sfrnn_hf.train import run
 from sfrnn_hf.training_config import load_config
 
-MODES = ("bptt", "dsf", "ft_bptt")
+# Each run's name and the config overrides that define it: the paper's three gradients, then this package's two
+# feedbacks that follow the model's own diag(J) (README "Beyond the paper").
+RUNS = {
+    "bptt": ["model.gradient_mode=bptt"],
+    "dsf": ["model.gradient_mode=dsf"],
+    "ft_bptt": ["model.gradient_mode=ft_bptt"],
+    "dsf_calibrated": ["model.gradient_mode=dsf", "model.feedback_type=calibrated"],
+    "diag_jacobian": ["model.gradient_mode=diag_jacobian"],
+}
+PAPER_RUNS = ("bptt", "dsf", "ft_bptt")
 
 
 class EpochClock(TrainerCallback):
@@ -64,8 +75,10 @@ def train_mode(args, mode: str) -> dict:
         print(f"[{mode}] finished earlier: {folder / 'results.json'}")
         return json.loads((folder / "results.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = [f"model.gradient_mode={mode}", f"training.output_dir={folder}", f"training.epochs={args.epochs}",
+    overrides = [*RUNS[mode], f"training.output_dir={folder}", f"training.epochs={args.epochs}",
                  f"training.seed={args.seed}", "training.save_total_limit=2", *args.set]
+    if args.sampling != "random":
+        overrides.append(f"training.trainer_args.train_sampling_strategy={args.sampling}")
     if args.hidden:
         overrides.append(f"model.hidden_size={args.hidden}")
     if args.max_train_samples:
@@ -142,8 +155,12 @@ def main(argv=None):
     parser.add_argument("--config", default="ptb_gru_1x256", help="a shipped PTB config (or a YAML path)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--hidden", type=int, help="override the config's hidden_size")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(PAPER_RUNS), choices=list(RUNS),
+                        help="runs to train (default: the paper's three; add dsf_calibrated and diag_jacobian)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampling", choices=("group_by_length", "random"), default="group_by_length",
+                        help="batches of sentences of similar length (transformers' LengthGroupedSampler; PTB: 3%% "
+                             "padding instead of 59%%) or uniformly random ones")
     parser.add_argument("--max-train-samples", type=int, help="train on the first N sentences (smoke tests)")
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
     parser.add_argument("--output", default="runs/reproduce_ptb")

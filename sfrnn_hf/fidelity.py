@@ -1,7 +1,10 @@
 """Gradient fidelity: how close the DSF (and FT-BPTT) gradients are to the exact BPTT gradient of the same model on
 the same batches. The budget-independent measure of how well DSF approximates BPTT.
 
-- `gradient_fidelity`: cosine similarity and norm ratio to BPTT, per parameter tensor and per layer.
+- `gradient_fidelity`: cosine similarity and norm ratio to BPTT, per parameter tensor and per layer, for any gradient
+  mode, and for `dsf_calibrated`: DSF with each layer's feedback set to this batch's mean diag(J_t) (what a
+  calibrated feedback with momentum 0 holds after the batch).
+- `feedback_match`: the model's feedback `a` against each unit's measured memory (mean diag(J_t)).
 - `state_gradient_fidelity`: the state gradient split by time distance. The exact gradient at `h_t` is
   `g_t = sum_k e_{t+k} J_{t+k} ... J_{t+1}` and DSF's is `sum_k a^k e_{t+k}`: compared term by term for each distance
   `k`, and in total.
@@ -10,6 +13,7 @@ the same batches. The budget-independent measure of how well DSF approximates BP
 """
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -32,12 +36,70 @@ def norm_ratio(approximate: torch.Tensor, exact: torch.Tensor) -> float:
     return approximate.double().norm().item() / exact_norm if exact_norm > 0 else math.nan
 
 
+# DSF with the feedback calibrated on the batch itself (no gradient mode of its own: a feedback choice).
+CALIBRATED = "dsf_calibrated"
+
+
+@contextlib.contextmanager
+def calibrated_on(model, batch: dict):
+    """Within the block, every recurrent layer's feedback is the mean over `batch`'s real steps of its diag(J_t),
+    clamped to [0, 1] (one forward with `feedback_type="calibrated"`, momentum 0). Config and feedbacks are restored
+    on exit."""
+    layers = [m for m in model.modules() if isinstance(m, SfrnnRecurrentLayer)]
+    config = model.config
+    saved_config = (config.gradient_mode, config.feedback_type, config.feedback_momentum)
+    saved_feedback = [layer.feedback for layer in layers]
+    try:
+        config.gradient_mode, config.feedback_type, config.feedback_momentum = "dsf", "calibrated", 0.0
+        with torch.enable_grad():
+            model(**batch)  # a training forward: each layer replaces its feedback by this batch's estimate
+        config.feedback_type = "linspace"  # hold the estimate: no re-estimation inside the block
+        yield
+    finally:
+        config.gradient_mode, config.feedback_type, config.feedback_momentum = saved_config
+        for layer, feedback in zip(layers, saved_feedback):
+            layer.feedback = feedback
+
+
+def feedback_match(model, batch: dict) -> dict:
+    """For every recurrent layer: how the model's feedback `a` compares with its measured memory, the mean over
+    `batch` of diag(J_t) per state entry (`calibrated_on`). Returns `{"layers.i": {"correlation", "mean_abs_difference",
+    "feedback_mean", "diag_jacobian_mean", "diag_jacobian_quantiles" (10%, 50%, 90%)}}`."""
+    layers = [m for m in model.modules() if isinstance(m, SfrnnRecurrentLayer)]
+    feedbacks = [layer.feedback.detach().double() for layer in layers]
+    with calibrated_on(model, batch):
+        measured = [layer.feedback.detach().double() for layer in layers]
+    results = {}
+    for index, (feedback, memory) in enumerate(zip(feedbacks, measured)):
+        correlation = torch.corrcoef(torch.stack([feedback, memory]))[0, 1].item()
+        results[f"layers.{index}"] = {
+            "correlation": correlation,
+            "mean_abs_difference": (feedback - memory).abs().mean().item(),
+            "feedback_mean": feedback.mean().item(),
+            "diag_jacobian_mean": memory.mean().item(),
+            "diag_jacobian_quantiles": torch.quantile(memory, memory.new_tensor([0.1, 0.5, 0.9])).tolist(),
+        }
+    return results
+
+
 def parameter_gradients(model, batch: dict, mode: str) -> dict[str, torch.Tensor]:
-    """Gradients of the model's loss on `batch` (keyword arguments of its forward, with `labels`) in `mode`."""
-    model.config.gradient_mode = mode
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    loss = model(**batch).loss
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    """Gradients of the model's loss on `batch` (keyword arguments of its forward, with `labels`) in `mode` (a
+    gradient mode, or `dsf_calibrated`)."""
+    if mode == CALIBRATED:
+        with calibrated_on(model, batch):
+            return parameter_gradients(model, batch, "dsf")
+    config = model.config
+    feedback_type = getattr(config, "feedback_type", None)
+    if feedback_type is not None:
+        config.feedback_type = "linspace"  # measuring must not re-estimate a calibrated feedback
+    try:
+        config.gradient_mode = mode
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    finally:
+        if feedback_type is not None:
+            config.feedback_type = feedback_type
     return {name: (g if g is not None else torch.zeros_like(p)) for (name, p), g in zip(named, grads)}
 
 
@@ -215,7 +277,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer", help="its tokenizer folder (default: the checkpoint, then ../tokenizer)")
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt", "diag_jacobian"])
+    parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt", CALIBRATED, "diag_jacobian"],
+                        help=f"gradient modes compared with bptt, and {CALIBRATED} (DSF, feedback = the batch's mean "
+                             "diag(J))")
     parser.add_argument("--max-distance", type=int, default=32)
     parser.add_argument("--out", default="fidelity.json")
     parser.add_argument("--plot", help="PNG path for the figure")
@@ -232,9 +296,10 @@ def main(argv=None):
     batches = ptb_batches(AutoTokenizer.from_pretrained(tokenizer_folder), args.batches, args.batch_size)
     parameters = gradient_fidelity(model, batches, modes=tuple(args.modes))
     states = state_gradient_fidelity(model, batches[0], max_distance=args.max_distance)
+    feedback = feedback_match(model, batches[0])
     Path(args.out).write_text(json.dumps({"checkpoint": str(checkpoint), "batches": args.batches,
-                                          "batch_size": args.batch_size, **parameters, "state_gradients": states},
-                                         indent=2))
+                                          "batch_size": args.batch_size, **parameters, "state_gradients": states,
+                                          "feedback_match": feedback}, indent=2))
     for mode, per_name in parameters["parameters"].items():
         print(f"{mode}: " + ", ".join(f"{name.removeprefix('model.')} {entry['cosine']:.3f}"
                                       for name, entry in per_name.items()))
@@ -243,7 +308,8 @@ def main(argv=None):
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
 
 
-__all__ = ["gradient_fidelity", "state_gradient_fidelity", "state_gradient_contributions", "plot_fidelity"]
+__all__ = ["gradient_fidelity", "parameter_gradients", "calibrated_on", "feedback_match", "CALIBRATED",
+           "state_gradient_fidelity", "state_gradient_contributions", "plot_fidelity"]
 
 if __name__ == "__main__":
     main()

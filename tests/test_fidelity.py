@@ -9,7 +9,13 @@ from torch import nn
 
 from references import padded_batch, reference_exact_layer
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.fidelity import gradient_fidelity, state_gradient_contributions, state_gradient_fidelity
+from sfrnn_hf.fidelity import (
+    feedback_match,
+    gradient_fidelity,
+    parameter_gradients,
+    state_gradient_contributions,
+    state_gradient_fidelity,
+)
 from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
 from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan
 
@@ -114,3 +120,53 @@ def test_state_gradient_fidelity_reports_every_layer():
         assert entry["distance"] == list(range(6))
         assert entry["cosine"][0] == pytest.approx(1.0)  # distance 0: both are e_t
         assert -1 <= entry["total_cosine_dsf"] <= 1 and -1 <= entry["total_cosine_ft_bptt"] <= 1
+
+
+@pytest.mark.parametrize("feedback_type", ["linspace", "calibrated"])
+def test_calibrated_fidelity_mode_is_dsf_with_the_batch_mean_diagonal_jacobian(feedback_type):
+    """`dsf_calibrated` is the DSF gradient with the feedback set to the batch's mean autograd Jacobian diagonal; the
+    model's own feedback and config are untouched by the measurement, also when it trains a calibrated feedback."""
+    from test_diag_jacobian_mode import batch_mean_diagonal
+
+    config = SfrnnConfig(vocab_size=17, hidden_size=6, cell_type="gru", feedback_type=feedback_type)
+    model = SfrnnForCausalLM(config).double()
+    layer = model.model.layers[0].recurrent
+    ids, labels, mask = padded_batch(17, 3, 10, "right")
+    batch = dict(input_ids=ids, labels=labels, attention_mask=mask)
+    before = layer.feedback.clone()
+
+    got = parameter_gradients(model, batch, "dsf_calibrated")
+    assert torch.equal(layer.feedback, before) and model.config.feedback_type == feedback_type
+
+    inputs = model.model.embeddings(ids).detach()  # a one-layer residual model: the layer sees the embeddings
+    want_feedback = batch_mean_diagonal(layer, inputs, mask).clamp(0, 1)
+    reference = SfrnnForCausalLM(SfrnnConfig(**{**config.to_dict(), "feedback_type": "linspace"})).double()
+    reference.load_state_dict({**model.state_dict(), "model.layers.0.recurrent.feedback": want_feedback})
+    want = parameter_gradients(reference, batch, "dsf")
+    plain = parameter_gradients(model, batch, "dsf")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert not torch.allclose(got["model.layers.0.recurrent.weight_hh"], plain["model.layers.0.recurrent.weight_hh"])
+
+    result = gradient_fidelity(model, [batch], modes=("dsf", "dsf_calibrated"))
+    assert set(result["parameters"]) == {"dsf", "dsf_calibrated"}
+    assert torch.equal(layer.feedback, before) and model.config.feedback_type == feedback_type
+
+
+def test_feedback_match_compares_the_feedback_with_the_measured_memory():
+    from test_diag_jacobian_mode import batch_mean_diagonal
+
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=17, hidden_size=6, cell_type="gru")).double()
+    layer = model.model.layers[0].recurrent
+    ids, labels, mask = padded_batch(17, 3, 10, "left")
+    batch = dict(input_ids=ids, labels=labels, attention_mask=mask)
+    memory = batch_mean_diagonal(layer, model.model.embeddings(ids).detach(), mask).clamp(0, 1)
+
+    report = feedback_match(model, batch)["layers.0"]
+    assert report["diag_jacobian_mean"] == pytest.approx(memory.mean().item(), rel=1e-9)
+    assert report["mean_abs_difference"] == pytest.approx((layer.feedback - memory).abs().mean().item(), rel=1e-9)
+    assert report["feedback_mean"] == pytest.approx(0.5)  # the model's linspace, untouched by the measurement
+    with torch.no_grad():
+        layer.feedback.copy_(memory)
+    matched = feedback_match(model, batch)["layers.0"]
+    assert matched["mean_abs_difference"] < 1e-12 and matched["correlation"] == pytest.approx(1.0)

@@ -1,6 +1,6 @@
 """The PTB reproduction script and the fidelity command, end to end on a tiny budget: every mode trains from the same
-start, the table, JSON and figure are written, a second run continues instead of restarting, and the fidelity
-diagnostic runs on the kept early checkpoint."""
+start, the table, JSON and figure are written, a second run continues instead of restarting (and adds the diag(J)
+runs), and the fidelity diagnostic runs on the kept early checkpoint."""
 
 import json
 import subprocess
@@ -32,9 +32,17 @@ def test_reproduce_then_fidelity(tmp_path):
     assert (output / "perplexity.png").stat().st_size > 1000
     assert "| dsf |" in (output / "results.md").read_text()
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("finished earlier") == 3
-    assert json.loads((output / "results.json").read_text())["runs"] == results["runs"]
+    # Again with the two diag(J) runs added: the finished modes are read back, the new ones train with their settings.
+    modes = ["bptt", "dsf", "ft_bptt", "dsf_calibrated", "diag_jacobian"]
+    again = subprocess.run(command + ["--modes", *modes], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 3
+    extended = json.loads((output / "results.json").read_text())["runs"]
+    assert [run["mode"] for run in extended] == modes and extended[:3] == results["runs"]
+    calibrated = json.loads((output / "dsf_calibrated" / "config.json").read_text())
+    assert (calibrated["gradient_mode"], calibrated["feedback_type"]) == ("dsf", "calibrated")
+    assert json.loads((output / "diag_jacobian" / "config.json").read_text())["gradient_mode"] == "diag_jacobian"
+    assert "| diag_jacobian |" in (output / "results.md").read_text()
 
     fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "early"),
                                "--batches", "2", "--batch-size", "8", "--max-distance", "4",
@@ -43,7 +51,7 @@ def test_reproduce_then_fidelity(tmp_path):
     assert fidelity.returncode == 0, fidelity.stderr[-3000:]
     report = json.loads((tmp_path / "f.json").read_text())
     weight_hh = "model.layers.0.recurrent.weight_hh"
-    for mode in ("dsf", "ft_bptt"):
+    for mode in ("dsf", "ft_bptt", "dsf_calibrated", "diag_jacobian"):  # the command's default comparisons
         assert -1 <= report["parameters"][mode][weight_hh]["cosine"] <= 1
     assert report["state_gradients"]["layers.0"]["distance"] == [0, 1, 2, 3, 4]
     assert (tmp_path / "f.png").exists()
