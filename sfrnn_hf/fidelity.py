@@ -278,6 +278,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=["dsf", "ft_bptt", CALIBRATED, "diag_jacobian"],
+                        choices=["dsf", "ft_bptt", CALIBRATED, "diag_jacobian"],
                         help=f"gradient modes compared with bptt, and {CALIBRATED} (DSF, feedback = the batch's mean "
                              "diag(J))")
     parser.add_argument("--max-distance", type=int, default=32)

@@ -86,8 +86,8 @@ def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_
     gates = inputs.new_empty(time, batch, saved * d) if saved else None
     folds = FOLDS_INPUT_PROJECTION[cell_type]
     weight_hh_t = weight_hh.t()
-    if diagonal_jacobian_sum is not None:
-        first_previous = inputs.new_empty(min(DSF_CHUNK, time), batch, states.shape[-1])  # the first chunk's
+    if diagonal_jacobian_sum is not None:  # room for the first chunk's previous states
+        first_previous = inputs.new_empty(min(DSF_CHUNK, time), batch, states.shape[-1])
     state = initial_state
     for t in range(time):
         if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
