@@ -163,9 +163,10 @@ def mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh, m
     time, batch, width_state = states.shape
     total = states.new_zeros(width_state)
     buffer = states.new_empty(min(chunk, time), batch, width_state)
+    weight_hh = weight_hh.to(states.dtype)
     for start in range(0, time, chunk):
-        add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh.to(states.dtype), mask,
-                                   start, min(time, start + chunk), buffer)
+        add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start,
+                                   min(time, start + chunk), buffer)
     return total / real_steps(mask, time, batch)
 
 

@@ -142,6 +142,36 @@ def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobi
     torch.testing.assert_close(got, want_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
+    """The CUDA path's form, run here on CPU: states from torch's fused kernel, gates recomputed batched, then the
+    calibration mean over 4-step chunks after the forward (`mean_diagonal_jacobian`) and the diag_jacobian backward."""
+    layer = make_layer(cell, scale=1.0)
+    inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = make_mask("arbitrary", 4, 9)
+    initial = torch.zeros(4, layer.state_size, dtype=torch.float64)
+    weights = layer_weights(layer)
+
+    def kernel_states():
+        return recurrent_sfrnn.run_recurrence(cell, inputs.detach(), initial, [w.detach() for w in weights], mask,
+                                              all_states=True)[0].transpose(0, 1).contiguous()
+
+    calibration = []
+    fused_sfrnn.fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback, forward_states=kernel_states,
+                                 chunk=4, calibration=calibration)
+    torch.testing.assert_close(calibration[0], batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
+                               atol=1e-12)
+
+    readout = torch.randn(4, 9, layer.state_size, dtype=torch.float64)
+    params = [inputs, *weights]
+    states = fused_sfrnn.fused_dsf_states(cell, inputs, initial, weights, mask, fused_sfrnn.DIAG_JACOBIAN,
+                                          forward_states=kernel_states, chunk=4)
+    got = torch.autograd.grad((states * readout).sum(), params)
+    want = torch.autograd.grad((reference_diag_jacobian_layer(layer, inputs, mask) * readout).sum(), params)
+    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_training():
     layer = make_layer("gru", scale=1.0)
     layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.5
