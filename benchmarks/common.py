@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: what machine and commit ran, warm-up + median timing with device sync, peak memory."""
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -86,11 +87,32 @@ def median_seconds(step, device: torch.device, warmup: int, repeats: int) -> flo
     return statistics.median(times)
 
 
-def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats: int):
-    """Median seconds of each named step, the steps interleaved inside every repeat (a, b, c, a, b, c, ...) so that
-    background load hits all of them alike. The first warm-up run of each step also measures its peak memory.
-    Returns `({name: median seconds}, {name: peak bytes}, {name: best seconds})`: on shared cores the best run is
-    the least disturbed by other processes, so both are reported."""
+@dataclasses.dataclass
+class Timings:
+    """Seconds of every repeat of each named step (`runs[name][i]`: repeat i), and each step's peak memory."""
+
+    runs: dict
+    peak: dict
+
+    @property
+    def median(self) -> dict:
+        return {name: statistics.median(t) for name, t in self.runs.items()}
+
+    @property
+    def best(self) -> dict:
+        """The fastest repeat: on shared cores, the one least disturbed by other processes."""
+        return {name: min(t) for name, t in self.runs.items()}
+
+    def paired_ratio(self, name: str, reference: str) -> float:
+        """The median over repeats of `name`'s time / `reference`'s time in the same repeat. The two ran next to each
+        other, so a slow spell of the machine hits both: steadier than the ratio of two medians."""
+        return statistics.median(a / b for a, b in zip(self.runs[name], self.runs[reference]))
+
+
+def interleaved_timings(steps: dict, device: torch.device, warmup: int, repeats: int) -> Timings:
+    """Times every named step `repeats` times after `warmup` runs, the steps interleaved inside every repeat and their
+    order reversed every other repeat (a, b, c, c, b, a, ...), so that background load and the position in the
+    sequence hit all of them alike. The first warm-up run of each step also measures its peak memory."""
     peaks = {}
     for name, step in steps.items():
         with PeakMemory(device) as memory:
@@ -100,15 +122,15 @@ def interleaved_medians(steps: dict, device: torch.device, warmup: int, repeats:
         for _ in range(warmup - 1):
             step()
     times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
             synchronize(device)
             start = time.perf_counter()
-            step()
+            steps[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return ({name: statistics.median(t) for name, t in times.items()}, peaks,
-            {name: min(t) for name, t in times.items()})
+    return Timings(times, peaks)
 
 
 def load_line() -> str:

@@ -17,14 +17,15 @@ run() {  # run a step unless the time budget is spent
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed (torch backward)"
-# correctness first, on this GPU: fast path against the reference form, all cells, padding, bf16 autocast
-run -m pytest -q -x tests/test_fused_dsf.py tests/test_gpu_dsf.py
+# correctness first, on this GPU: fast path against the reference form, all cells, padding, bf16 autocast; the
+# diag_jacobian mode and the calibrated feedback against the CPU path
+run -m pytest -q -x tests/test_fused_dsf.py tests/test_gpu_dsf.py tests/test_diag_jacobian_mode.py
 echo "== scan bandwidth (bf16 errors, fp32 accumulation) =="
 run benchmarks/scan.py --device cuda --dtype bfloat16 --states 512 1024 --lengths 256 1024 4096 --repeats 20
-echo "== recurrent stack, GRU 3 layers, bf16 autocast =="
+echo "== recurrent stack, GRU 3 layers, bf16 autocast (all modes, and dsf with the calibrated feedback) =="
 for d in 512 1024; do
   run benchmarks/layer.py --device cuda --cells gru --hidden "$d" --lengths 256 1024 4096 --dtypes bfloat16 \
-      --repeats 5 --warmup 2
+      --calibrated --repeats 5 --warmup 2
 done
 echo "== recurrent stack, LSTM and tanh RNN 3 x 1024, bf16 =="
 run benchmarks/layer.py --device cuda --cells lstm rnn --hidden 1024 --lengths 1024 --dtypes bfloat16 --repeats 5 --warmup 2

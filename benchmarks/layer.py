@@ -1,9 +1,10 @@
 """Recurrent-stack benchmark: forward + backward of the recurrent stack of an sfrnn model (inputs_embeds in, no
 embedding, no head; loss = mean of the squared last hidden state), for each gradient mode, cell, length and dtype.
 
-The modes are interleaved inside every repeat (bptt, dsf, ft_bptt, bptt, ...), so background load hits all of them
-alike; reported: the median per mode after warm-up, the peak memory of one step, and the ratio to exact BPTT through
-torch's fused kernels (`bptt`) from the same run. `dsf+lora` is DSF with a PEFT LoRA (rank 8) on weight_ih and
+The modes are interleaved inside every repeat, in reversed order every other repeat (bptt, dsf, ft_bptt, ft_bptt, dsf,
+bptt, ...), so background load hits all of them alike; reported: the median and the best time per mode after warm-up,
+the peak memory of one step, and the ratio to exact BPTT through torch's fused kernels (`bptt`) from the same run,
+three ways: of the medians, of the best runs, and paired (the median over repeats of the ratio within a repeat). `dsf+lora` is DSF with a PEFT LoRA (rank 8) on weight_ih and
 weight_hh (`--lora`), compared with plain `dsf`.
 
     python benchmarks/layer.py                                       # GRU 3 x 512, batch 32, T in {256, 1024}, fp32
@@ -15,7 +16,7 @@ import copy
 
 import torch
 
-from common import interleaved_medians, load_line, machine_description
+from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 
 
@@ -67,8 +68,8 @@ def main():
     print(f"recurrent stack: {args.layers} x {args.hidden}, batch {args.batch}, forward + backward, "
           f"median of {args.repeats} interleaved repeats after {args.warmup} warm-up")
     print(load_line())
-    print(f"{'cell':5s} {'T':>5s} {'dtype':9s} {'mode':9s} {'median ms':>9s} {'peak MiB':>9s} {'BPTT/mode':>9s} "
-          f"{'best ms':>9s} {'BPTT/mode':>9s}   (ratios: from the medians, from the best runs)")
+    print(f"{'cell':5s} {'T':>5s} {'dtype':9s} {'mode':14s} {'median ms':>9s} {'peak MiB':>9s} {'best ms':>9s}   "
+          f"BPTT/mode time: {'medians':>7s}   {'best':>7s}   {'paired':>7s}")
     for cell in args.cells:
         torch.manual_seed(0)
         config = SfrnnConfig(vocab_size=16, hidden_size=args.hidden, num_hidden_layers=args.layers, cell_type=cell,
@@ -90,12 +91,15 @@ def main():
             for dtype in args.dtypes:
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
                 steps = {name: stack_step(model, embeds, name.split("+")[0], autocast) for name, model in models.items()}
-                seconds, peaks, best = interleaved_medians(steps, device, args.warmup, args.repeats)
+                timings = interleaved_timings(steps, device, args.warmup, args.repeats)
+                seconds, best = timings.median, timings.best
                 for name in steps:
-                    ratio = seconds["bptt"] / seconds[name] if "bptt" in seconds else float("nan")
-                    best_ratio = best["bptt"] / best[name] if "bptt" in best else float("nan")
-                    print(f"{cell:5s} {length:5d} {dtype:9s} {name:9s} {seconds[name] * 1000:9.1f} "
-                          f"{peaks[name] / 2**20:9.1f} {ratio:8.2f}x {best[name] * 1000:9.1f} {best_ratio:8.2f}x")
+                    ratios = ("   ".join(f"{r:8.2f}x" for r in (seconds["bptt"] / seconds[name],
+                                                               best["bptt"] / best[name],
+                                                               timings.paired_ratio("bptt", name)))
+                              if "bptt" in seconds else "")
+                    print(f"{cell:5s} {length:5d} {dtype:9s} {name:14s} {seconds[name] * 1000:9.1f} "
+                          f"{timings.peak[name] / 2**20:9.1f} {best[name] * 1000:9.1f}   {ratios}")
                 print(f"      ({load_line()})")
                 if "dsf" in seconds:
                     for other, label in (("ft_bptt", "FT-BPTT / DSF"), ("dsf+lora", "DSF+LoRA / DSF"),
@@ -103,8 +107,8 @@ def main():
                                          ("dsf+calibrated", "calibrated / DSF")):
                         if other in seconds:
                             print(f"      {label} time: {seconds[other] / seconds['dsf']:.3f} (medians), "
-                                  f"{best[other] / best['dsf']:.3f} (best runs)")
-
+                                  f"{best[other] / best['dsf']:.3f} (best runs), "
+                                  f"{timings.paired_ratio(other, 'dsf'):.3f} (paired)")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from common import interleaved_medians, load_line, machine_description
+from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf.fused_sfrnn import DSF_CHUNK, reverse_scan_chunk_
 from sfrnn_hf.scan_sfrnn import _scan_chunked, _scan_loop
 
@@ -82,7 +82,7 @@ def main():
             if triton_scan is not None:
                 forms["triton"] = lambda: triton_scan(errors_tm, feedback)
             forms = {k: v for k, v in forms.items() if k in args.forms}
-            seconds, _, _ = interleaved_medians(forms, device, args.warmup, args.repeats)
+            seconds = interleaved_timings(forms, device, args.warmup, args.repeats).median
             # bytes: e read in its dtype, g written in fp32 (the accumulation dtype)
             moved = errors.numel() * (errors.element_size() + 4)
             for name, sec in seconds.items():

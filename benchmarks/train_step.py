@@ -1,6 +1,6 @@
 """Training-step benchmark: median time of a full step (forward, backward, optimizer) of one model in each gradient
 mode, and the speed-up of DSF and FT-BPTT over exact BPTT (torch's fused kernels), all from one run. The modes are
-interleaved inside every repeat, so background load hits all of them alike.
+interleaved inside every repeat (in reversed order every other repeat), so background load hits all of them alike.
 
     python benchmarks/train_step.py                                  # GRU, 3 x 512, batch 32, length 256, PTB vocab
     python benchmarks/train_step.py --cell lstm --length 1024 --recurrent-only
@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import interleaved_medians, load_line, machine_description
+from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 
 
@@ -70,11 +70,13 @@ def main():
           f"{args.warmup} warm-up")
     for dtype in args.dtypes:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-        seconds, peaks, best = interleaved_medians({mode: step_in(mode, autocast) for mode in args.modes}, device,
-                                                   args.warmup, args.repeats)
+        timings = interleaved_timings({mode: step_in(mode, autocast) for mode in args.modes}, device, args.warmup,
+                                      args.repeats)
+        seconds, peaks, best = timings.median, timings.peak, timings.best
         for mode in args.modes:
             ratio = (f"  BPTT/{mode}: {seconds['bptt'] / seconds[mode]:.2f}x (best runs "
-                     f"{best['bptt'] / best[mode]:.2f}x)" if "bptt" in seconds else "")
+                     f"{best['bptt'] / best[mode]:.2f}x, paired {timings.paired_ratio('bptt', mode):.2f}x)"
+                     if "bptt" in seconds else "")
             print(f"  {dtype:9s} {mode:8s} median {seconds[mode] * 1000:9.1f} ms/step, best {best[mode] * 1000:9.1f}"
                   f"   peak memory {peaks[mode] / 2**20:8.1f} MiB{ratio}")
         print(f"  ({load_line()})")
