@@ -4,8 +4,9 @@ embedding, no head; loss = mean of the squared last hidden state), for each grad
 The modes are interleaved inside every repeat, in reversed order every other repeat (bptt, dsf, ft_bptt, ft_bptt, dsf,
 bptt, ...), so background load hits all of them alike; reported: the median and the best time per mode after warm-up,
 the peak memory of one step, and the ratio to exact BPTT through torch's fused kernels (`bptt`) from the same run,
-three ways: of the medians, of the best runs, and paired (the median over repeats of the ratio within a repeat). `dsf+lora` is DSF with a PEFT LoRA (rank 8) on weight_ih and
-weight_hh (`--lora`), compared with plain `dsf`.
+three ways: of the medians, of the best runs, and paired (the median over repeats of the ratio within a repeat).
+`dsf+lora` is DSF with a PEFT LoRA (rank 8) on weight_ih and weight_hh (`--lora`), compared with plain `dsf`;
+`dsf+calibrated` is DSF with `feedback_type="calibrated"` (`--calibrated`).
 
     python benchmarks/layer.py                                       # GRU 3 x 512, batch 32, T in {256, 1024}, fp32
     python benchmarks/layer.py --cells gru lstm rnn --dtypes float32 bfloat16 --lora
