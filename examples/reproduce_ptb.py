@@ -9,9 +9,10 @@ same seed, initial weights and data order; validation perplexity per epoch and w
 
 Each mode trains in `<output>/<mode>/` through `sfrnn_hf.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
 weight decay 1e-4, batch 128). Batches hold sentences of similar length by default (`--sampling`): the same updates
-per epoch with far less padding. Run it again to continue: a finished mode is skipped, an interrupted one
-resumes from its last checkpoint. The model after the first epoch is kept in `<mode>/early/` and the best in `<mode>/`
-for `python -m sfrnn_hf.fidelity`. Measured results: docs/results.md.
+per epoch with far less padding. Run it again, with the same flags, to continue: a finished mode is skipped, an
+interrupted one resumes from its last checkpoint; a flag that differs from the run's start is refused, by name. The
+model after the first epoch is kept in `<mode>/early/` and the best in `<mode>/` for `python -m sfrnn_hf.fidelity`.
+Measured results: docs/results.md.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sfrnn_hf.train import run
+from sfrnn_hf.train import run, settings_changed_since_start
 from sfrnn_hf.training_config import load_config
 
 # Each run's name and the config overrides that define it: the paper's three gradients, then this package's two
@@ -71,10 +72,6 @@ def _last_by_epoch(path: Path, key: str) -> dict[int, float]:
 
 def train_mode(args, mode: str) -> dict:
     folder = Path(args.output) / mode
-    if (folder / "results.json").exists():
-        print(f"[{mode}] finished earlier: {folder / 'results.json'}")
-        return json.loads((folder / "results.json").read_text())
-    folder.mkdir(parents=True, exist_ok=True)
     overrides = [*RUNS[mode], f"training.output_dir={folder}", f"training.epochs={args.epochs}",
                  f"training.seed={args.seed}", "training.save_total_limit=2", *args.set]
     if args.sampling != "random":
@@ -83,9 +80,18 @@ def train_mode(args, mode: str) -> dict:
         overrides.append(f"model.hidden_size={args.hidden}")
     if args.max_train_samples:
         overrides.append(f"data.max_train_samples={args.max_train_samples}")
-    if any(name.startswith("checkpoint-") for name in os.listdir(folder)):
+    if folder.is_dir() and any(name.startswith("checkpoint-") for name in os.listdir(folder)):
         overrides.append("training.resume_from_checkpoint=true")
     experiment = load_config(args.config, overrides)
+    # A run continued, or a finished one put in the table, must be the run these flags describe.
+    changes = settings_changed_since_start(experiment, folder)
+    if changes:
+        raise SystemExit(f"[{mode}] {folder} holds a run started with other settings: {'; '.join(changes)}. Run "
+                         f"again with the flags it started with, or choose another --output.")
+    if (folder / "results.json").exists():
+        print(f"[{mode}] finished earlier: {folder / 'results.json'}")
+        return json.loads((folder / "results.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"[{mode}] training {args.config} for {args.epochs} epochs in {folder}")
     _, results = run(experiment, callbacks=[EpochClock(folder)])
     return results

@@ -33,12 +33,15 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
+from transformers.utils import logging
 
 from .configuration_sfrnn import SfrnnConfig
 from .data import CausalLMCollator, build_tokenizer, load_raw_text, prepare_data
 from .modeling_sfrnn import SfrnnForCausalLM
 from .recurrent_sfrnn import SfrnnRecurrentLayer
-from .training_config import ConfigError, ExperimentConfig, check_model_section, load_config
+from .training_config import ConfigError, ExperimentConfig, changed_settings, check_model_section, load_config
+
+logger = logging.get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
@@ -281,6 +284,16 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[str]:
+    """`changed_settings` from the run whose resolved config `folder/experiment.yaml` records (none there: []) to
+    `experiment`."""
+    path = os.path.join(folder, "experiment.yaml")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return changed_settings(yaml.safe_load(handle) or {}, experiment.to_dict())
+
+
 def run(experiment: ExperimentConfig, callbacks=None):
     """Train as `experiment` says. Returns `(trainer, results)`; `results` is also written to `results.json`."""
     model_check = check_model_section(experiment.model)
@@ -305,6 +318,14 @@ def run(experiment: ExperimentConfig, callbacks=None):
         check_bf16_autocast(model.config, device)
     if experiment.lora.enabled:
         model = apply_lora(model, experiment.lora)
+    resume = training.resume_from_checkpoint or None
+    if resume:  # the run it continues recorded its config beside its checkpoints
+        started_in = os.path.dirname(os.path.abspath(resume)) if isinstance(resume, str) else args.output_dir
+        changes = settings_changed_since_start(experiment, started_in)
+        if changes:
+            logger.warning(f"Resuming the run in {started_in} with settings that differ from the ones it started with; "
+                           f"the updates after the checkpoint will not be the ones that run would have made: "
+                           f"{'; '.join(changes)}")
     if args.process_index == 0:
         _write_atomically(os.path.join(args.output_dir, "experiment.yaml"),
                           yaml.safe_dump(experiment.to_dict(), sort_keys=False))
@@ -321,7 +342,6 @@ def run(experiment: ExperimentConfig, callbacks=None):
         callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
         experiment=experiment,
     )
-    resume = training.resume_from_checkpoint or None
     train_output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)  # the best model when validation ran (load_best_model_at_end)
 

@@ -114,6 +114,34 @@ def _as_plain(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
 
+# Settings a resumed run may change without changing its updates: where and how it logs, saves and evaluates.
+RESUMABLE_CHANGES = (
+    "training.output_dir", "training.resume_from_checkpoint", "training.logging_steps", "training.report_to",
+    "training.save_total_limit", "training.evaluate_test", "training.eval_batch_size",
+    "training.dataloader_num_workers", "data.num_proc",
+)
+_UNSET = "<unset>"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"training": {"trainer_args": {"a": 1}}}` -> `{"training.trainer_args.a": 1}` (an empty mapping: no entry)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(started: dict, now: dict) -> list[str]:
+    """What a resume would change in the run it continues: `"section.key: <started> -> <now>"` for every setting
+    (`ExperimentConfig.to_dict()` form, nested mappings key by key) that differs, except `RESUMABLE_CHANGES`."""
+    before, after = _flatten(started), _flatten(now)
+    return [f"{key}: {before.get(key, _UNSET)!r} -> {after.get(key, _UNSET)!r}" for key in sorted(before | after)
+            if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,6 +459,8 @@ __all__ = [
     "ExperimentConfig",
     "load_config",
     "check_config",
+    "changed_settings",
+    "RESUMABLE_CHANGES",
     "shipped_configs",
     "RECURRENT_LORA_PARAMETERS",
     "LINEAR_LORA_MODULES",

@@ -1,6 +1,6 @@
 """The PTB reproduction script and the fidelity command, end to end on a tiny budget: every mode trains from the same
 start, the table, JSON and figure are written, a second run continues instead of restarting (and adds the diag(J)
-runs), and the fidelity diagnostic runs on the kept early checkpoint."""
+runs), a run with other settings is refused, and the fidelity diagnostic runs on the kept early checkpoint."""
 
 import json
 import subprocess
@@ -43,6 +43,12 @@ def test_reproduce_then_fidelity(tmp_path):
     assert (calibrated["gradient_mode"], calibrated["feedback_type"]) == ("dsf", "calibrated")
     assert json.loads((output / "diag_jacobian" / "config.json").read_text())["gradient_mode"] == "diag_jacobian"
     assert "| diag_jacobian |" in (output / "results.md").read_text()
+
+    # Other batches than the runs started with: refused by name, before anything is trained or rewritten.
+    table = (output / "results.json").read_text()
+    other = subprocess.run(command + ["--sampling", "random"], capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "training.trainer_args.train_sampling_strategy" in other.stderr
+    assert "[bptt]" in other.stderr and (output / "results.json").read_text() == table
 
     fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "early"),
                                "--batches", "2", "--batch-size", "8", "--max-distance", "4",

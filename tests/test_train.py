@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfrnn_hf.train import main, run
-from sfrnn_hf.training_config import ConfigError, load_config, shipped_configs
+from sfrnn_hf.training_config import ConfigError, changed_settings, load_config, shipped_configs
 from training_helpers import logged_losses, tiny_experiment
 
 
@@ -171,6 +171,16 @@ def test_overrides_are_typed_and_cli_forms_agree():
     assert a.model["gradient_mode"] == "bptt" and a.training.eval_strategy == "no"  # YAML reads `no` as false
     with pytest.raises(ConfigError, match="training.epochs"):
         load_config("ptb_gru_1x256", ["training.epochs=many"])
+
+
+def test_changed_settings_names_what_a_resume_would_change():
+    started = load_config("ptb_gru_1x256").to_dict()  # trainer_args empty: no entry of its own
+    resumed = load_config("ptb_gru_1x256", ["training.trainer_args.train_sampling_strategy=group_by_length",
+                                            "model.hidden_size=8", "training.logging_steps=7",
+                                            "training.resume_from_checkpoint=true"]).to_dict()
+    assert changed_settings(started, resumed) == [
+        "model.hidden_size: 256 -> 8", "training.trainer_args.train_sampling_strategy: '<unset>' -> 'group_by_length'"]
+    assert changed_settings(resumed, resumed) == []
 
 
 def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):
