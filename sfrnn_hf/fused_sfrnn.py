@@ -188,8 +188,7 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
             by chunk from the gates), or None: no scan (FT-BPTT).
         needs: five bools, whether the gradient of inputs, weight_ih, weight_hh, bias_ih, bias_hh is wanted.
         pointwise_kernel: None (the scan and `one_step_grad` chunk by chunk in torch), or a kernel doing both for the
-            whole sequence with a constant decay (not `DIAG_JACOBIAN`), signature of
-            `triton_sfrnn.triton_dsf_pointwise_backward`.
+            whole sequence, any decay above, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
     Returns:
         `(grad_inputs (time, batch, d), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh)`, None where not
         needed; accumulated in the states' dtype (fp32 / fp64).
@@ -208,10 +207,10 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
     first_previous = states.new_empty(min(chunk, time), batch, width_state)
     time_varying = isinstance(decay, str)
-    weight_hh_c = weight_hh.to(dtype) if time_varying else None
+    weight_hh_c = weight_hh.to(dtype) if time_varying and pointwise_kernel is None else None
     if pointwise_kernel is not None:
         grad_pre_all, grad_hidden_all = pointwise_kernel(cell_type, grad_states, gates, states, initial_state, mask,
-                                                         decay)
+                                                         decay, weight_hh)
     carry = None
     for end in range(time, 0, -chunk):
         start = max(0, end - chunk)
@@ -316,8 +315,7 @@ class FusedDsfRecurrence(torch.autograd.Function):
         time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
         ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
                               None if time_varying else feedback)
-        # The Triton kernel takes a constant decay only.
-        ctx.options = (cell_type, matmul_dtype, chunk, None if time_varying else pointwise_kernel, time_varying)
+        ctx.options = (cell_type, matmul_dtype, chunk, pointwise_kernel, time_varying)
         return states.transpose(0, 1)
 
     @staticmethod

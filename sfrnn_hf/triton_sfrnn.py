@@ -1,7 +1,8 @@
 """Triton kernels for the DSF backward on GPU (optional: everything here has a pure-torch equal in `fused_sfrnn.py`).
 
 `triton_dsf_pointwise_backward`: one program per (batch row, tile of channels) walks time in reverse, carries the scan
-`g_t = e_t + a * g_{t+1}` (constant feedback `a`) in registers, and applies the cell's one-step derivative with the
+`g_t = e_t + a * g_{t+1}` in registers (`a` the constant feedback, or diag(J_{t+1}) computed in the kernel from the
+gates it reads anyway: gradient_mode "diag_jacobian"), and applies the cell's one-step derivative with the
 previous state held constant (the same formulas as `cells_sfrnn.one_step_grad`), writing the pre-activation gradients
 `(time, batch, G*d)` (and the GRU's `dn * r`). The three large gradient matmuls follow in torch (`fused_sfrnn`).
 `triton_reverse_scan`: the scan alone, for the bandwidth benchmark. Both are tested against the torch forms under
@@ -45,11 +46,13 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
             tl.store(out + offset, carry, mask=valid)
 
 
-    def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, out_pre, out_hidden,
-                       time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FEEDBACK: tl.constexpr,
-                       TILE: tl.constexpr):
-        """CELL 0 = GRU, 1 = LSTM, 2 = RNN. Layouts (time-major, contiguous except grad): gates (T, B, 4d), states
-        (T, B, S), initial (B, S), mask (T, B) float, out_pre (T, B, G*d), out_hidden (T, B, d) (GRU)."""
+    def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, diagonals,
+                       out_pre, out_hidden, time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr,
+                       DECAY: tl.constexpr, TILE: tl.constexpr):
+        """CELL 0 = GRU, 1 = LSTM, 2 = RNN. DECAY 0 = none (FT-BPTT), 1 = the constant `feedback` (S,), 2 = each step's
+        diag(J_t) (`cells_sfrnn.diagonal_jacobian`), computed from the gates this program reads anyway and the block
+        diagonals of weight_hh, `diagonals` (G, d). Layouts (time-major, contiguous except grad): gates (T, B, 4d),
+        states (T, B, S), initial (B, S), mask (T, B) float, out_pre (T, B, G*d), out_hidden (T, B, d) (GRU)."""
         row = tl.program_id(0)
         j = tl.program_id(1) * TILE + tl.arange(0, TILE)
         valid = j < d
@@ -64,18 +67,28 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
             G = 1
         carry = tl.full([TILE], 0.0, tl.float32)
         carry_c = tl.full([TILE], 0.0, tl.float32)
-        if HAS_FEEDBACK:
+        # The decay from g_{t+1} to g_t: the constant feedback, or diag(J_{t+1}) kept from the previous iteration.
+        a = tl.full([TILE], 0.0, tl.float32)
+        a_c = tl.full([TILE], 0.0, tl.float32)
+        if DECAY == 1:
             a = tl.load(feedback + j, mask=valid, other=0.0)
             if CELL == 1:
                 a_c = tl.load(feedback + d + j, mask=valid, other=0.0)
+        if DECAY == 2:  # torch's block order: GRU (r, z, n), LSTM (i, f, g, o), RNN (h)
+            w0 = tl.load(diagonals + j, mask=valid, other=0.0)
+            if CELL != 2:
+                w1 = tl.load(diagonals + d + j, mask=valid, other=0.0)
+                w2 = tl.load(diagonals + 2 * d + j, mask=valid, other=0.0)
+            if CELL == 1:
+                w3 = tl.load(diagonals + 3 * d + j, mask=valid, other=0.0)
         for step in range(time):
             t = time - 1 - step
             g_offset = t * grad_time_stride + row * grad_row_stride + j
             e = tl.load(grad + g_offset, mask=valid, other=0.0).to(tl.float32)
-            if HAS_FEEDBACK:
-                carry = e + a * carry
-            else:
+            if DECAY == 0:
                 carry = e
+            else:
+                carry = e + a * carry
             m = 1.0
             if HAS_MASK:
                 m = tl.load(mask + t * batch + row)
@@ -100,12 +113,15 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
                 tl.store(out_pre + pre_offset + d, dz, mask=valid)
                 tl.store(out_pre + pre_offset + 2 * d, dn, mask=valid)
                 tl.store(out_hidden + (t * batch + row) * d + j, dn * r, mask=valid)
+                if DECAY == 2:
+                    through_n = (1.0 - z) * (1.0 - n * n) * (r * w2 + hidden_n * r * (1.0 - r) * w0)
+                    a = z + through_n + (previous - n) * z * (1.0 - z) * w1
             elif CELL == 1:
                 e_c = tl.load(grad + g_offset + d, mask=valid, other=0.0).to(tl.float32)
-                if HAS_FEEDBACK:
-                    carry_c = e_c + a_c * carry_c
-                else:
+                if DECAY == 0:
                     carry_c = e_c
+                else:
+                    carry_c = e_c + a_c * carry_c
                 g_c = carry_c * m
                 i = tl.load(gates + gate_offset, mask=valid, other=0.0)
                 f = tl.load(gates + gate_offset + d, mask=valid, other=0.0)
@@ -122,9 +138,19 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
                 tl.store(out_pre + pre_offset + d, dc * c_previous * f * (1.0 - f), mask=valid)
                 tl.store(out_pre + pre_offset + 2 * d, dc * i * (1.0 - cand * cand), mask=valid)
                 tl.store(out_pre + pre_offset + 3 * d, g * tanh_c * o * (1.0 - o), mask=valid)
+                if DECAY == 2:
+                    dc_dh = c_previous * f * (1.0 - f) * w1 + cand * i * (1.0 - i) * w0 + i * (1.0 - cand * cand) * w2
+                    a = tanh_c * o * (1.0 - o) * w3 + o * (1.0 - tanh_c * tanh_c) * dc_dh
+                    a_c = f
             else:
                 h = tl.load(states + state_offset, mask=valid, other=0.0)
                 tl.store(out_pre + pre_offset, g * (1.0 - h * h), mask=valid)
+                if DECAY == 2:
+                    a = (1.0 - h * h) * w0
+            if DECAY == 2:
+                if HAS_MASK:  # a padded step holds the state: Jacobian 1
+                    a = a * m + (1.0 - m)
+                    a_c = a_c * m + (1.0 - m)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,14 +173,17 @@ def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
     return out
 
 
-def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial_state, mask, feedback,
+def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial_state, mask, decay, weight_hh=None,
                                   tile=CHANNEL_TILE):
     """The scan and the one-step derivative for the whole sequence, in one kernel.
 
     Args:
         grad_states: `(time, batch, S)`, last dim contiguous (any time / batch strides).
         gates: `(time, batch, 4d)` (None for the RNN); states `(time, batch, S)`; initial_state `(batch, S)`: fp32.
-        mask: `(time, batch, 1)` bool or None; feedback `(S,)` or None (FT-BPTT).
+        mask: `(time, batch, 1)` bool or None.
+        decay: `(S,)` the constant feedback, None (FT-BPTT), or the string "diag_jacobian"
+            (`fused_sfrnn.DIAG_JACOBIAN`): each step's own diag(J_t), computed in the kernel from the gates and the
+            diagonals of `weight_hh` `(G*d, d)`.
     Returns:
         `(grad_pre (time, batch, G*d), grad_hidden_candidate (time, batch, d) or None)` as `one_step_grad`.
     """
@@ -167,13 +196,22 @@ def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial
     out_hidden = torch.empty(time, batch, d, dtype=torch.float32, device=states.device) if cell_type == "gru" else None
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
     dummy = states  # unused pointer arguments must still be tensors
+    feedback = diagonals = dummy
+    if isinstance(decay, str):
+        if weight_hh is None:
+            raise ValueError("decay='diag_jacobian' needs weight_hh (the diagonals of its gate blocks).")
+        diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
+        mode = 2
+    elif decay is not None:
+        feedback, mode = decay.float().contiguous(), 1
+    else:
+        mode = 0
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](
         grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
-        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy,
-        feedback.float().contiguous() if feedback is not None else dummy, out_pre,
-        out_hidden if out_hidden is not None else dummy, time, batch, d,
-        CELL=_CELL_CODES[cell_type], HAS_MASK=mask is not None, HAS_FEEDBACK=feedback is not None, TILE=tile,
+        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy, feedback, diagonals,
+        out_pre, out_hidden if out_hidden is not None else dummy, time, batch, d,
+        CELL=_CELL_CODES[cell_type], HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
     )
     return out_pre, out_hidden
 

@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 
 from test_fused_dsf import CELLS, layer_weights, make_layer, make_mask  # noqa: E402
 from sfrnn_hf import triton_sfrnn  # noqa: E402
-from sfrnn_hf.fused_sfrnn import fused_dsf_states  # noqa: E402
+from sfrnn_hf.fused_sfrnn import DIAG_JACOBIAN, fused_dsf_states  # noqa: E402
 from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan_reference  # noqa: E402
 
 
@@ -30,14 +30,18 @@ def test_triton_scan_equals_reference():
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("mask_kind, feedback_on", [(None, True), ("arbitrary", True), ("left", False)])
-def test_triton_backward_equals_torch_backward(cell, mask_kind, feedback_on):
+@pytest.mark.parametrize("mask_kind, decay", [(None, "feedback"), ("arbitrary", "feedback"), ("left", None),
+                                              (None, DIAG_JACOBIAN), ("arbitrary", DIAG_JACOBIAN),
+                                              ("left", DIAG_JACOBIAN)])
+def test_triton_backward_equals_torch_backward(cell, mask_kind, decay):
+    """DSF's constant feedback, FT-BPTT (none) and diag_jacobian (diag(J_t) computed inside the kernel) against the
+    torch backward (chunks of 3 steps: the carry and the decay cross chunk borders)."""
     layer = make_layer(cell, d=20, dtype=torch.float32, scale=2.0)
     inputs = torch.randn(3, 7, 20, requires_grad=True)
     mask = make_mask(mask_kind, 3, 7)
     readout = torch.randn(3, 7, layer.state_size)
     initial = torch.randn(3, layer.state_size)
-    feedback = layer.feedback if feedback_on else None
+    feedback = layer.feedback if decay == "feedback" else decay
     params = [inputs, *layer_weights(layer)]
     results = []
     for kernel in (None, triton_sfrnn.triton_dsf_pointwise_backward):
