@@ -25,8 +25,25 @@ GRADIENT_MODE_NAMES = {
     "dsf": "Diagonal State Feedbacks (DSF)",
     "bptt": "exact backpropagation through time (BPTT)",
     "ft_bptt": "fully truncated BPTT (FT-BPTT)",
+    "diag_jacobian": "the time-varying diagonal Jacobian (diag_jacobian: DSF's scan decayed by each step's own "
+                     "diag(J_t))",
 }
 DATASET_NAMES = {"ptb_text_only": "Penn Treebank", "Salesforce/wikitext": "WikiText-103"}
+
+
+def feedback_description(model) -> str:
+    """The DSF feedback diagonal as the model card states it: the paper's fixed linspace, or the calibrated values
+    each layer holds (range and mean over its units)."""
+    config = model.config
+    width = config.hidden_size * config.state_multiplier
+    paper = f"`linspace({config.feedback_min}, {config.feedback_max}, {width})`"
+    if config.feedback_type != "calibrated":
+        return f"{paper}, fixed"
+    layers = [layer.recurrent.feedback for layer in model.base_model.layers]
+    values = "; ".join(f"layer {i}: {a.min().item():.2f}-{a.max().item():.2f}, mean {a.mean().item():.2f}"
+                       for i, a in enumerate(layers))
+    return (f"calibrated from the units' mean diag(J) during training (momentum {config.feedback_momentum}, clamped "
+            f"to [0, 1], starting from {paper}); now {values}")
 
 
 def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=None, eval_command=None,
@@ -52,8 +69,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=Non
         cell_type=config.cell_type, cell_name=CELL_NAMES[config.cell_type], gradient_mode=config.gradient_mode,
         gradient_mode_name=GRADIENT_MODE_NAMES[config.gradient_mode], num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size, block_type=config.block_type, vocab_size=config.vocab_size,
-        num_parameters=f"{model.num_parameters():,}", feedback_min=config.feedback_min,
-        feedback_max=config.feedback_max, state_size=config.hidden_size * config.state_multiplier,
+        num_parameters=f"{model.num_parameters():,}", feedback=feedback_description(model),
         data_description=data_description or ", ".join(DATASET_NAMES.get(d, d) for d in datasets) or "not recorded",
         training_details=training_details or {}, perplexity=perplexity,
         eval_dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset), eval_command=eval_command,

@@ -1,6 +1,6 @@
 """Publishing: the exported folder is a complete Hub repository that loads with `trust_remote_code=True` in a fresh
-interpreter where sfrnn_hf cannot be imported, with bit-identical logits, a working generate and all three gradient
-modes; its model card carries valid Hub metadata."""
+interpreter where sfrnn_hf cannot be imported, with bit-identical logits, a working generate and every gradient mode;
+its model card carries valid Hub metadata and states the mode and the feedback the model has."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.export import export_for_hub
+from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.export import GRADIENT_MODE_NAMES, export_for_hub
 
 REMOTE_USER = textwrap.dedent("""
     import sys
@@ -39,7 +39,7 @@ REMOTE_USER = textwrap.dedent("""
                   "hidden": base(input_ids=ids).last_hidden_state,
                   "generated": causal.generate(ids, max_new_tokens=6, do_sample=False)}
     causal.train()
-    for mode in ("bptt", "dsf", "ft_bptt"):
+    for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
         causal.config.gradient_mode = mode
         loss = causal(input_ids=ids, labels=ids).loss
         result["grad_" + mode] = torch.autograd.grad(loss, causal.model.layers[0].recurrent.weight_hh)[0]
@@ -78,12 +78,13 @@ def test_remote_code_round_trip_without_the_package(tmp_path, word_tokenizer, ce
         assert torch.equal(remote["hidden"], model.model(input_ids=ids).last_hidden_state)
         assert torch.equal(remote["generated"], model.generate(ids, max_new_tokens=6, do_sample=False))
     model.train()
-    for mode in ("bptt", "dsf", "ft_bptt"):
+    for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
         model.config.gradient_mode = mode
         loss = model(input_ids=ids, labels=ids).loss
         want = torch.autograd.grad(loss, model.model.layers[0].recurrent.weight_hh)[0]
         torch.testing.assert_close(remote["grad_" + mode], want, rtol=1e-6, atol=1e-8, msg=mode)
     assert not torch.allclose(remote["grad_dsf"], remote["grad_ft_bptt"])
+    assert not torch.allclose(remote["grad_diag_jacobian"], remote["grad_dsf"])
 
 
 def test_exported_folder_is_a_complete_hub_repository(tmp_path, word_tokenizer):
@@ -121,6 +122,23 @@ def test_exported_folder_is_a_complete_hub_repository(tmp_path, word_tokenizer):
     body = card.text
     assert "2503.23104" in body and "trust_remote_code=True" in body and 'from_pretrained("someone/sfrnn-test"' in body
     assert "`dsf`" in body and "`gru`" in body and "123.45" in body
+
+
+def test_model_card_states_the_mode_and_the_feedback_the_model_has(tmp_path, word_tokenizer):
+    _, folder = exported_model(tmp_path / "paper", word_tokenizer, "gru")
+    assert "| feedback diagonal | `linspace(0.0, 1.0, 12)`, fixed |" in (folder / "README.md").read_text()
+
+    # A calibrated feedback is not the paper's linspace: the card gives each layer's values (written here by hand).
+    config = dict(gradient_mode="diag_jacobian", feedback_type="calibrated", feedback_momentum=0.5)
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=12, num_hidden_layers=2,
+                                         **config))
+    model.model.layers[0].recurrent.feedback = torch.linspace(0.1, 0.5, 12)
+    model.model.layers[1].recurrent.feedback = torch.full((12,), 0.25)
+    folder = export_for_hub(model, word_tokenizer, tmp_path / "calibrated" / "hub", repo_id="someone/calibrated")
+    body = ModelCard.load(folder / "README.md").text
+    assert "diag_jacobian" in body and "linspace(0.0, 1.0, 12)`, fixed" not in body
+    assert "momentum 0.5" in body and "layer 0: 0.10-0.50, mean 0.30; layer 1: 0.25-0.25, mean 0.25" in body
+    assert set(GRADIENT_MODE_NAMES) == set(GRADIENT_MODES)  # every mode a model can be trained in has a name
 
 
 def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, word_tokenizer):
