@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import sfrnn_hf  # noqa: F401  (registers the sfrnn model type)
+from sfrnn_hf import GRADIENT_MODES  # importing sfrnn_hf also registers the sfrnn model type
 from sfrnn_hf.train import run
 from sfrnn_hf.training_config import LINEAR_LORA_MODULES, RECURRENT_LORA_PARAMETERS, load_config
 
@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--mode", default="dsf", choices=["bptt", "dsf", "ft_bptt"])
+    parser.add_argument("--mode", default="dsf", choices=list(GRADIENT_MODES))
     parser.add_argument("--output-dir", default="outputs/lora")
     cli = parser.parse_args()
 

@@ -1,5 +1,6 @@
 """A PEFT LoRA on the recurrent weights (`target_parameters`) is applied by the fused DSF path and trained through it:
-the LoRA factors' gradients equal the chain rule from the reference DSF gradient on the merged weight."""
+the LoRA factors' gradients equal the chain rule from the reference DSF (and diag_jacobian) gradient on the merged
+weight."""
 
 import copy
 
@@ -8,15 +9,24 @@ import torch
 
 from references import causal_lm_cross_entropy, padded_batch, reference_causal_lm_logits, reference_dsf_layer
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from test_diag_jacobian_mode import reference_diag_jacobian_layer
 
 peft = pytest.importorskip("peft")
 
 VOCAB = 19
 
 
+REFERENCE_LAYERS = {
+    "dsf": lambda layer, x, m: reference_dsf_layer(layer, x, m, layer.feedback),
+    # diag(J) must come from the adapted weight_hh: the merged-weight reference sees only that one
+    "diag_jacobian": reference_diag_jacobian_layer,
+}
+
+
+@pytest.mark.parametrize("mode", ["dsf", "diag_jacobian"])
 @pytest.mark.parametrize("cell, padding", [("gru", "left"), ("lstm", "right"), ("rnn", None)])
-def test_lora_factor_gradients_are_the_chain_rule_of_the_dsf_gradient(cell, padding):
-    config = SfrnnConfig(vocab_size=VOCAB, hidden_size=6, num_hidden_layers=2, cell_type=cell, gradient_mode="dsf")
+def test_lora_factor_gradients_are_the_chain_rule_of_the_dsf_gradient(cell, padding, mode):
+    config = SfrnnConfig(vocab_size=VOCAB, hidden_size=6, num_hidden_layers=2, cell_type=cell, gradient_mode=mode)
     model = SfrnnForCausalLM(config).double()
     with torch.no_grad():
         model.model.embeddings.weight.normal_(0, 1.0)
@@ -42,9 +52,7 @@ def test_lora_factor_gradients_are_the_chain_rule_of_the_dsf_gradient(cell, padd
     with torch.no_grad():
         for block, delta in zip(merged.model.layers, deltas):
             block.recurrent.weight_hh.add_(delta)
-    ref_logits = reference_causal_lm_logits(
-        merged, input_ids, mask, lambda layer, x, m: reference_dsf_layer(layer, x, m, layer.feedback)
-    )
+    ref_logits = reference_causal_lm_logits(merged, input_ids, mask, REFERENCE_LAYERS[mode])
     torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-12)
     merged_weights = [block.recurrent.weight_hh for block in merged.model.layers]
     merged_grads = torch.autograd.grad(causal_lm_cross_entropy(ref_logits, labels), merged_weights)
