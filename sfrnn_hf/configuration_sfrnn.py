@@ -47,7 +47,8 @@ class SfrnnConfig(PreTrainedConfig):
             over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.
         feedback_type (`str`): `"linspace"` (the paper: the diagonal above, fixed) or `"calibrated"`: starting from
             it, every `dsf` training step moves the diagonal towards the batch's mean diag(J_t) of each unit,
-            `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint.
+            `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint. Under
+            torch.distributed the mean is the global batch's (an all-reduce in each layer's training forward).
         feedback_momentum (`float`): `m` above, in [0, 1).
         block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
             WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).

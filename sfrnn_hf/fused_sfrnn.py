@@ -157,9 +157,10 @@ def add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, w
     total.add_(decay.sum(dim=(0, 1)))
 
 
-def mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh, mask=None, chunk=DSF_CHUNK):
-    """The calibrated feedback's estimate: the mean of diag(J_t) over the batch and the real steps, per state entry
-    `(S,)`, chunk by chunk (no `(time, batch, S)` temporary). Shapes as `recurrence_saving_gates` returns them."""
+def diagonal_jacobian_sum(cell_type, gates, initial_state, states, weight_hh, mask=None, chunk=DSF_CHUNK):
+    """The calibrated feedback's estimate before the division: the sum of diag(J_t) over the batch and the real steps,
+    per state entry `(S,)`, chunk by chunk (no `(time, batch, S)` temporary), and how many positions it sums
+    (`real_steps`). Shapes as `recurrence_saving_gates` returns them."""
     time, batch, width_state = states.shape
     total = states.new_zeros(width_state)
     buffer = states.new_empty(min(chunk, time), batch, width_state)
@@ -167,12 +168,12 @@ def mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh, m
     for start in range(0, time, chunk):
         add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start,
                                    min(time, start + chunk), buffer)
-    return total / real_steps(mask, time, batch)
+    return total, real_steps(mask, time, batch)
 
 
 def real_steps(mask, time, batch):
-    """How many (step, row) positions are real tokens: `time * batch` without a mask."""
-    return time * batch if mask is None else mask.sum().clamp(min=1)
+    """How many (step, row) positions are real tokens: `time * batch` without a mask (a 0-dim tensor either way)."""
+    return torch.tensor(time * batch) if mask is None else mask.sum()
 
 
 def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, weights, mask, decay, needs,
@@ -299,19 +300,19 @@ class FusedDsfRecurrence(torch.autograd.Function):
             inputs_tm = inputs.transpose(0, 1).contiguous()
             mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
             initial_state = initial_state.detach()
-            # The calibrated feedback's estimate: the mean diag(J) of the real steps, per state entry.
+            # The calibrated feedback's estimate: diag(J) summed over the real steps, per state entry, and their count.
             if forward_states is None:
                 total = None if calibration is None else inputs_tm.new_zeros(initial_state.shape[-1])
                 states, gates = recurrence_saving_gates(cell_type, inputs_tm, initial_state, *weights, mask_tm,
                                                         matmul_dtype, total)
                 if calibration is not None:
-                    calibration.append(total / real_steps(mask_tm, *inputs_tm.shape[:2]))
+                    calibration.append((total, real_steps(mask_tm, *inputs_tm.shape[:2])))
             else:
                 states = forward_states()
                 gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
                 if calibration is not None:
-                    calibration.append(mean_diagonal_jacobian(cell_type, gates, initial_state, states, weight_hh,
-                                                              mask_tm, chunk))
+                    calibration.append(diagonal_jacobian_sum(cell_type, gates, initial_state, states, weight_hh,
+                                                             mask_tm, chunk))
         time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
         ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
                               None if time_varying else feedback)
@@ -345,8 +346,8 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
             all in one dtype (fp32 or fp64; the caller casts).
         mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` (DSF), None (FT-BPTT) or `DIAG_JACOBIAN` (the scan
             decays by each step's own diag(J_t), from the saved gates).
-        calibration: None, or a list to which the forward appends the mean over batch and real steps of diag(J_t),
-            `(S,)`, the estimate of a calibrated feedback.
+        calibration: None, or a list to which the forward appends the estimate of a calibrated feedback: diag(J_t)
+            summed over the batch and the real steps `(S,)`, and the number of those positions (0-dim).
     Example:
         >>> states = fused_dsf_states("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None, feedback)
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
@@ -355,6 +356,6 @@ def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, 
                                     matmul_dtype, chunk, pointwise_kernel, calibration)
 
 
-__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "mean_diagonal_jacobian", "add_diagonal_jacobian_sum_",
+__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "diagonal_jacobian_sum", "add_diagonal_jacobian_sum_",
            "chunk_diagonal_jacobian", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
            "previous_states", "reverse_scan_chunk_", "DSF_CHUNK"]

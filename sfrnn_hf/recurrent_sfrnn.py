@@ -277,11 +277,19 @@ class SfrnnRecurrentLayer(nn.Module):
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
 
     @torch.no_grad()
-    def update_calibrated_feedback(self, batch_mean):
-        """`feedback <- clamp(momentum * feedback + (1 - momentum) * batch_mean, 0, 1)`, `batch_mean` `(S,)` the mean
-        diag(J) of this batch. Out of place: this step's backward still reads the feedback its forward saw."""
+    def update_calibrated_feedback(self, total, count):
+        """`feedback <- clamp(momentum * feedback + (1 - momentum) * total / count, 0, 1)`: `total` `(S,)` diag(J) summed
+        over this batch's `count` real positions. Under torch.distributed both are summed over the processes first, so
+        the mean is the global batch's (as one process over the same batch would have it) and every replica holds the
+        same feedback. Out of place: this step's backward still reads the feedback its forward saw."""
+        total = total.to(self.feedback.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            packed = torch.cat([total, count.reshape(1).to(total)])
+            torch.distributed.all_reduce(packed)
+            total, count = packed[:-1], packed[-1]
         momentum = self.config.feedback_momentum
-        updated = momentum * self.feedback + (1 - momentum) * batch_mean.to(self.feedback.dtype)
+        updated = momentum * self.feedback + (1 - momentum) * total / count.to(total).clamp(min=1)
         self.feedback = updated.clamp(0.0, 1.0)
 
     @property
@@ -312,7 +320,7 @@ class SfrnnRecurrentLayer(nn.Module):
             states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback,
                                       calibration)
             if calibration:
-                self.update_calibrated_feedback(calibration[0])
+                self.update_calibrated_feedback(*calibration[0])
             return states[..., : self.output_size], states[:, -1]
         all_states = self.output_size == self.state_size
         return run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask, all_states, need_final_state)

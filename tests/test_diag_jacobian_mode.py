@@ -145,7 +145,7 @@ def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobi
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     """The CUDA path's form, run here on CPU: states from torch's fused kernel, gates recomputed batched, then the
-    calibration mean over 4-step chunks after the forward (`mean_diagonal_jacobian`) and the diag_jacobian backward."""
+    calibration sum over 4-step chunks after the forward (`diagonal_jacobian_sum`) and the diag_jacobian backward."""
     layer = make_layer(cell, scale=1.0)
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     mask = make_mask("arbitrary", 4, 9)
@@ -159,7 +159,9 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     calibration = []
     fused_sfrnn.fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback, forward_states=kernel_states,
                                  chunk=4, calibration=calibration)
-    torch.testing.assert_close(calibration[0], batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
+    total, count = calibration[0]
+    assert count == mask.sum()
+    torch.testing.assert_close(total / count, batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
                                atol=1e-12)
 
     readout = torch.randn(4, 9, layer.state_size, dtype=torch.float64)
