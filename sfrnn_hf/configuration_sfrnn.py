@@ -48,7 +48,8 @@ class SfrnnConfig(PreTrainedConfig):
         feedback_type (`str`): `"linspace"` (the paper: the diagonal above, fixed) or `"calibrated"`: starting from
             it, every `dsf` training step moves the diagonal towards the batch's mean diag(J_t) of each unit,
             `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint. Under
-            torch.distributed the mean is the global batch's (an all-reduce in each layer's training forward).
+            torch.distributed the mean is the global batch's (an all-reduce in each layer's training forward). The
+            update happens at every training forward: with gradient accumulation, once per micro-batch.
         feedback_momentum (`float`): `m` above, in [0, 1).
         block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
             WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).
