@@ -89,7 +89,7 @@ def parameter_gradients(model, batch: dict, mode: str) -> dict[str, torch.Tensor
         with calibrated_on(model, batch):
             return parameter_gradients(model, batch, "dsf")
     config = model.config
-    feedback_type = getattr(config, "feedback_type", None)
+    feedback_type = getattr(config, "feedback_type", None)  # any model with `config.gradient_mode` can be measured
     if feedback_type is not None:
         config.feedback_type = "linspace"  # measuring must not re-estimate a calibrated feedback
     try:

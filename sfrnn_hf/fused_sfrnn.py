@@ -164,7 +164,6 @@ def diagonal_jacobian_sum(cell_type, gates, initial_state, states, weight_hh, ma
     time, batch, width_state = states.shape
     total = states.new_zeros(width_state)
     buffer = states.new_empty(min(chunk, time), batch, width_state)
-    weight_hh = weight_hh.to(states.dtype)
     for start in range(0, time, chunk):
         add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start,
                                    min(time, start + chunk), buffer)
@@ -208,7 +207,6 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
     first_previous = states.new_empty(min(chunk, time), batch, width_state)
     time_varying = isinstance(decay, str)
-    weight_hh_c = weight_hh.to(dtype) if time_varying and pointwise_kernel is None else None
     if pointwise_kernel is not None:
         grad_pre_all, grad_hidden_all = pointwise_kernel(cell_type, grad_states, gates, states, initial_state, mask,
                                                          decay, weight_hh)
@@ -224,7 +222,7 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
             g = grad[:steps]
             g.copy_(grad_states[start:end])
             if time_varying:
-                chunk_decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh_c, mask, start, end)
+                chunk_decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, mask, start, end)
                 carry = reverse_scan_chunk_(g, carry, chunk_decay)
             elif decay is not None:
                 carry = reverse_scan_chunk_(g, carry, decay)
