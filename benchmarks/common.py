@@ -103,6 +103,11 @@ class Timings:
         """The fastest repeat: on shared cores, the one least disturbed by other processes."""
         return {name: min(t) for name, t in self.runs.items()}
 
+    def ratios(self, name: str, reference: str) -> tuple[float, float, float]:
+        """`name`'s time / `reference`'s three ways: of the medians, of the best runs, and paired."""
+        return (self.median[name] / self.median[reference], self.best[name] / self.best[reference],
+                self.paired_ratio(name, reference))
+
     def paired_ratio(self, name: str, reference: str) -> float:
         """The median over repeats of `name`'s time / `reference`'s time in the same repeat. The two ran next to each
         other, so a slow spell of the machine hits both: steadier than the ratio of two medians."""

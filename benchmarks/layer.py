@@ -93,23 +93,22 @@ def main():
                 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
                 steps = {name: stack_step(model, embeds, name.split("+")[0], autocast) for name, model in models.items()}
                 timings = interleaved_timings(steps, device, args.warmup, args.repeats)
-                seconds, best = timings.median, timings.best
+                seconds = timings.median
                 for name in steps:
-                    ratios = ("   ".join(f"{r:8.2f}x" for r in (seconds["bptt"] / seconds[name],
-                                                               best["bptt"] / best[name],
-                                                               timings.paired_ratio("bptt", name)))
+                    ratios = ("   ".join(f"{r:8.2f}x" for r in timings.ratios("bptt", name))
                               if "bptt" in seconds else "")
                     print(f"{cell:5s} {length:5d} {dtype:9s} {name:14s} {seconds[name] * 1000:9.1f} "
-                          f"{timings.peak[name] / 2**20:9.1f} {best[name] * 1000:9.1f}   {ratios}")
+                          f"{timings.peak[name] / 2**20:9.1f} {timings.best[name] * 1000:9.1f}   {ratios}")
                 print(f"      ({load_line()})")
                 if "dsf" in seconds:
                     for other, label in (("ft_bptt", "FT-BPTT / DSF"), ("dsf+lora", "DSF+LoRA / DSF"),
                                          ("diag_jacobian", "diag_jacobian / DSF"),
                                          ("dsf+calibrated", "calibrated / DSF")):
                         if other in seconds:
-                            print(f"      {label} time: {seconds[other] / seconds['dsf']:.3f} (medians), "
-                                  f"{best[other] / best['dsf']:.3f} (best runs), "
-                                  f"{timings.paired_ratio(other, 'dsf'):.3f} (paired)")
+                            median, fastest, paired = timings.ratios(other, "dsf")
+                            print(f"      {label} time: {median:.3f} (medians), {fastest:.3f} (best runs), "
+                                  f"{paired:.3f} (paired)")
+
 
 if __name__ == "__main__":
     main()

@@ -74,9 +74,10 @@ def main():
                                       args.repeats)
         seconds, peaks, best = timings.median, timings.peak, timings.best
         for mode in args.modes:
-            ratio = (f"  BPTT/{mode}: {seconds['bptt'] / seconds[mode]:.2f}x (best runs "
-                     f"{best['bptt'] / best[mode]:.2f}x, paired {timings.paired_ratio('bptt', mode):.2f}x)"
-                     if "bptt" in seconds else "")
+            ratio = ""
+            if "bptt" in seconds:
+                median, fastest, paired = timings.ratios("bptt", mode)
+                ratio = f"  BPTT/{mode}: {median:.2f}x (best runs {fastest:.2f}x, paired {paired:.2f}x)"
             print(f"  {dtype:9s} {mode:8s} median {seconds[mode] * 1000:9.1f} ms/step, best {best[mode] * 1000:9.1f}"
                   f"   peak memory {peaks[mode] / 2**20:8.1f} MiB{ratio}")
         print(f"  ({load_line()})")

@@ -29,9 +29,10 @@ def test_paired_ratio_is_the_median_of_ratios_within_a_repeat():
     assert timings.paired_ratio("a", "b") == 2.0
     assert timings.median == {"a": 4.0, "b": 2.0}
     assert timings.best == {"a": 2.0, "b": 1.0}
+    assert timings.ratios("a", "b") == (2.0, 2.0, 2.0)
     skewed = Timings(runs={"a": [1.0, 9.0, 3.0], "b": [1.0, 1.0, 2.0]}, peak={})
     assert skewed.paired_ratio("a", "b") == 1.5  # ratios 1, 9, 1.5
-    assert skewed.median["a"] / skewed.median["b"] == 3.0
+    assert skewed.ratios("a", "b") == (3.0, 1.0, 1.5)  # medians 3 / 1, best runs 1 / 1, paired
 
 
 def _run(script, *args):
