@@ -2,28 +2,39 @@
 same seed, initial weights and data order; validation perplexity per epoch and wall-clock per epoch; a results table
 (Markdown + JSON) and the figures of the paper's Fig. 1 (perplexity against epochs and against seconds).
 
-    python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 6          # StepLR decays at 1/3 and 2/3
-    python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 12 --hidden 128
-    python examples/reproduce_ptb.py --config ptb_gru_3x256 --epochs 30 --output runs/reproduce-gpu
-    python examples/reproduce_ptb.py --modes bptt dsf ft_bptt dsf_calibrated diag_jacobian   # and the diag(J) runs
+    python examples/reproduce_ptb.py --epochs 30 --jobs 3 --record docs/figures/ptb_protocol   # the paper's protocol
+    python examples/reproduce_ptb.py --epochs 6 --sampling group_by_length                     # a quick side run
+    python examples/reproduce_ptb.py --modes bptt dsf ft_bptt dsf_calibrated diag_jacobian      # and the diag(J) runs
+    python examples/reproduce_ptb.py --report-only --record docs/figures/ptb_protocol          # table + figure only
 
 Each mode trains in `<output>/<mode>/` through `sfrnn_hf.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
-weight decay 1e-4, batch 128). Batches hold sentences of similar length by default (`--sampling`): the same updates
-per epoch with far less padding. Run it again, with the same flags, to continue: a finished mode is skipped, an
-interrupted one resumes from its last checkpoint; a flag that differs from the run's start is refused, by name. The
-model after the first epoch is kept in `<mode>/early/` and the best in `<mode>/` for `python -m sfrnn_hf.fidelity`.
-Measured results: docs/results.md.
+weight decay 1e-4, batch 128, StepLR x0.1 after 1/3 and 2/3 of the run). Batches are 128 sentences drawn uniformly
+at random, as the paper's released code does (`--sampling group_by_length` groups similar lengths: less padding, a
+different experiment). `--jobs N` trains N modes at once, each in its own process.
+
+Run it again, with the same flags, to continue: a finished mode is skipped, an interrupted one resumes exactly from
+its newest intact checkpoint (one every `--save-steps` steps and at each epoch's end); a flag that differs from the
+run's start is refused, by name. After every epoch `<record>/<mode>.json` is rewritten with all finished epochs
+(validation perplexity, training seconds, load average). The models after the `--keep-epochs` are kept in
+`<mode>/epoch-<e>/` and the best in `<mode>/` for `python -m sfrnn_hf.fidelity`. Measured results: docs/results.md.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from sfrnn_hf.checkpoints import checkpoints, newest_intact, write_atomically
 from sfrnn_hf.train import run, settings_changed_since_start
 from sfrnn_hf.training_config import load_config
 
@@ -37,51 +48,139 @@ RUNS = {
     "diag_jacobian": ["model.gradient_mode=diag_jacobian"],
 }
 PAPER_RUNS = ("bptt", "dsf", "ft_bptt")
+SAMPLINGS = ("random", "group_by_length")
 
 
-class EpochClock(TrainerCallback):
-    """Appends each epoch's training seconds to `epochs.jsonl` and keeps the first epoch's model in `early/`."""
+class EpochRecorder(TrainerCallback, ExportableState):
+    """After each epoch's evaluation: appends `{epoch, validation_perplexity, train_seconds, load_average, ...}` to
+    `<folder>/epochs.jsonl` and keeps the model of the epochs in `keep_epochs` in `<folder>/epoch-<e>/`.
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    The seconds spent in the current epoch travel in each checkpoint (an `ExportableState`), so an epoch interrupted
+    and resumed counts the steps it kept plus the ones it redid, not the lost ones.
+    """
+
+    def __init__(self, folder: str, keep_epochs: list[int] | None = None, carried_seconds: float = 0.0):
+        self.folder = Path(folder)
+        self.keep_epochs = list(keep_epochs or [])
+        self.carried_seconds = carried_seconds  # of the current epoch, before this process started it
         self.started = None
+        self.epoch_seconds = None
+
+    def state(self) -> dict:
+        return {"args": {"folder": str(self.folder), "keep_epochs": self.keep_epochs},
+                "attributes": {"carried_seconds": self._elapsed()}}
+
+    def _elapsed(self) -> float:
+        return self.carried_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or self.started is None:
-            return
+        self.epoch_seconds = self._elapsed()
+        self.carried_seconds, self.started = 0.0, None
         epoch = round(state.epoch)
+        if state.is_world_process_zero and epoch in self.keep_epochs and model is not None:
+            model.save_pretrained(self.folder / f"epoch-{epoch}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not state.is_world_process_zero or self.epoch_seconds is None or "eval_perplexity" not in metrics:
+            return
+        record = {
+            "epoch": round(state.epoch),
+            "step": state.global_step,
+            "validation_perplexity": metrics["eval_perplexity"],
+            "train_seconds": self.epoch_seconds,
+            "load_average": [round(value, 2) for value in os.getloadavg()],  # 1, 5, 15 min, at the epoch's end
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.epoch_seconds = None
         with open(self.folder / "epochs.jsonl", "a") as handle:
-            handle.write(json.dumps({"epoch": epoch, "train_seconds": time.perf_counter() - self.started}) + "\n")
-        if epoch == 1 and model is not None:
-            model.save_pretrained(self.folder / "early")
+            handle.write(json.dumps(record) + "\n")
 
 
-def _last_by_epoch(path: Path, key: str) -> dict[int, float]:
-    """`{epoch: value}` from a JSON-lines file (a resumed run may repeat an epoch: the last record wins)."""
-    values = {}
+def epoch_records(folder: Path) -> list[dict]:
+    """The records of `epochs.jsonl`, one per epoch (an epoch redone after an interruption: the last one wins)."""
+    by_epoch = {}
+    path = folder / "epochs.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if key in record:
-                values[round(record["epoch"])] = record[key]
-    return values
+            if line.strip():
+                record = json.loads(line)
+                by_epoch[record["epoch"]] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def mode_record(args, mode: str) -> dict:
+    """Everything finished so far in one mode: its settings, every epoch's record, and (once finished) the test
+    perplexity of its best epoch."""
+    folder = Path(args.output) / mode
+    epochs = epoch_records(folder)
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    best = min(epochs, key=lambda record: record["validation_perplexity"]) if epochs else None
+    return {
+        "mode": mode,
+        "config": args.config,
+        "overrides": RUNS[mode] + list(args.set) + ([f"model.hidden_size={args.hidden}"] if args.hidden else []),
+        "sampling": args.sampling,
+        "seed": args.seed,
+        "epochs_planned": args.epochs,
+        "threads": args.threads,
+        "epochs": epochs,
+        "best_epoch": best["epoch"] if best else None,
+        "best_validation_perplexity": best["validation_perplexity"] if best else None,
+        "finished": bool(results),
+        "test_perplexity_of_best": results.get("test_perplexity"),
+    }
+
+
+def write_record(args, mode: str) -> None:
+    if args.record:
+        Path(args.record).mkdir(parents=True, exist_ok=True)
+        write_atomically(str(Path(args.record) / f"{mode}.json"), json.dumps(mode_record(args, mode), indent=1))
+
+
+class RecordWriter(TrainerCallback):
+    """Rewrites `<record>/<mode>.json` after each evaluation (after `EpochRecorder` appended the epoch)."""
+
+    def __init__(self, args, mode: str):
+        self.args, self.mode = args, mode
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_record(self.args, self.mode)
+
+
+class SaveEvery(TrainerCallback):
+    """A checkpoint every `steps` optimizer steps, besides the Trainer's at each epoch's end."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps > 0 and state.global_step % self.steps == 0:
+            control.should_save = True
 
 
 def train_mode(args, mode: str) -> dict:
     folder = Path(args.output) / mode
     overrides = [*RUNS[mode], f"training.output_dir={folder}", f"training.epochs={args.epochs}",
-                 f"training.seed={args.seed}", "training.save_total_limit=2", *args.set]
+                 f"training.seed={args.seed}", "training.save_total_limit=2",
+                 "training.trainer_args.restore_callback_states_from_checkpoint=true", *args.set]
     if args.sampling != "random":
         overrides.append(f"training.trainer_args.train_sampling_strategy={args.sampling}")
     if args.hidden:
         overrides.append(f"model.hidden_size={args.hidden}")
     if args.max_train_samples:
         overrides.append(f"data.max_train_samples={args.max_train_samples}")
-    if folder.is_dir() and any(name.startswith("checkpoint-") for name in os.listdir(folder)):
-        overrides.append("training.resume_from_checkpoint=true")
+    intact, damaged = newest_intact(str(folder))
+    if intact is not None:
+        overrides.append("training.resume_from_checkpoint=true")  # `run` names and removes the damaged newer ones
+    elif damaged:
+        print(f"[{mode}] no intact checkpoint ({'; '.join(f'{path}: {why}' for path, why in damaged)}): starting over")
+        for path in checkpoints(str(folder)):
+            subprocess.run(["rm", "-rf", path], check=True)
     experiment = load_config(args.config, overrides)
     # A run continued, or a finished one put in the table, must be the run these flags describe.
     changes = settings_changed_since_start(experiment, folder)
@@ -90,36 +189,48 @@ def train_mode(args, mode: str) -> dict:
                          f"again with the flags it started with, or choose another --output.")
     if (folder / "results.json").exists():
         print(f"[{mode}] finished earlier: {folder / 'results.json'}")
+        write_record(args, mode)
         return json.loads((folder / "results.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"[{mode}] training {args.config} for {args.epochs} epochs in {folder}")
-    _, results = run(experiment, callbacks=[EpochClock(folder)])
+    print(f"[{mode}] training {args.config} for {args.epochs} epochs in {folder} ({args.sampling} batches)", flush=True)
+    callbacks = [EpochRecorder(str(folder), args.keep_epochs), RecordWriter(args, mode), SaveEvery(args.save_steps)]
+    _, results = run(experiment, callbacks=callbacks)
+    write_record(args, mode)
     return results
 
 
-def collect(args, mode: str, results: dict) -> dict:
-    folder = Path(args.output) / mode
-    perplexity = _last_by_epoch(folder / "log_history.jsonl", "eval_perplexity")
-    seconds = _last_by_epoch(folder / "epochs.jsonl", "train_seconds")
-    epochs = sorted(perplexity)
-    best_epoch = min(epochs, key=perplexity.get) if epochs else None
+def train_in_parallel(args, argv: list[str]) -> None:
+    """Each mode in its own process (`--jobs` at a time), with this command's other flags."""
+    def train_alone(mode):
+        command = [sys.executable, __file__, *argv, "--jobs", "1", "--modes", mode, "--no-report"]
+        if subprocess.run(command).returncode != 0:
+            raise SystemExit(f"[{mode}] failed: {' '.join(command)}")
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train_alone, args.modes))
+
+
+def collect(args, mode: str) -> dict:
+    record = mode_record(args, mode)
+    seconds = [epoch["train_seconds"] for epoch in record["epochs"]]
     return {
         "mode": mode,
-        "epochs": epochs,
-        "validation_perplexity": [perplexity[e] for e in epochs],
-        "train_seconds": [seconds.get(e, math.nan) for e in epochs],
-        "best_validation_perplexity": perplexity.get(best_epoch, math.nan),
-        "best_epoch": best_epoch,
-        "epochs_reached": max(epochs) if epochs else 0,
-        "seconds_per_epoch": sum(seconds.values()) / len(seconds) if seconds else math.nan,
-        "test_perplexity_of_best": results.get("test_perplexity", math.nan),
+        "sampling": record["sampling"],
+        "epochs": [epoch["epoch"] for epoch in record["epochs"]],
+        "validation_perplexity": [epoch["validation_perplexity"] for epoch in record["epochs"]],
+        "train_seconds": seconds,
+        "best_validation_perplexity": record["best_validation_perplexity"] or math.nan,
+        "best_epoch": record["best_epoch"],
+        "epochs_reached": max((epoch["epoch"] for epoch in record["epochs"]), default=0),
+        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
+        "test_perplexity_of_best": record["test_perplexity_of_best"] or math.nan,
     }
 
 
 def write_table(args, rows: list[dict]) -> str:
     lines = [
         f"PTB sentence level, `{args.config}`{f' with hidden_size={args.hidden}' if args.hidden else ''}, "
-        f"{args.epochs} epochs, seed {args.seed}.",
+        f"{args.epochs} epochs, seed {args.seed}, {args.sampling} batches.",
         "",
         "| mode | best validation perplexity | at epoch | epochs run | seconds / epoch | test perplexity (best) |",
         "|---|---|---|---|---|---|",
@@ -156,31 +267,56 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def report(args) -> None:
+    rows = [collect(args, mode) for mode in args.modes]
+    output = Path(args.record or args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(output / "results.json"), json.dumps(
+        {"config": args.config, "epochs": args.epochs, "hidden": args.hidden, "sampling": args.sampling,
+         "runs": rows}, indent=2))
+    table = write_table(args, rows)
+    write_atomically(str(output / "results.md"), table)
+    plot(rows, output / "perplexity.png")
+    print(table)
+    print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'perplexity.png'}")
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="ptb_gru_1x256", help="a shipped PTB config (or a YAML path)")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--hidden", type=int, help="override the config's hidden_size")
     parser.add_argument("--modes", nargs="+", default=list(PAPER_RUNS), choices=list(RUNS),
                         help="runs to train (default: the paper's three; add dsf_calibrated and diag_jacobian)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampling", choices=("group_by_length", "random"), default="group_by_length",
-                        help="batches of sentences of similar length (transformers' LengthGroupedSampler; PTB: 3%% "
-                             "padding instead of 59%%) or uniformly random ones")
+    parser.add_argument("--sampling", choices=SAMPLINGS, default="random",
+                        help="random: 128 sentences drawn uniformly (the paper's protocol); group_by_length: "
+                             "sentences of similar length together (transformers' LengthGroupedSampler; PTB: 3%% "
+                             "padding instead of 59%%, and a different result)")
     parser.add_argument("--max-train-samples", type=int, help="train on the first N sentences (smoke tests)")
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value", help="config override")
     parser.add_argument("--output", default="runs/reproduce_ptb")
+    parser.add_argument("--record", help="folder for `<mode>.json` (rewritten after every epoch) and the table")
+    parser.add_argument("--save-steps", type=int, default=50, help="a checkpoint every N steps (0: epoch ends only)")
+    parser.add_argument("--keep-epochs", type=int, nargs="*", default=[1, 10, 30],
+                        help="keep the model after these epochs in <mode>/epoch-<e>/ (fidelity)")
+    parser.add_argument("--jobs", type=int, default=1, help="modes trained at once, each in its own process")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
+    parser.add_argument("--report-only", action="store_true", help="write the table and figure from what exists")
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    rows = [collect(args, mode, train_mode(args, mode)) for mode in args.modes]
-    output = Path(args.output)
-    (output / "results.json").write_text(json.dumps({"config": args.config, "epochs": args.epochs,
-                                                      "hidden": args.hidden, "runs": rows}, indent=2))
-    table = write_table(args, rows)
-    (output / "results.md").write_text(table)
-    plot(rows, output / "perplexity.png")
-    print(table)
-    print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'perplexity.png'}")
+    if not args.report_only:
+        if args.jobs > 1 and len(args.modes) > 1:
+            train_in_parallel(args, argv)
+        else:
+            for mode in args.modes:
+                train_mode(args, mode)
+    if not args.no_report:
+        report(args)
 
 
 if __name__ == "__main__":

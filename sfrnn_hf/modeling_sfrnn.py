@@ -298,6 +298,26 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def labelled_token_loss(self, hidden_states, labels, num_items_in_batch=None, ignore_index=-100,
+                            shift_labels=None, **kwargs) -> torch.Tensor:
+        """transformers' causal-LM loss (`ForCausalLMLoss`: next-token cross-entropy in at least fp32, mean over the labelled
+        tokens or sum / `num_items_in_batch`) with the output layer applied only where a label counts.
+
+        hidden_states `(batch, time, d)`, labels `(batch, time)` (or `shift_labels`, already aligned) -> scalar.
+        """
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+        shift_labels = shift_labels.to(hidden_states.device)
+        labelled = shift_labels != ignore_index  # (batch, time)
+        logits = self.lm_head(hidden_states[labelled])  # (labelled tokens, vocab)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if num_items_in_batch is None:
+            return nn.functional.cross_entropy(logits, shift_labels[labelled])
+        total = nn.functional.cross_entropy(logits, shift_labels[labelled], reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # The stock DynamicCache breaks on all-recurrent layers: the model creates its own SfrnnCache.
@@ -314,13 +334,21 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = False,
         **kwargs,
     ) -> tuple | CausalLMOutputWithPast:
         """
         Args:
             labels: `(batch, time)`; shifted inside the loss; -100 is ignored.
             logits_to_keep: compute logits for the last `logits_to_keep` positions only (0: all).
+            return_logits: in a training forward with labels, also compute and return the `(batch, time, vocab)`
+                logits (see below).
             **kwargs: passed to the loss (the Trainer's `num_items_in_batch` for gradient accumulation).
+
+        A training forward with labels (`model.train()`, `labels` given, `logits_to_keep=0`, `return_logits=False`)
+        returns the loss and `logits=None`: the output layer runs only at the positions whose label is not ignored,
+        so padding costs no `vocab`-wide matmul and no `(batch, time, vocab)` tensor is held. The loss and every
+        gradient equal the full computation's. Evaluation and generation always return logits.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -333,13 +361,20 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            if labels.shape != hidden_states.shape[:2]:
-                raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = logits = None
+        if labels is not None and labels.shape != hidden_states.shape[:2]:
+            raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+        labelled_only = (
+            labels is not None and self.training and not return_logits
+            and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        )
+        if labelled_only:
+            loss = self.labelled_token_loss(hidden_states, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             output = tuple(v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None)
             return ((loss,) + output) if loss is not None else output

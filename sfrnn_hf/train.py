@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -35,6 +36,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.utils import logging
 
+from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .configuration_sfrnn import SfrnnConfig
 from .data import CausalLMCollator, build_tokenizer, load_raw_text, prepare_data
 from .modeling_sfrnn import SfrnnForCausalLM
@@ -181,6 +183,11 @@ class SfrnnTrainer(Trainer):
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # sealed last: a checkpoint without its manifest was not completely written
+            write_manifest(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return super().prediction_step(model, {**inputs, "use_cache": False}, prediction_loss_only, ignore_keys)
 
@@ -276,12 +283,27 @@ def _load_or_build_tokenizer(experiment: ExperimentConfig, args: TrainingArgumen
     return tokenizer
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees a half-written file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str | None:
+    """The checkpoint a resume continues from. `True`: the newest intact one in `output_dir`; newer, damaged ones are
+    named in a warning and removed (the run rewrites them). A path must be intact. Raises `ConfigError` naming the
+    damage when there is nothing intact to resume."""
+    if not requested:
+        return None
+    if requested is True:
+        checkpoint, skipped = newest_intact(output_dir)
+        if checkpoint is None:
+            found = "".join(f"\n  {folder}: {reason}" for folder, reason in skipped) or f" (none in {output_dir})"
+            raise ConfigError(f"No intact checkpoint to resume from in {output_dir}{found}\nRun without "
+                              f"--resume to start over.")
+        for folder, reason in skipped:
+            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}. Resuming from {checkpoint}.")
+            if main_process:
+                shutil.rmtree(folder)
+        return checkpoint
+    reason = damage(requested) if os.path.isdir(requested) else f"{requested} is not a folder"
+    if reason is not None:
+        raise ConfigError(f"Cannot resume from {requested}: {reason}.")
+    return requested
 
 
 def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[str]:
@@ -318,7 +340,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
         check_bf16_autocast(model.config, device)
     if experiment.lora.enabled:
         model = apply_lora(model, experiment.lora)
-    resume = training.resume_from_checkpoint or None
+    resume = resolve_resume(training.resume_from_checkpoint, args.output_dir, args.process_index == 0)
     if resume:  # the run it continues recorded its config beside its checkpoints
         started_in = os.path.dirname(os.path.abspath(resume)) if isinstance(resume, str) else args.output_dir
         changes = settings_changed_since_start(experiment, started_in)
@@ -327,7 +349,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
                            f"the updates after the checkpoint will not be the ones that run would have made: "
                            f"{'; '.join(changes)}")
     if args.process_index == 0:
-        _write_atomically(os.path.join(args.output_dir, "experiment.yaml"),
+        write_atomically(os.path.join(args.output_dir, "experiment.yaml"),
                           yaml.safe_dump(experiment.to_dict(), sort_keys=False))
 
     trainer = SfrnnTrainer(
@@ -362,7 +384,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
         tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
         results["merged_model"] = os.path.join(args.output_dir, "merged")
     if args.process_index == 0:
-        _write_atomically(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+        write_atomically(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
     return trainer, results
 
 

@@ -1,6 +1,7 @@
 """The PTB reproduction script and the fidelity command, end to end on a tiny budget: every mode trains from the same
-start, the table, JSON and figure are written, a second run continues instead of restarting (and adds the diag(J)
-runs), a run with other settings is refused, and the fidelity diagnostic runs on the kept early checkpoint."""
+start on uniformly random batches (grouping is opt-in), the per-epoch records, table, JSON and figure are written, a
+second run continues instead of restarting (and adds the diag(J) runs), a run with other settings is refused, and the
+fidelity diagnostic runs on the kept first-epoch checkpoint."""
 
 import json
 import subprocess
@@ -12,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reproduce_then_fidelity(tmp_path):
-    output = tmp_path / "reproduce"
+    output, report = tmp_path / "reproduce", tmp_path / "record"
     command = [sys.executable, str(ROOT / "examples" / "reproduce_ptb.py"), "--hidden", "16", "--epochs", "2",
                "--max-train-samples", "256", "--set", "data.max_eval_samples=128", "--set", "training.logging_steps=1",
-               "--output", str(output)]
+               "--output", str(output), "--record", str(report)]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    results = json.loads((output / "results.json").read_text())
+    results = json.loads((report / "results.json").read_text())
     assert [run["mode"] for run in results["runs"]] == ["bptt", "dsf", "ft_bptt"]
     first_losses = []
     for run in results["runs"]:
@@ -26,31 +27,38 @@ def test_reproduce_then_fidelity(tmp_path):
         assert run["seconds_per_epoch"] > 0
         log = [json.loads(line) for line in (output / run["mode"] / "log_history.jsonl").read_text().splitlines()]
         first_losses.append(next(entry["loss"] for entry in log if "loss" in entry))
-        assert (output / run["mode"] / "early" / "model.safetensors").exists()
+        assert (output / run["mode"] / "epoch-1" / "model.safetensors").exists()
+        assert run["sampling"] == "random"
+        record = json.loads((report / f"{run['mode']}.json").read_text())
+        assert record["sampling"] == "random" and [epoch["epoch"] for epoch in record["epochs"]] == [1, 2]
+        assert [epoch["validation_perplexity"] for epoch in record["epochs"]] == run["validation_perplexity"]
+        # The paper's batches: the Trainer's uniformly random sampler, no length grouping asked for.
+        started = (output / run["mode"] / "experiment.yaml").read_text()
+        assert "train_sampling_strategy" not in started
     # Same seed, initial weights and first batch: the first step's loss (a forward) is the same in every mode.
     assert max(first_losses) - min(first_losses) < 1e-4 * first_losses[0]
-    assert (output / "perplexity.png").stat().st_size > 1000
-    assert "| dsf |" in (output / "results.md").read_text()
+    assert (report / "perplexity.png").stat().st_size > 1000
+    assert "| dsf |" in (report / "results.md").read_text()
 
     # Again with the two diag(J) runs added: the finished modes are read back, the new ones train with their settings.
     modes = ["bptt", "dsf", "ft_bptt", "dsf_calibrated", "diag_jacobian"]
     again = subprocess.run(command + ["--modes", *modes], capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier") == 3
-    extended = json.loads((output / "results.json").read_text())["runs"]
+    extended = json.loads((report / "results.json").read_text())["runs"]
     assert [run["mode"] for run in extended] == modes and extended[:3] == results["runs"]
     calibrated = json.loads((output / "dsf_calibrated" / "config.json").read_text())
     assert (calibrated["gradient_mode"], calibrated["feedback_type"]) == ("dsf", "calibrated")
     assert json.loads((output / "diag_jacobian" / "config.json").read_text())["gradient_mode"] == "diag_jacobian"
-    assert "| diag_jacobian |" in (output / "results.md").read_text()
+    assert "| diag_jacobian |" in (report / "results.md").read_text()
 
     # Other batches than the runs started with: refused by name, before anything is trained or rewritten.
-    table = (output / "results.json").read_text()
-    other = subprocess.run(command + ["--sampling", "random"], capture_output=True, text=True, timeout=600)
+    table = (report / "results.json").read_text()
+    other = subprocess.run(command + ["--sampling", "group_by_length"], capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "training.trainer_args.train_sampling_strategy" in other.stderr
-    assert "[bptt]" in other.stderr and (output / "results.json").read_text() == table
+    assert "[bptt]" in other.stderr and (report / "results.json").read_text() == table
 
-    fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "early"),
+    fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "epoch-1"),
                                "--batches", "2", "--batch-size", "8", "--max-distance", "4",
                                "--out", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")],
                               capture_output=True, text=True, timeout=600)

@@ -1,0 +1,91 @@
+"""What padding costs a training step: a real, uniformly random PTB batch (the paper's protocol: 128 sentences,
+`<bos> ... <eos>`, cut at 65, padded to the longest) against a batch holding the same real tokens without padding
+(the sentences packed end to end into 128 equal rows). Full steps (forward, backward, Adam), interleaved.
+
+    python benchmarks/padding.py                          # GRU 1 x 256, PTB vocabulary, dsf and bptt
+    python benchmarks/padding.py --full-logits            # logits at every position, as before the labelled-only loss
+"""
+
+import argparse
+import random
+
+import torch
+
+from common import interleaved_timings, load_line, machine_description
+from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.data import build_word_tokenizer, ptb_sentences
+
+
+def ptb_batches(batch: int, max_length: int, seed: int):
+    """`(padded, dense)`: a random batch of PTB sentences as (input_ids, attention_mask, labels) padded on the right,
+    and the same tokens packed into `batch` rows of equal length with every position labelled."""
+    sentences = ptb_sentences("train")
+    tokenizer = build_word_tokenizer(sentences)
+    rows = random.Random(seed).sample(sentences, batch)
+    ids = [[tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(s.split()), tokenizer.eos_token_id][:max_length]
+           for s in rows]
+    width = max(map(len, ids))
+    input_ids = torch.full((batch, width), tokenizer.pad_token_id)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, sentence in enumerate(ids):
+        input_ids[row, : len(sentence)] = torch.tensor(sentence)
+        mask[row, : len(sentence)] = 1
+    padded = (input_ids, mask, input_ids.masked_fill(mask == 0, -100))
+    stream = torch.tensor([token for sentence in ids for token in sentence])
+    dense_ids = stream[: len(stream) // batch * batch].view(batch, -1)
+    dense = (dense_ids, torch.ones_like(dense_ids), dense_ids)
+    return padded, dense, len(tokenizer)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=65)
+    parser.add_argument("--modes", nargs="+", default=["dsf", "bptt"], choices=list(GRADIENT_MODES))
+    parser.add_argument("--full-logits", action="store_true", help="logits at every position (the old training step)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    padded, dense, vocab = ptb_batches(args.batch, args.max_length, args.seed)
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                         cell_type=args.cell)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step_on(mode, batch):
+        input_ids, mask, labels = batch
+
+        def step():
+            model.config.gradient_mode = mode
+            optimizer.zero_grad(set_to_none=True)
+            model(input_ids=input_ids, attention_mask=mask, labels=labels, return_logits=args.full_logits).loss.backward()
+            optimizer.step()
+        return step
+
+    real = int(padded[1].sum())
+    print(machine_description(torch.device("cpu")))
+    print(f"model: {args.cell} {args.layers} x {args.hidden}, vocab {vocab}; random PTB batch {tuple(padded[0].shape)} "
+          f"holding {real} real tokens ({1 - real / padded[0].numel():.0%} padding); dense {tuple(dense[0].shape)}; "
+          f"{'full logits' if args.full_logits else 'output layer at labelled positions only'}; median of "
+          f"{args.repeats} interleaved repeats")
+    steps = {}
+    for mode in args.modes:
+        steps[f"{mode} padded"] = step_on(mode, padded)
+        steps[f"{mode} dense"] = step_on(mode, dense)
+    timings = interleaved_timings(steps, torch.device("cpu"), args.warmup, args.repeats)
+    for mode in args.modes:
+        median, _, paired = timings.ratios(f"{mode} padded", f"{mode} dense")
+        print(f"  {mode:14s} padded {timings.median[f'{mode} padded'] * 1000:7.1f} ms/step   dense "
+              f"{timings.median[f'{mode} dense'] * 1000:7.1f} ms/step   padded/dense {median:.2f}x (paired {paired:.2f}x)")
+    print(f"  ({load_line()})")
+
+
+if __name__ == "__main__":
+    main()
