@@ -95,6 +95,8 @@ def test_model_loss_is_next_token_cross_entropy_ignoring_pads():
     config = SfrnnConfig(vocab_size=19, hidden_size=6)
     model = SfrnnForCausalLM(config)
     input_ids, labels, mask = padded_batch(19, 3, 10, "right")
-    out = model(input_ids=input_ids, labels=labels, attention_mask=mask)
+    out = model(input_ids=input_ids, labels=labels, attention_mask=mask, return_logits=True)
     want = F.cross_entropy(out.logits[:, :-1].reshape(-1, 19), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+    # The training loss without logits (the output layer at labelled positions only) is the same number.
+    torch.testing.assert_close(model(input_ids=input_ids, labels=labels, attention_mask=mask).loss, want)

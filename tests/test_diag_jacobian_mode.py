@@ -98,7 +98,7 @@ def test_diag_jacobian_forward_is_the_dsf_forward():
     logits = {}
     for mode in ("dsf", "diag_jacobian"):
         model.config.gradient_mode = mode
-        logits[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask).logits
+        logits[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask, return_logits=True).logits
     assert torch.equal(logits["dsf"], logits["diag_jacobian"])
 
 

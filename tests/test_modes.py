@@ -23,7 +23,7 @@ def test_forward_and_loss_agree_across_modes(cell, padding):
     outputs = {}
     for mode in MODES:
         model.config.gradient_mode = mode
-        outputs[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask)
+        outputs[mode] = model(input_ids=input_ids, labels=labels, attention_mask=mask, return_logits=True)
     # dsf and ft_bptt run the same forward: bit-identical. bptt's autograd-enabled fused kernel may round the
     # last bit differently from the inference kernel (oneDNN), hence fp32 rounding tolerance there.
     assert torch.equal(outputs["dsf"].logits, outputs["ft_bptt"].logits)
