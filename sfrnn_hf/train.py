@@ -16,6 +16,7 @@ point of the curves), `results.json` (best validation and test perplexity), `exp
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -34,14 +35,28 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.utils import logging
 
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .configuration_sfrnn import SfrnnConfig
-from .data import CausalLMCollator, build_tokenizer, load_raw_text, prepare_data
+from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data
 from .modeling_sfrnn import SfrnnForCausalLM
 from .recurrent_sfrnn import SfrnnRecurrentLayer
+from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
 from .training_config import ConfigError, ExperimentConfig, changed_settings, check_model_section, load_config
+
+EXPERIMENT_FILE = "experiment.yaml"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: training stopped before the update, the last checkpoint kept."""
+
+
+def experiment_yaml(experiment: ExperimentConfig) -> str:
+    """The resolved settings as written beside a run and each checkpoint, secrets redacted."""
+    return yaml.safe_dump(redact_secrets(experiment.to_dict()), sort_keys=False)
 
 logger = logging.get_logger(__name__)
 
@@ -185,8 +200,51 @@ class SfrnnTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # sealed last: a checkpoint without its manifest was not completely written
-            write_manifest(os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}"))
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            write_atomically(os.path.join(folder, EXPERIMENT_FILE), experiment_yaml(self.experiment))
+            write_manifest(folder)  # sealed last: a checkpoint without its manifest was not completely written
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not getattr(optimizer, "_sfrnn_divergence_check", False):
+            optimizer.register_step_pre_hook(self._stop_if_not_finite)
+            optimizer._sfrnn_divergence_check = True
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).reshape(())
+        self._losses_finite = finite if getattr(self, "_losses_finite", None) is None else self._losses_finite & finite
+        return loss
+
+    def _stop_if_not_finite(self, optimizer, *args, **kwargs):
+        """Before every update (one host sync per optimizer step): every micro-batch's loss and every gradient
+        finite, else `TrainingDiverged` naming the step and the first bad tensor."""
+        step = self.state.global_step + 1
+        losses_finite, self._losses_finite = getattr(self, "_losses_finite", None), None
+        if losses_finite is not None and not bool(losses_finite):
+            raise TrainingDiverged(self._diverged(step, "the training loss is not finite"))
+        named = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        if named and not bool(torch.stack([grad.isfinite().all() for _, grad in named]).all()):
+            bad = next(name for name, grad in named if not bool(grad.isfinite().all()))
+            raise TrainingDiverged(self._diverged(step, f"the gradient of {bad} is not finite"))
+
+    def _diverged(self, step: int, what: str) -> str:
+        intact, _ = newest_intact(self.args.output_dir)
+        kept = f"the last checkpoint, {intact}, is kept" if intact else "no checkpoint was written yet"
+        return (f"Training diverged at step {step}: {what}. Stopped before the update; {kept}. Lower "
+                f"training.lr (now {self.experiment.training.lr}), or check the data and inputs.")
+
+    def finish_from(self, checkpoint: str) -> None:
+        """The state of a run whose last checkpoint is `checkpoint`, without training another step: its trainer
+        state, and its best model (when validation chose one) or its last weights."""
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best is not None and os.path.isdir(best):
+            self._load_best_model()
+        else:
+            self._load_from_checkpoint(checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return super().prediction_step(model, {**inputs, "use_cache": False}, prediction_loss_only, ignore_keys)
@@ -260,7 +318,18 @@ def training_arguments(experiment: ExperimentConfig, has_validation: bool, world
     kwargs.update(training.trainer_args)
     if kwargs.get("save_strategy") == "steps" and kwargs.get("save_steps") is None:
         kwargs["save_steps"] = 500
-    return TrainingArguments(**kwargs)
+    return RunTrainingArguments(**kwargs)
+
+
+class RunTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose pickled form (`training_args.bin`, in every checkpoint) leaves out the Hub token."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in state:
+            if name.endswith("_token") and isinstance(state[name], str):
+                state[name] = None
+        return state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,37 +337,39 @@ def training_arguments(experiment: ExperimentConfig, has_validation: bool, world
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _load_or_build_tokenizer(experiment: ExperimentConfig, args: TrainingArguments):
-    """The checkpoint's tokenizer when fine-tuning; otherwise the one built for this run, saved in
-    `output_dir/tokenizer` on first use and reused afterwards (a resumed run sees the very same vocabulary)."""
+def _load_or_build_tokenizer(experiment: ExperimentConfig, resume: str | None):
+    """The checkpoint's tokenizer when fine-tuning; the run's own (`<run>/tokenizer`) when resuming, so a resumed run
+    sees the very same vocabulary; otherwise one built for this run's data settings."""
     pretrained = experiment.model.get("from_pretrained")
     if pretrained is not None and os.path.isfile(os.path.join(pretrained, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(pretrained)
-    folder = os.path.join(args.output_dir, "tokenizer")
-    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(folder)
-    tokenizer = build_tokenizer(experiment.data, load_raw_text(experiment.data))
-    if args.process_index == 0:
-        tokenizer.save_pretrained(folder)
-    return tokenizer
+    if resume is not None:
+        folder = os.path.join(os.path.dirname(os.path.abspath(resume)), "tokenizer")
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(folder)
+    return build_tokenizer(experiment.data, load_raw_text(experiment.data))
 
 
 def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str | None:
-    """The checkpoint a resume continues from. `True`: the newest intact one in `output_dir`; newer, damaged ones are
-    named in a warning and removed (the run rewrites them). A path must be intact. Raises `ConfigError` naming the
-    damage when there is nothing intact to resume."""
+    """The checkpoint a resume continues from, or None to start from step 0.
+
+    `True`: the newest intact checkpoint in `output_dir`; newer, damaged ones are named in a warning and removed (the
+    run rewrites them). A run that never completed a checkpoint starts over, with a warning. A path must be intact.
+    Raises `ConfigError` naming what is wrong when there is no run to resume.
+    """
     if not requested:
         return None
     if requested is True:
         checkpoint, skipped = newest_intact(output_dir)
-        if checkpoint is None:
-            found = "".join(f"\n  {folder}: {reason}" for folder, reason in skipped) or f" (none in {output_dir})"
-            raise ConfigError(f"No intact checkpoint to resume from in {output_dir}{found}\nRun without "
-                              f"--resume to start over.")
+        if checkpoint is None and not earlier_run(output_dir) and not skipped:
+            raise ConfigError(f"Nothing to resume in {output_dir}: it holds no run. Run without --resume to start one.")
         for folder, reason in skipped:
-            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}. Resuming from {checkpoint}.")
+            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}. "
+                           f"{f'Resuming from {checkpoint}' if checkpoint else 'No intact checkpoint: starting over'}.")
             if main_process:
                 shutil.rmtree(folder)
+        if checkpoint is None:
+            logger.warning(f"The run in {output_dir} has no intact checkpoint: it starts over from step 0.")
         return checkpoint
     reason = damage(requested) if os.path.isdir(requested) else f"{requested} is not a folder"
     if reason is not None:
@@ -309,15 +380,36 @@ def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str
 def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[str]:
     """`changed_settings` from the run whose resolved config `folder/experiment.yaml` records (none there: []) to
     `experiment`."""
-    path = os.path.join(folder, "experiment.yaml")
+    path = os.path.join(folder, EXPERIMENT_FILE)
     if not os.path.isfile(path):
         return []
     with open(path) as handle:
         return changed_settings(yaml.safe_load(handle) or {}, experiment.to_dict())
 
 
+def _finished(checkpoint: str, settings_changed: bool) -> bool:
+    """Whether `checkpoint` ends its run: its step reached the steps planned by the same settings."""
+    with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
+        state = json.load(handle)
+    return not settings_changed and state["global_step"] >= state.get("max_steps", float("inf"))
+
+
+def _as_json(results: dict) -> str:
+    """`results` as strict JSON: a non-finite number becomes null."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in results.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
+
+
 def run(experiment: ExperimentConfig, callbacks=None):
-    """Train as `experiment` says. Returns `(trainer, results)`; `results` is also written to `results.json`."""
+    """Train as `experiment` says. Returns `(trainer, results)`; `results` is also written to `results.json`.
+
+    Before any data is read: the output folder is checked writable and locked for this run; a new run into a folder
+    holding another run is refused (unless `training.overwrite_output_dir`, which clears it first); a resume finds
+    its newest intact checkpoint and compares its settings with the ones that checkpoint was trained with. A resumed
+    finished run trains no further step. A non-finite loss or gradient stops training (`TrainingDiverged`) before
+    the update, keeping the last checkpoint.
+    """
     model_check = check_model_section(experiment.model)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -326,66 +418,84 @@ def run(experiment: ExperimentConfig, callbacks=None):
     training = experiment.training
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
-    os.makedirs(args.output_dir, exist_ok=True)
+    main_process = args.process_index == 0
+    check_writable(args.output_dir)
+    with RunLock(args.output_dir) if main_process else contextlib.nullcontext():
+        results_path = os.path.join(args.output_dir, "results.json")
+        resume = resolve_resume(training.resume_from_checkpoint, args.output_dir, main_process)
+        changes = []
+        if resume:  # compared with the settings that trained this very checkpoint
+            changes = settings_changed_since_start(experiment, resume)
+            if changes:
+                logger.warning(f"Resuming from {resume} with settings that differ from the ones it was trained with; "
+                               f"the updates after the checkpoint will not be the ones that run would have made: "
+                               f"{'; '.join(changes)}")
+        elif training.resume_from_checkpoint is not True:
+            found = earlier_run(args.output_dir)
+            if found and not training.overwrite_output_dir:
+                raise ConfigError(
+                    f"{args.output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
+                    f"(training.resume_from_checkpoint=true), start over with --overwrite "
+                    f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
+            if found and main_process:
+                clear(args.output_dir)
+        finished = resume is not None and _finished(resume, bool(changes))
+        if finished and os.path.isfile(results_path):
+            logger.info(f"The run in {args.output_dir} is finished (checkpoint {resume}): nothing to train.")
+            with open(results_path) as handle:
+                return None, json.load(handle)
 
-    with args.main_process_first(desc="tokenizer and data", local=False):
-        tokenizer = _load_or_build_tokenizer(experiment, args)
-        data = prepare_data(experiment.data, tokenizer)
-    if len(data.splits["train"]) == 0:
-        raise ConfigError(f"The training split is empty (data.max_length={experiment.data.max_length} too long?).")
+        with args.main_process_first(desc="tokenizer and data", local=False):
+            tokenizer = _load_or_build_tokenizer(experiment, resume)
+            data = prepare_data(experiment.data, tokenizer)
 
-    set_seed(training.seed)
-    model = build_model(experiment.model, tokenizer)
-    if training.bf16 and model_check is None:
-        check_bf16_autocast(model.config, device)
-    if experiment.lora.enabled:
-        model = apply_lora(model, experiment.lora)
-    resume = resolve_resume(training.resume_from_checkpoint, args.output_dir, args.process_index == 0)
-    if resume:  # the run it continues recorded its config beside its checkpoints
-        started_in = os.path.dirname(os.path.abspath(resume)) if isinstance(resume, str) else args.output_dir
-        changes = settings_changed_since_start(experiment, started_in)
-        if changes:
-            logger.warning(f"Resuming the run in {started_in} with settings that differ from the ones it started with; "
-                           f"the updates after the checkpoint will not be the ones that run would have made: "
-                           f"{'; '.join(changes)}")
-    if args.process_index == 0:
-        write_atomically(os.path.join(args.output_dir, "experiment.yaml"),
-                          yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+        set_seed(training.seed)
+        model = build_model(experiment.model, tokenizer)
+        if training.bf16 and model_check is None:
+            check_bf16_autocast(model.config, device)
+        if experiment.lora.enabled:
+            model = apply_lora(model, experiment.lora)
+        if main_process:  # the run really starts: its settings and vocabulary go beside its checkpoints
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
+            write_atomically(os.path.join(args.output_dir, EXPERIMENT_FILE), experiment_yaml(experiment))
 
-    trainer = SfrnnTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.splits["train"],
-        eval_dataset=data.splits.get("validation") if args.eval_strategy != "no" else None,
-        data_collator=CausalLMCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        compute_metrics=perplexity_metrics,
-        preprocess_logits_for_metrics=token_nll_and_count,
-        callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
-        experiment=experiment,
-    )
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(args.output_dir)  # the best model when validation ran (load_best_model_at_end)
-
-    results = {
-        "global_step": train_output.global_step,
-        "train_loss": train_output.training_loss,
-        "train_runtime_s": train_output.metrics.get("train_runtime"),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-    }
-    for split in ("validation", "test"):
-        if split in data.splits and (split == "validation" or training.evaluate_test):
-            metrics = trainer.evaluate(eval_dataset=data.splits[split], metric_key_prefix=split)
-            results[f"{split}_perplexity"] = metrics[f"{split}_perplexity"]
-    if experiment.lora.enabled and experiment.lora.merge_at_end and args.process_index == 0:
-        # merge_and_unload rewrites the model it is called on: merge a copy, the trainer keeps its adapters
-        merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
-        merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-        tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-        results["merged_model"] = os.path.join(args.output_dir, "merged")
-    if args.process_index == 0:
-        write_atomically(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
-    return trainer, results
+        trainer = SfrnnTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.splits["train"],
+            eval_dataset=data.splits.get("validation") if args.eval_strategy != "no" else None,
+            data_collator=CausalLMCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            compute_metrics=perplexity_metrics,
+            preprocess_logits_for_metrics=token_nll_and_count,
+            callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
+            experiment=experiment,
+        )
+        if finished:  # killed after its last checkpoint: finish without another step
+            trainer.finish_from(resume)
+            results = {"global_step": trainer.state.global_step}
+        else:
+            train_output = trainer.train(resume_from_checkpoint=resume)
+            results = {
+                "global_step": train_output.global_step,
+                "train_loss": train_output.training_loss,
+                "train_runtime_s": train_output.metrics.get("train_runtime"),
+            }
+        trainer.save_model(args.output_dir)  # the best model when validation ran (load_best_model_at_end)
+        results["best_checkpoint"] = trainer.state.best_model_checkpoint
+        for split in ("validation", "test"):
+            if split in data.splits and (split == "validation" or training.evaluate_test):
+                metrics = trainer.evaluate(eval_dataset=data.splits[split], metric_key_prefix=split)
+                results[f"{split}_perplexity"] = metrics[f"{split}_perplexity"]
+        if experiment.lora.enabled and experiment.lora.merge_at_end and main_process:
+            # merge_and_unload rewrites the model it is called on: merge a copy, the trainer keeps its adapters
+            merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
+            merged.save_pretrained(os.path.join(args.output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
+            results["merged_model"] = os.path.join(args.output_dir, "merged")
+        if main_process:
+            write_atomically(results_path, _as_json(results))
+        return trainer, results
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,6 +518,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", help="same as training.output_dir=...")
     parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir holding an earlier run (deletes its contents)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser, parser.parse_args(argv)
@@ -427,6 +539,8 @@ def main(argv=None):
         overrides += ["lora.enabled=true", f"model.from_pretrained={cli.lora}"]
     if cli.resume is not None:
         overrides.append(f"training.resume_from_checkpoint={cli.resume}")
+    if cli.overwrite:
+        overrides.append("training.overwrite_output_dir=true")
     try:
         experiment = load_config(cli.config, overrides)
         if cli.lora:  # the checkpoint defines the architecture: keep only the mode from the config's model section
@@ -435,8 +549,10 @@ def main(argv=None):
             print(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
             return 0
         _, results = run(experiment)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, OutputDirError, DataError, FileNotFoundError) as error:
         parser.exit(2, f"sfrnn-train: error: {error}\n")
+    except TrainingDiverged as error:
+        parser.exit(3, f"sfrnn-train: error: {error}\n")
     print(json.dumps(results, indent=2))
     return 0
 

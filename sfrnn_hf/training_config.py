@@ -16,6 +16,7 @@ Overrides: `section.key=value` (or `--set section.key=value`); the value is read
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import yaml
 
 from .configuration_sfrnn import SfrnnConfig
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
+from .run_folder import REDACTED
 
 
 class ConfigError(ValueError):
@@ -81,7 +83,8 @@ class TrainingConfig:
     eval_steps: int | None = None
     save_total_limit: int | None = 2  # the best checkpoint is always kept
     logging_steps: int = 50
-    resume_from_checkpoint: Any = None  # null | true (latest in output_dir) | path
+    resume_from_checkpoint: Any = None  # null | true (newest intact checkpoint in output_dir) | path
+    overwrite_output_dir: bool = False  # a new run into a folder holding an earlier run: delete it first
     report_to: str | list[str] = "auto"  # auto: tensorboard when installed | none | a list
     dataloader_num_workers: int = 0
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
@@ -118,7 +121,7 @@ def _as_plain(value):
 RESUMABLE_CHANGES = (
     "training.output_dir", "training.resume_from_checkpoint", "training.logging_steps", "training.report_to",
     "training.save_total_limit", "training.evaluate_test", "training.eval_batch_size",
-    "training.dataloader_num_workers", "data.num_proc",
+    "training.dataloader_num_workers", "training.overwrite_output_dir", "data.num_proc",
 )
 _UNSET = "<unset>"
 
@@ -139,7 +142,8 @@ def changed_settings(started: dict, now: dict) -> list[str]:
     (`ExperimentConfig.to_dict()` form, nested mappings key by key) that differs, except `RESUMABLE_CHANGES`."""
     before, after = _flatten(started), _flatten(now)
     return [f"{key}: {before.get(key, _UNSET)!r} -> {after.get(key, _UNSET)!r}" for key in sorted(before | after)
-            if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)]
+            if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)
+            and before.get(key) != REDACTED]  # a secret is not a setting (and was never written)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,13 +195,18 @@ def _coerce(section: str, key: str, value, annotation):
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif origin is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
+                number = float(value)
+            elif isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+            if number is not None:
+                if not math.isfinite(number):
+                    raise ConfigError(f"`{name}` must be a finite number, got {value!r}.")
+                return number
         elif origin is str:
             if isinstance(value, str):
                 return value

@@ -1,0 +1,94 @@
+"""A training run owns its `output_dir`: checked writable before any data is prepared, locked for the run's life (the
+kernel drops the lock of a killed process), and never mixed with an earlier run's files unless resumed."""
+
+import fcntl
+import os
+import re
+import shutil
+
+from .checkpoints import checkpoints
+
+LOCK_FILE = ".sfrnn-run.lock"
+# What marks a folder as holding a run: its settings, its checkpoints, its results.
+RUN_MARKERS = ("experiment.yaml", "results.json")
+REDACTED = "<redacted>"
+_SECRET_KEY = re.compile(r"token(?!iz)|secret|password|api_key", re.IGNORECASE)  # `hub_token`, not `tokenizer`
+
+
+class OutputDirError(ValueError):
+    """The output folder cannot be used by this run (not writable, in use, or holding another run)."""
+
+
+def check_writable(output_dir: str) -> None:
+    """Create `output_dir` if needed and prove it writable; raises `OutputDirError` naming the folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputDirError(f"`training.output_dir` {output_dir!r} is a file, not a folder.")
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise OutputDirError(f"`training.output_dir` {output_dir!r} is not writable: {error.strerror}.") from error
+
+
+class RunLock:
+    """Exclusive `flock` on `output_dir/.sfrnn-run.lock` while the run lives; a second run gets `OutputDirError`
+    naming the process that holds it. Released on exit, and by the kernel when the process dies."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.handle = None
+
+    def __enter__(self):
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputDirError(f"{os.path.dirname(self.path)!r} is in use by another training run (process "
+                                 f"{holder}); wait for it to end or choose another `training.output_dir`.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()  # closing drops the lock
+            self.handle = None
+        return False
+
+
+def earlier_run(output_dir: str) -> list[str]:
+    """The files and checkpoints of an earlier run in `output_dir` (empty: none)."""
+    found = [name for name in RUN_MARKERS if os.path.exists(os.path.join(output_dir, name))]
+    return found + [os.path.basename(path) for path in checkpoints(output_dir)]
+
+
+def clear(output_dir: str) -> None:
+    """Delete everything in `output_dir` but the lock: the start of a clean run (`--overwrite`)."""
+    for name in os.listdir(output_dir):
+        if name == LOCK_FILE:
+            continue
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def redact_secrets(tree):
+    """A copy of a nested settings mapping with every string value under a key naming a token, secret, password or
+    API key replaced by `<redacted>`: what may be written to the run folder."""
+    if isinstance(tree, dict):
+        return {key: REDACTED if _SECRET_KEY.search(str(key)) and isinstance(value, str) and value
+                else redact_secrets(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [redact_secrets(value) for value in tree]
+    return tree

@@ -1,0 +1,309 @@
+"""A training run never ends silently wrong and never loses work: it owns its output folder, resumes from the newest
+intact checkpoint, stops on divergence, names bad data files before training, and writes no secret."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sfrnn_hf import train as train_module
+from sfrnn_hf.checkpoints import MANIFEST
+from sfrnn_hf.data import DataError
+from sfrnn_hf.run_folder import LOCK_FILE, OutputDirError
+from sfrnn_hf.train import TrainingDiverged, main, run
+from sfrnn_hf.training_config import ConfigError
+from training_helpers import tiny_experiment, write_corpus
+
+SAVE_EVERY_2 = ["training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=2"]
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- the run owns its folder ------------------------------------------------------------------------------------------
+
+
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_then_starts_clean_with_overwrite(tmp_path):
+    run(tiny_experiment(tmp_path, "data.tokenizer=word"))
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):
+        run(tiny_experiment(tmp_path, "data.tokenizer=char"))
+    _, _ = run(tiny_experiment(tmp_path, "data.tokenizer=char", "training.overwrite_output_dir=true"))
+    out = tmp_path / "run"
+    started = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert started["data"]["tokenizer"] == "char"
+    # The char vocabulary of this corpus, built anew: not the word tokenizer of the earlier run.
+    tokenizer = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    letters = set("".join((tmp_path / "train.txt").read_text().split()))
+    assert letters <= set(tokenizer["model"]["vocab"]) and "the" not in tokenizer["model"]["vocab"]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(tokenizer["model"]["vocab"])
+
+
+def test_a_failed_start_writes_nothing_so_the_retry_builds_its_own_tokenizer(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8\n")
+    with pytest.raises(DataError):
+        run(tiny_experiment(tmp_path, f"data.validation_files=[{bad}]", "training.max_steps=1"))
+    assert not (tmp_path / "run" / "experiment.yaml").exists() and not (tmp_path / "run" / "tokenizer").exists()
+    trainer, _ = run(tiny_experiment(tmp_path, "training.max_steps=1"))
+    words = set((tmp_path / "train.txt").read_text().split())
+    assert len(trainer.processing_class) == len(words) + 4  # the corpus's words and <unk> <pad> <bos> <eos>
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir(parents=True)
+    with open(out / LOCK_FILE, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242")
+        holder.flush()
+        with pytest.raises(OutputDirError, match="in use by another training run \\(process 4242\\)"):
+            run(tiny_experiment(tmp_path, "training.max_steps=1"))
+    assert not (out / "experiment.yaml").exists()
+    # A process that took the lock and was killed: the kernel dropped its lock.
+    script = (f"import fcntl, os, signal; h = open({str(out / LOCK_FILE)!r}, 'a+'); "
+              "fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+    run(tiny_experiment(tmp_path, "training.max_steps=1"))
+
+
+def test_output_dir_that_is_a_file_fails_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was prepared before the output folder was checked")
+
+    monkeypatch.setattr(train_module, "prepare_data", no_data)
+    monkeypatch.setattr(train_module, "load_raw_text", no_data)
+    target = tmp_path / "taken"
+    target.write_text("a file")
+    train = write_corpus(tmp_path / "train.txt", 8, seed=1)
+    with pytest.raises(SystemExit) as stop:
+        main(["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",
+              "--output-dir", str(target)])
+    assert stop.value.code == 2
+    assert f"{str(target)!r} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_dir_that_is_not_writable_fails_before_any_data_is_read(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputDirError, match="not writable"):
+        run(tiny_experiment(tmp_path, f"training.output_dir={locked / 'run'}"))
+
+
+def test_a_failed_start_does_not_rewrite_the_settings_a_resume_compares_with(tmp_path, caplog):
+    run(tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2))
+    out = tmp_path / "run"
+    started = (out / "experiment.yaml").read_text()
+    bad = tmp_path / "empty.txt"
+    bad.write_text("")
+    with pytest.raises(DataError):
+        run(tiny_experiment(tmp_path, "training.max_steps=6", f"data.validation_files=[{bad}]", *SAVE_EVERY_2,
+                            "training.resume_from_checkpoint=true"))
+    assert (out / "experiment.yaml").read_text() == started
+    # Each checkpoint carries the settings it was trained with; a resume compares against those.
+    assert yaml.safe_load((out / "checkpoint-4" / "experiment.yaml").read_text())["training"]["max_steps"] == 4
+    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+        run(tiny_experiment(tmp_path, "training.max_steps=6", *SAVE_EVERY_2, "training.resume_from_checkpoint=true"))
+    assert any("training.max_steps: 4 -> 6" in record.getMessage() for record in caplog.records)
+
+
+# --- resume -----------------------------------------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path):
+    run(tiny_experiment(tmp_path, "training.max_steps=6", *SAVE_EVERY_2))
+    out = tmp_path / "run"
+    final = _weights(out)
+    _, results = run(tiny_experiment(tmp_path, "training.max_steps=6", *SAVE_EVERY_2,
+                                     "training.resume_from_checkpoint=true"))
+    assert results["global_step"] == 6 and not (out / "checkpoint-7").exists()
+    _assert_same_weights(_weights(out), final)
+    # Killed during the final save (the last checkpoint written, no results yet): finishes without another step.
+    (out / "results.json").unlink()
+    (out / "model.safetensors").unlink()
+    trainer, results = run(tiny_experiment(tmp_path, "training.max_steps=6", *SAVE_EVERY_2,
+                                           "training.resume_from_checkpoint=true"))
+    assert results["global_step"] == 6 and trainer.state.global_step == 6 and not (out / "checkpoint-7").exists()
+    _assert_same_weights(_weights(out), final)
+    assert json.loads((out / "results.json").read_text())["global_step"] == 6
+
+
+def _damage_empty(folder):
+    shutil.rmtree(folder)
+    os.mkdir(folder)
+
+
+def _damage_partial(folder):
+    os.remove(os.path.join(folder, "optimizer.pt"))
+    os.remove(os.path.join(folder, MANIFEST))  # killed before the seal
+
+
+def _damage_truncated(folder):
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def _damage_flipped(folder):
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) - 40)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("damage, reason", [(_damage_empty, "manifest"), (_damage_partial, "manifest"),
+                                            (_damage_truncated, "bytes"), (_damage_flipped, "checksum")])
+def test_resume_skips_a_damaged_newest_checkpoint_naming_it(tmp_path, caplog, damage, reason):
+    common = ["training.max_steps=6", *SAVE_EVERY_2, "training.save_total_limit=3"]
+    run(tiny_experiment(tmp_path / "full", *common))
+    want = _weights(tmp_path / "full" / "run")
+    run(tiny_experiment(tmp_path / "cut", "training.max_steps=6", *SAVE_EVERY_2, "training.save_total_limit=3"))
+    out = tmp_path / "cut" / "run"
+    (out / "results.json").unlink()  # as if killed while writing checkpoint-6
+    damage(str(out / "checkpoint-6"))
+    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+        _, results = run(tiny_experiment(tmp_path / "cut", *common, "training.resume_from_checkpoint=true"))
+    skipped = [record.getMessage() for record in caplog.records if "Skipping the damaged checkpoint" in record.getMessage()]
+    assert len(skipped) == 1 and "checkpoint-6" in skipped[0] and reason in skipped[0]
+    assert "Resuming from" in skipped[0] and "checkpoint-4" in skipped[0]
+    assert results["global_step"] == 6
+    _assert_same_weights(_weights(out), want)
+
+
+def test_resume_with_no_intact_checkpoint_at_a_named_path_is_refused(tmp_path):
+    run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2))
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    _damage_truncated(str(checkpoint))
+    with pytest.raises(ConfigError, match="checkpoint-2.*model.safetensors has"):
+        run(tiny_experiment(tmp_path / "other", f"training.resume_from_checkpoint={checkpoint}"))
+
+
+# --- divergence -------------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_learning_rate_is_refused_at_config_time(tmp_path):
+    for value in (".inf", ".nan", "-.inf"):
+        with pytest.raises(ConfigError, match="training.lr.*finite"):
+            tiny_experiment(tmp_path, f"training.lr={value}")
+
+
+def test_a_diverging_run_stops_with_exit_3_keeping_its_last_good_checkpoint(tmp_path, capsys):
+    train = write_corpus(tmp_path / "train.txt", 64, seed=1)
+    argv = ["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",
+            "--set", "data.sequences=sentence", "--set", "model.hidden_size=16", "--set", "training.batch_size=8",
+            "--set", "training.max_steps=40", "--set", "training.lr=1.0e+30", "--set", "training.eval_strategy=no",
+            "--set", "training.report_to=none", "--set", "training.evaluate_test=false",
+            "--set", "training.trainer_args.save_strategy=steps", "--set", "training.trainer_args.save_steps=1",
+            "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 3
+    message = capsys.readouterr().err
+    assert "Training diverged at step" in message and "training.lr (now 1e+30)" in message
+    assert not (tmp_path / "run" / "results.json").exists()
+    kept = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert kept and f"the last checkpoint, {kept[-1]}, is kept" in message
+    assert all(torch.isfinite(tensor).all() for tensor in _weights(kept[-1]).values())
+
+
+def test_nan_inputs_stop_training_before_any_weight_turns_nan(tmp_path, monkeypatch):
+    experiment = tiny_experiment(tmp_path, "training.max_steps=4")
+    original = torch.nn.Embedding.forward
+    calls = []
+
+    def embedding_with_nan(self, input_ids):
+        calls.append(1)
+        output = original(self, input_ids)
+        return output * float("nan") if len(calls) == 3 else output  # the third step sees NaN inputs_embeds
+
+    monkeypatch.setattr(torch.nn.Embedding, "forward", embedding_with_nan)
+    captured = {}
+    original_run = train_module.SfrnnTrainer.train
+
+    def keep_trainer(self, *args, **kwargs):
+        captured["trainer"] = self
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.SfrnnTrainer, "train", keep_trainer)
+    with pytest.raises(TrainingDiverged, match="step 3: the training loss is not finite"):
+        run(experiment)
+    assert all(torch.isfinite(p).all() for p in captured["trainer"].model.parameters())
+
+
+def test_results_json_is_strict_json_even_with_a_non_finite_number():
+    text = train_module._as_json({"validation_perplexity": float("inf"), "train_loss": float("nan"), "step": 3})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads(text, parse_constant=refuse) == {"validation_perplexity": None, "train_loss": None, "step": 3}
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, split, problem", [
+    (b"", "train", "holds no text"),
+    (b"\n  \n\t\n", "train", "holds no text"),
+    (b"the cat \xe9\xff sat\n", "train", "is not UTF-8"),
+    (b"", "validation", "holds no text"),
+])
+def test_bad_data_files_are_named_in_one_line_before_training(tmp_path, capsys, content, split, problem):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    good = write_corpus(tmp_path / "good.txt", 16, seed=1)
+    files = {"train": good, "validation": good}
+    files[split] = str(bad)
+    with pytest.raises(SystemExit) as stop:
+        main(["--set", "data.dataset=text", "--set", f"data.train_files=[{files['train']}]", "--set",
+              f"data.validation_files=[{files['validation']}]", "--set", "data.tokenizer=word",
+              "--output-dir", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and str(bad) in error and problem in error and split in error
+    assert not (tmp_path / "run" / "experiment.yaml").exists()
+
+
+# --- secrets ---------------------------------------------------------------------------------------------------------
+
+
+def test_no_token_is_written_to_the_run_folder(tmp_path):
+    secret = "hf_SECRETvalue0123456789"
+    run(tiny_experiment(tmp_path, f"training.trainer_args.hub_token={secret}", "training.max_steps=2",
+                        *SAVE_EVERY_2))
+    files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in files)
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    # The secret is no setting: resuming with it (or without it) changes nothing.
+    assert train_module.settings_changed_since_start(
+        tiny_experiment(tmp_path, f"training.trainer_args.hub_token={secret}", "training.max_steps=2", *SAVE_EVERY_2),
+        tmp_path / "run") == []
+
+
+def test_redaction_names_secrets_not_tokenizers():
+    from sfrnn_hf.run_folder import REDACTED, redact_secrets
+
+    tree = {"data": {"tokenizer": "char"}, "training": {"trainer_args": {
+        "hub_token": "x", "HF_TOKEN": "y", "push_to_hub_token": "z", "include_num_input_tokens_seen": True}}}
+    clean = redact_secrets(tree)
+    assert clean["data"]["tokenizer"] == "char"
+    args = clean["training"]["trainer_args"]
+    assert args["hub_token"] == args["HF_TOKEN"] == args["push_to_hub_token"] == REDACTED
+    assert args["include_num_input_tokens_seen"] is True
