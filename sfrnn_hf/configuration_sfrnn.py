@@ -46,10 +46,13 @@ class SfrnnConfig(PreTrainedConfig):
         feedback_min, feedback_max (`float`): the fixed feedback diagonal is `linspace(feedback_min, feedback_max, S)`
             over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.
         feedback_type (`str`): `"linspace"` (the paper: the diagonal above, fixed) or `"calibrated"`: starting from
-            it, every `dsf` training step moves the diagonal towards the batch's mean diag(J_t) of each unit,
-            `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint. Under
-            torch.distributed the mean is the global batch's (an all-reduce in each layer's training forward). The
-            update happens at every training forward: with gradient accumulation, once per micro-batch.
+            it, every `dsf` optimizer step moves the diagonal towards the step's mean diag(J_t) of each unit,
+            `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint. The
+            mean covers all the step's micro-batches and, under torch.distributed, all processes: accumulation and
+            gradient checkpointing give the feedback and gradients of one large batch. Training forwards record the
+            statistics; `model.update_calibrated_feedback()` applies them once per optimizer step (the Trainer of
+            `sfrnn-train` calls it through `CalibratedFeedbackCallback`; a hand-written loop calls it after
+            `optimizer.step()`).
         feedback_momentum (`float`): `m` above, in [0, 1).
         block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
             WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).

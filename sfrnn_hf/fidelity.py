@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .cells_sfrnn import cell_step
-from .recurrent_sfrnn import SfrnnRecurrentLayer, run_recurrence
+from .recurrent_sfrnn import SfrnnRecurrentLayer, mean_diagonal_jacobian, run_recurrence
 from .scan_sfrnn import reverse_diagonal_scan
 
 
@@ -40,23 +40,41 @@ def norm_ratio(approximate: torch.Tensor, exact: torch.Tensor) -> float:
 CALIBRATED = "dsf_calibrated"
 
 
+def layer_inputs(model, batch: dict) -> list[tuple]:
+    """What every recurrent layer receives on `batch` (a no-grad forward): `(hidden_states, initial_state, mask)`
+    per layer, in model order."""
+    layers = [m for m in model.modules() if isinstance(m, SfrnnRecurrentLayer)]
+    seen = [None] * len(layers)
+
+    def keep(index):
+        def hook(module, args, kwargs):
+            named = dict(zip(("hidden_states", "initial_state", "mask"), args)) | kwargs
+            seen[index] = (named["hidden_states"], named.get("initial_state"), named.get("mask"))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(**{key: value for key, value in batch.items() if key != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 @contextlib.contextmanager
 def calibrated_on(model, batch: dict):
-    """Within the block, every recurrent layer's feedback is the mean over `batch`'s real steps of its diag(J_t),
-    clamped to [0, 1] (one forward with `feedback_type="calibrated"`, momentum 0). Config and feedbacks are restored
-    on exit."""
+    """Within the block, every recurrent layer's feedback is its mean diag(J_t) over `batch`'s real steps
+    (`mean_diagonal_jacobian`), clamped to [0, 1]: what a calibrated feedback with momentum 0 holds after the batch.
+    The feedbacks are restored on exit."""
     layers = [m for m in model.modules() if isinstance(m, SfrnnRecurrentLayer)]
-    config = model.config
-    saved_config = (config.gradient_mode, config.feedback_type, config.feedback_momentum)
     saved_feedback = [layer.feedback for layer in layers]
     try:
-        config.gradient_mode, config.feedback_type, config.feedback_momentum = "dsf", "calibrated", 0.0
-        with torch.enable_grad():
-            model(**batch)  # a training forward: each layer replaces its feedback by this batch's estimate
-        config.feedback_type = "linspace"  # hold the estimate: no re-estimation inside the block
+        for layer, (hidden_states, initial_state, mask) in zip(layers, layer_inputs(model, batch)):
+            estimate = mean_diagonal_jacobian(layer, hidden_states, initial_state, mask).clamp(0.0, 1.0)
+            layer.feedback = estimate.to(layer.feedback.dtype)
         yield
     finally:
-        config.gradient_mode, config.feedback_type, config.feedback_momentum = saved_config
         for layer, feedback in zip(layers, saved_feedback):
             layer.feedback = feedback
 
@@ -91,7 +109,7 @@ def parameter_gradients(model, batch: dict, mode: str) -> dict[str, torch.Tensor
     config = model.config
     feedback_type = getattr(config, "feedback_type", None)  # any model with `config.gradient_mode` can be measured
     if feedback_type is not None:
-        config.feedback_type = "linspace"  # measuring must not re-estimate a calibrated feedback
+        config.feedback_type = "linspace"  # measuring must not record calibration statistics
     try:
         config.gradient_mode = mode
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

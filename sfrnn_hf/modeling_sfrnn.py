@@ -59,6 +59,7 @@ class SfrnnCache(Cache):
     def __init__(self, config: SfrnnConfig):
         super().__init__(layers=[SfrnnStateLayer() for _ in range(config.num_hidden_layers)])
         self.seen_tokens = 0
+        self.model_signature = _state_signature(config)  # which models' states it may hold
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -128,6 +129,16 @@ class SfrnnPreTrainedModel(PreTrainedModel):
         `trust_remote_code=True` where this package is not installed."""
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def update_calibrated_feedback(self) -> bool:
+        """Move every calibrated feedback (`feedback_type="calibrated"`) once, from the diag(J) statistics its layer
+        recorded since the last call: call it once per optimizer step, after `optimizer.step()`, on every process.
+        Returns whether any feedback moved."""
+        moved = False
+        for module in self.modules():
+            if isinstance(module, SfrnnRecurrentLayer):
+                moved = module.update_calibrated_feedback() or moved
+        return moved
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -265,16 +276,28 @@ class SfrnnModel(SfrnnPreTrainedModel):
         )
 
 
+def _state_signature(config) -> dict:
+    """What makes a recurrent state meaningful to a model: its cell, width and depth."""
+    return {"cell_type": config.cell_type, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers}
+
+
 def _check_cache(cache, config, batch):
-    """A cache from another model (size, depth, cell) or batch gets a clear error rather than a shape error in torch."""
+    """A cache from another model (cell, size, depth) or batch gets a clear error rather than a shape error in torch,
+    or worse, a silently misread state (an LSTM's `[h, c]` of width 2d looks like a GRU state of width 2d)."""
+    expected_signature = _state_signature(config)
+    if cache.model_signature != expected_signature:
+        differ = [f"{key} {cache.model_signature[key]!r} (model: {expected_signature[key]!r})"
+                  for key in expected_signature if cache.model_signature[key] != expected_signature[key]]
+        raise ValueError(f"The cache was made for another model: {', '.join(differ)}.")
     if len(cache.layers) != config.num_hidden_layers:
         raise ValueError(f"The cache has {len(cache.layers)} layers, the model {config.num_hidden_layers}.")
-    state = cache.get_state(0)
     expected = config.hidden_size * config.state_multiplier
-    if state is not None and tuple(state.shape) != (batch, expected):
-        raise ValueError(
-            f"The cache holds states of shape {tuple(state.shape)}, but this model and batch need ({batch}, {expected})."
-        )
+    for idx in range(config.num_hidden_layers):
+        state = cache.get_state(idx)
+        if state is not None and tuple(state.shape) != (batch, expected):
+            raise ValueError(f"The cache holds states of shape {tuple(state.shape)} in layer {idx}, but this model "
+                             f"and batch need ({batch}, {expected}).")
 
 
 class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):

@@ -9,8 +9,11 @@ feedback diagonal, and runs the sequence in the mode `config.gradient_mode` name
   reverse diagonal scan (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`). It runs through the fused
   op of `fused_sfrnn.py` (forward saving the gates, chunked reverse backward: no recompute); `dsf_layer_states`
   chooses the path, in this one place, by device and dtype.
-- `feedback_type="calibrated"` (with `dsf`): the fixed diagonal is re-estimated at every training step from the
-  model's own diag(J_t) (mean over batch and steps, smoothed by `feedback_momentum`, clamped to [0, 1]).
+- `feedback_type="calibrated"` (with `dsf`): the diagonal is re-estimated once per optimizer step from the model's own
+  diag(J_t) (mean over all the step's micro-batches, processes and real steps, smoothed by `feedback_momentum`,
+  clamped to [0, 1]). Each training forward only records its detached sum of diag(J_t); `update_calibrated_feedback`
+  moves the feedback, called after the optimizer step (`CalibratedFeedbackCallback` does it in the Trainer). A
+  recomputed forward (gradient checkpointing) records the same sum again with the same count: the mean is unchanged.
 - `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
   `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates): fused path only.
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
@@ -27,7 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
-from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, fused_dsf_states
+from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, diagonal_jacobian_sum, fused_dsf_states, recurrence_saving_gates
 from .scan_sfrnn import reverse_diagonal_scan
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
@@ -247,6 +250,28 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     return states.to(out_dtype)
 
 
+_PENDING_FORWARDS_WARNING = 256
+
+
+@torch.no_grad()
+def mean_diagonal_jacobian(layer, hidden_states, initial_state=None, mask=None) -> torch.Tensor:
+    """The mean over the batch's real positions of `layer`'s diag(J_t) per state entry `(S,)`, on its inputs
+    hidden_states `(batch, time, d)` (initial_state `(batch, S)` or zeros, mask `(batch, time)` or None). A pure
+    function: nothing of the layer changes (what a calibrated feedback with momentum 0 would hold, before clamping)."""
+    weights = tuple(w.detach() for w in (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh))
+    dtype = torch.promote_types(weights[0].dtype, torch.float32)
+    inputs_tm = hidden_states.detach().to(dtype).transpose(0, 1).contiguous()
+    batch = inputs_tm.shape[1]
+    if initial_state is None:
+        initial_state = inputs_tm.new_zeros(batch, layer.state_size)
+    initial_state = initial_state.detach().to(dtype)
+    mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
+    weights = tuple(w.to(dtype) for w in weights)
+    states, gates = recurrence_saving_gates(layer.cell_type, inputs_tm, initial_state, *weights, mask_tm)
+    total, count = diagonal_jacobian_sum(layer.cell_type, gates, initial_state, states, weights[1], mask_tm)
+    return total / count.to(total).clamp(min=1)
+
+
 def linspace_feedback(config):
     """The paper's fixed feedback: `linspace(feedback_min, feedback_max, S)` over a layer's state entries."""
     width = config.hidden_size * STATES_PER_CELL[config.cell_type]
@@ -275,22 +300,43 @@ class SfrnnRecurrentLayer(nn.Module):
         self.bias_ih = nn.Parameter(torch.empty(gates))
         self.bias_hh = nn.Parameter(torch.empty(gates))
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
+        self.pending_calibration = None  # [diag(J) total (S,), count, forwards] since the last feedback update
+
+    def record_calibration(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Add one training forward's diag(J) statistics (`total` `(S,)` summed over `count` real positions) to the
+        ones waiting for the next `update_calibrated_feedback`. Detached: no graph, no effect on this step."""
+        total, count = total.detach().to(self.feedback.dtype), count.detach().to(self.feedback.dtype)
+        if self.pending_calibration is None:
+            self.pending_calibration = [total, count, 1]
+        else:
+            self.pending_calibration[0] = self.pending_calibration[0] + total
+            self.pending_calibration[1] = self.pending_calibration[1] + count
+            self.pending_calibration[2] += 1
+        if self.pending_calibration[2] == _PENDING_FORWARDS_WARNING:
+            logger.warning(f"Layer {self.layer_idx}: {_PENDING_FORWARDS_WARNING} training forwards recorded diag(J) "
+                           "statistics for the calibrated feedback, which never moved: call "
+                           "model.update_calibrated_feedback() after each optimizer step (sfrnn-train's Trainer does, "
+                           "through CalibratedFeedbackCallback).")
 
     @torch.no_grad()
-    def update_calibrated_feedback(self, total, count):
-        """`feedback <- clamp(momentum * feedback + (1 - momentum) * total / count, 0, 1)`: `total` `(S,)` diag(J) summed
-        over this batch's `count` real positions. Under torch.distributed both are summed over the processes first, so
-        the mean is the global batch's (as one process over the same batch would have it) and every replica holds the
-        same feedback. Out of place: this step's backward still reads the feedback its forward saw."""
-        total = total.to(self.feedback.dtype)
+    def update_calibrated_feedback(self) -> bool:
+        """`feedback <- clamp(momentum * feedback + (1 - momentum) * total / count, 0, 1)` from the statistics recorded
+        since the last update (False, nothing changed, if none). Under torch.distributed every process calls it (a
+        collective): the totals and counts are summed over the processes first, so every replica holds the feedback
+        one process would compute over the global batch."""
+        if self.pending_calibration is None:
+            return False
+        total, count, _ = self.pending_calibration
+        self.pending_calibration = None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
-            packed = torch.cat([total, count.reshape(1).to(total)])
+            packed = torch.cat([total, count.reshape(1)])
             torch.distributed.all_reduce(packed)
             total, count = packed[:-1], packed[-1]
         momentum = self.config.feedback_momentum
-        updated = momentum * self.feedback + (1 - momentum) * total / count.to(total).clamp(min=1)
-        self.feedback = updated.clamp(0.0, 1.0)
+        updated = momentum * self.feedback + (1 - momentum) * total / count.clamp(min=1)
+        self.feedback.copy_(updated.clamp(0.0, 1.0))
+        return True
 
     @property
     def init_bound(self):
@@ -305,7 +351,7 @@ class SfrnnRecurrentLayer(nn.Module):
             mask: `(batch, time)`, 1 for real tokens; a padded position leaves the state unchanged.
             need_final_state: whether the final state will be read (a cache).
         Returns:
-            outputs `(batch, time, output_size)`, final state `(batch, S)`.
+            outputs `(batch, time, output_size)`, final state `(batch, S)` (None unless `need_final_state`).
         """
         batch = hidden_states.shape[0]
         if initial_state is None:
@@ -320,10 +366,14 @@ class SfrnnRecurrentLayer(nn.Module):
             states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback,
                                       calibration)
             if calibration:
-                self.update_calibrated_feedback(*calibration[0])
-            return states[..., : self.output_size], states[:, -1]
-        all_states = self.output_size == self.state_size
-        return run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask, all_states, need_final_state)
+                self.record_calibration(*calibration[0])
+            outputs, final_state = states[..., : self.output_size], states[:, -1]
+        else:
+            all_states = self.output_size == self.state_size
+            outputs, final_state = run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask,
+                                                  all_states, need_final_state)
+        # The same outputs whether or not grad is enabled: reentrant checkpointing recomputes a no-grad forward.
+        return outputs, final_state if need_final_state else None
 
 
-__all__ = ["SfrnnRecurrentLayer", "dsf_states", "dsf_layer_states", "select_dsf_path", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]
+__all__ = ["SfrnnRecurrentLayer", "mean_diagonal_jacobian", "dsf_states", "dsf_layer_states", "select_dsf_path", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]

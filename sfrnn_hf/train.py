@@ -184,6 +184,7 @@ class SfrnnTrainer(Trainer):
         training = experiment.training
         adam = {"lr": training.lr, "betas": (training.adam_beta1, training.adam_beta2), "eps": training.adam_eps}
         super().__init__(*args, optimizer_cls_and_kwargs=(torch.optim.Adam, adam), **kwargs)
+        self.add_callback(CalibratedFeedbackCallback())
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, _ in model.named_parameters()]
@@ -248,6 +249,17 @@ class SfrnnTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return super().prediction_step(model, {**inputs, "use_cache": False}, prediction_loss_only, ignore_keys)
+
+
+class CalibratedFeedbackCallback(TrainerCallback):
+    """Moves a calibrated DSF feedback once per optimizer step, from all its micro-batches and processes
+    (`SfrnnPreTrainedModel.update_calibrated_feedback`). `SfrnnTrainer` installs it; add it to a plain `Trainer`
+    that trains a model with `feedback_type="calibrated"`."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+        if getattr(base.config, "feedback_type", None) == "calibrated":
+            base.update_calibrated_feedback()
 
 
 class JsonLogCallback(TrainerCallback):

@@ -23,7 +23,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-# calibrated: each layer's feedback is the global batch's mean diag(J), summed over both ranks in the forward.
+# calibrated: each layer's feedback is the global batch's mean diag(J), summed over both ranks at each optimizer step.
 @pytest.mark.parametrize("feedback_type", ["linspace", "calibrated"])
 def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path, feedback_type):
     train = write_corpus(tmp_path / "train.txt", 32, seed=5)

@@ -129,17 +129,24 @@ def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobi
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     mask = make_mask("right", 4, 9)
     states = layer(inputs, mask=mask)[0]
-    want = batch_mean_diagonal(layer, inputs.detach(), mask).clamp(0, 1)
-    torch.testing.assert_close(layer.feedback, want, rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(layer.feedback, before)
+    assert torch.equal(layer.feedback, before)  # a forward only records its statistics
 
-    # This step's backward used the feedback its forward saw (the linspace start), not the new estimate.
+    # This step's backward uses the feedback its forward saw (the linspace start).
     readout = torch.randn_like(states)
     got = torch.autograd.grad((states * readout).sum(), layer.weight_hh)[0]
     plain = make_layer(cell, scale=1.0)
     plain.load_state_dict({**layer.state_dict(), "feedback": before})
     want_grad = torch.autograd.grad((plain(inputs, mask=mask)[0] * readout).sum(), plain.weight_hh)[0]
     torch.testing.assert_close(got, want_grad, rtol=1e-10, atol=1e-12)
+
+    # The optimizer step's update: the batch mean of diag(J), which the pure function gives too.
+    want = batch_mean_diagonal(layer, inputs.detach(), mask)
+    torch.testing.assert_close(recurrent_sfrnn.mean_diagonal_jacobian(layer, inputs, mask=mask), want, rtol=1e-10,
+                               atol=1e-12)
+    assert layer.update_calibrated_feedback()
+    torch.testing.assert_close(layer.feedback, want.clamp(0, 1), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(layer.feedback, before)
+    assert not layer.update_calibrated_feedback()  # nothing recorded since: nothing moves
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
@@ -185,8 +192,10 @@ def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_training():
     with torch.no_grad():
         layer.config.gradient_mode = "dsf"
         layer(inputs)
-    assert torch.equal(layer.feedback, start)  # no estimate outside dsf training
+    assert not layer.update_calibrated_feedback()  # no estimate outside dsf training
+    assert torch.equal(layer.feedback, start)
     layer(inputs)
+    assert layer.update_calibrated_feedback()
     want = (0.5 * start + 0.5 * batch_mean_diagonal(layer, inputs.detach(), None)).clamp(0, 1)
     torch.testing.assert_close(layer.feedback, want, rtol=1e-10, atol=1e-12)
 
@@ -199,6 +208,7 @@ def test_calibrated_feedback_survives_save_and_load(tmp_path):
     model = SfrnnForCausalLM(config)
     input_ids, labels, mask = padded_batch(19, 3, 10, "right")
     model(input_ids=input_ids, labels=labels, attention_mask=mask).loss.backward()
+    assert model.update_calibrated_feedback()
     calibrated = [block.recurrent.feedback.clone() for block in model.model.layers]
     assert not torch.allclose(calibrated[0], torch.linspace(0, 1, 8))
     model.save_pretrained(tmp_path)

@@ -155,5 +155,5 @@ def test_bad_input_to_generate_gets_a_clear_error():
         model.generate(torch.tensor([[2, VOCAB + 3]]), max_new_tokens=3)
     other = SfrnnForCausalLM(SfrnnConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2)).eval()
     foreign = other.generate(torch.tensor([[2, 3, 4]]), max_new_tokens=2, return_dict_in_generate=True)
-    with pytest.raises(ValueError, match="cache holds states of shape"):
+    with pytest.raises(ValueError, match="another model: hidden_size 8 \\(model: 16\\)"):
         model.generate(foreign.sequences, past_key_values=foreign.past_key_values, max_new_tokens=2)

@@ -63,6 +63,7 @@ def test_cuda_diag_jacobian_and_calibrated_feedback_equal_the_cpu_path(cell, var
         inputs = x.to(device).requires_grad_()
         out, _ = moved(inputs, mask=mask.to(device))
         grads = torch.autograd.grad((out * readout.to(device)).sum(), [inputs, *layer_weights(moved)])
+        assert moved.update_calibrated_feedback() == (variant == "calibrated")
         results[device] = [t.cpu() for t in (out, *grads, moved.feedback)]
     for got, want in zip(results["cuda"], results["cpu"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -31,3 +31,26 @@ def model():
 def test_bad_input_names_the_problem(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(**kwargs)
+
+
+def test_a_cache_from_another_model_is_rejected_even_when_the_widths_agree():
+    # An LSTM with hidden 8 keeps [h, c]: 16 numbers a row, exactly a GRU-16 state. Accepted, it would be misread.
+    lstm = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=8, cell_type="lstm")).eval()
+    gru = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=16, cell_type="gru")).eval()
+    input_ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        cache = lstm(input_ids=input_ids, use_cache=True).past_key_values
+        assert cache.get_state(0).shape == (1, 16)
+        with pytest.raises(ValueError, match="another model: cell_type 'lstm' \\(model: 'gru'\\), hidden_size 8"):
+            gru(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        # The model's own cache goes on working.
+        lstm(input_ids=input_ids, past_key_values=cache, use_cache=True)
+
+
+def test_a_cache_whose_deeper_layer_has_the_wrong_width_is_rejected():
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=4, num_hidden_layers=2)).eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[1, 2]]), use_cache=True).past_key_values
+        cache.set_state(1, torch.zeros(1, 7))
+        with pytest.raises(ValueError, match="layer 1"):
+            model(input_ids=torch.tensor([[3]]), past_key_values=cache, use_cache=True)

@@ -156,3 +156,56 @@ def test_resuming_with_other_settings_warns_naming_each_one(tmp_path, caplog):
         run(tiny_experiment(tmp_path, *common, "training.max_steps=3", "training.resume_from_checkpoint=true",
                             "training.trainer_args.train_sampling_strategy=sequential"))
     assert not [record for record in caplog.records if record.name == "sfrnn_hf.train"]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("reentrant, early_stop", [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize("variant", ["dsf", "calibrated", "diag_jacobian", "bptt"])
+def test_checkpointing_gives_the_same_gradients_and_feedback_step_after_step(cell, reentrant, early_stop, variant):
+    # A calibrated feedback must move once per optimizer step, never inside a (re)computed forward; an LSTM's padded
+    # batch must survive the reentrant recompute (its no-grad first pass returns what the recompute returns).
+    config = SfrnnConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, cell_type=cell,
+                         gradient_mode="dsf" if variant == "calibrated" else variant,
+                         feedback_type="calibrated" if variant == "calibrated" else "linspace", feedback_momentum=0.5)
+    plain = SfrnnForCausalLM(config).double().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    input_ids = torch.randint(0, 23, (3, 11))
+    mask = torch.ones_like(input_ids)
+    mask[1, 7:] = 0
+    mask[2, 9:] = 0
+    labels = input_ids.masked_fill(mask == 0, -100)
+    optimizers = {id(model): torch.optim.SGD(model.parameters(), lr=0.5) for model in (plain, checkpointed)}
+    start = plain.model.layers[0].recurrent.feedback.clone()
+    for step in range(3):
+        for model in (plain, checkpointed):
+            optimizers[id(model)].zero_grad()
+            with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+                model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=f"step {step}: {name}")
+        for model in (plain, checkpointed):
+            optimizers[id(model)].step()
+            assert model.update_calibrated_feedback() == (variant == "calibrated")
+        for p, q in zip(plain.model.layers, checkpointed.model.layers):
+            torch.testing.assert_close(q.recurrent.feedback, p.recurrent.feedback, rtol=1e-12, atol=0)
+    assert torch.equal(plain.model.layers[0].recurrent.feedback, start) == (variant != "calibrated")
+
+
+def test_calibrated_feedback_accumulating_2_x_4_is_one_batch_of_8_through_the_trainer(tmp_path):
+    # Three optimizer steps: each step's feedback update must pool both micro-batches (one update per step), or the
+    # second step's gradients, and everything after, differ. adam_eps=1 keeps Adam's step linear in the gradient,
+    # so rounding-level gradient differences stay rounding-level in the weights.
+    models = {}
+    for accumulation in (1, 2):
+        trainer, _ = run(tiny_experiment(
+            tmp_path / f"acc{accumulation}", "model.gradient_mode=dsf", "model.feedback_type=calibrated",
+            "model.feedback_momentum=0.5", "data.max_train_samples=24", "training.batch_size=8",
+            f"training.gradient_accumulation_steps={accumulation}", "training.max_steps=3", "training.adam_eps=1.0",
+            "training.lr=0.1", "training.trainer_args.train_sampling_strategy=sequential"))
+        models[accumulation] = trainer.model
+    one, two = models[1].state_dict(), models[2].state_dict()
+    feedback = one["model.layers.0.recurrent.feedback"]
+    assert not torch.allclose(feedback, torch.linspace(0, 1, feedback.numel()))  # it really moved
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
