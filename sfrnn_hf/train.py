@@ -442,7 +442,10 @@ def run(experiment: ExperimentConfig, callbacks=None):
                 logger.warning(f"Resuming from {resume} with settings that differ from the ones it was trained with; "
                                f"the updates after the checkpoint will not be the ones that run would have made: "
                                f"{'; '.join(changes)}")
-        elif training.resume_from_checkpoint is not True:
+        elif training.resume_from_checkpoint is True:  # a run with no intact checkpoint starts over, clean
+            if main_process:
+                clear(args.output_dir)
+        else:
             found = earlier_run(args.output_dir)
             if found and not training.overwrite_output_dir:
                 raise ConfigError(

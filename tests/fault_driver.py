@@ -1,0 +1,74 @@
+"""Runs one `sfrnn_hf.train.run` of a YAML config, killing its own process with SIGKILL at the N-th call of one
+function (fault injection for `test_fault_injection.py`). Resumes when the folder already holds a run.
+
+    python tests/fault_driver.py CONFIG OUTPUT_DIR [--kill-at EVENT:N]
+
+`drive` is the same in a process of a multiprocessing forkserver that has imported this module (no import per run).
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import safetensors.torch
+import torch
+
+from sfrnn_hf import train
+from sfrnn_hf.run_folder import earlier_run
+from sfrnn_hf.training_config import load_config
+
+# Where a kill can land: the function whose N-th call dies (before it runs, or after `after` of them).
+EVENTS = {
+    "step": (train.SfrnnTrainer, "training_step"),  # inside an optimizer step (forward not yet run)
+    "weights": (safetensors.torch, "save_file"),  # before a model.safetensors (checkpoint or final) is written
+    "state": (torch, "save"),  # optimizer / scheduler / RNG / args files of a checkpoint, one at a time
+    "seal": (train, "write_manifest"),  # every file of a checkpoint written, the manifest not yet
+    "evaluate": (train.SfrnnTrainer, "prediction_step"),  # in the middle of an evaluation
+    "final": (train.SfrnnTrainer, "save_model"),  # a checkpoint's model, or the final save of the best model
+    "results": (train, "_as_json"),  # training and evaluation done, results.json not yet written
+}
+
+
+def kill_at(event: str, count: int) -> None:
+    owner, name = EVENTS[event]
+    original = getattr(owner, name)
+    calls = [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, dying)
+    if owner is safetensors.torch:  # transformers imported the function by name
+        import transformers.modeling_utils as modeling_utils
+
+        modeling_utils.safe_save_file = dying
+
+
+def drive(config: str, output_dir: str, kill: str | None = None) -> None:
+    """Train (or resume) the run of `config` in `output_dir`, dying at `kill` (`EVENT:N`) if given."""
+    torch.set_num_threads(1)
+    if kill:
+        event, count = kill.split(":")
+        kill_at(event, int(count))
+    overrides = [f"training.output_dir={output_dir}"]
+    if earlier_run(output_dir):
+        overrides.append("training.resume_from_checkpoint=true")
+    train.run(load_config(config, overrides))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("output_dir")
+    parser.add_argument("--kill-at", help="EVENT:N")
+    args = parser.parse_args()
+    drive(args.config, args.output_dir, args.kill_at)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
