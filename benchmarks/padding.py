@@ -1,9 +1,10 @@
 """What padding costs a training step: a real, uniformly random PTB batch (the paper's protocol: 128 sentences,
 `<bos> ... <eos>`, cut at 65, padded to the longest) against a batch holding the same real tokens without padding
-(the sentences packed end to end into 128 equal rows). Full steps (forward, backward, Adam), interleaved.
+(the sentences packed end to end into 128 equal rows). Full steps (forward, backward, Adam), interleaved; the padded
+batch also with logits at every position (`return_logits=True`: the training step before the output layer ran at
+labelled positions only).
 
     python benchmarks/padding.py                          # GRU 1 x 256, PTB vocabulary, dsf and bptt
-    python benchmarks/padding.py --full-logits            # logits at every position, as before the labelled-only loss
 """
 
 import argparse
@@ -45,7 +46,6 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=65)
     parser.add_argument("--modes", nargs="+", default=["dsf", "bptt"], choices=list(GRADIENT_MODES))
-    parser.add_argument("--full-logits", action="store_true", help="logits at every position (the old training step)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -59,13 +59,13 @@ def main():
                                          cell_type=args.cell)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def step_on(mode, batch):
+    def step_on(mode, batch, full_logits=False):
         input_ids, mask, labels = batch
 
         def step():
             model.config.gradient_mode = mode
             optimizer.zero_grad(set_to_none=True)
-            model(input_ids=input_ids, attention_mask=mask, labels=labels, return_logits=args.full_logits).loss.backward()
+            model(input_ids=input_ids, attention_mask=mask, labels=labels, return_logits=full_logits).loss.backward()
             optimizer.step()
         return step
 
@@ -73,17 +73,21 @@ def main():
     print(machine_description(torch.device("cpu")))
     print(f"model: {args.cell} {args.layers} x {args.hidden}, vocab {vocab}; random PTB batch {tuple(padded[0].shape)} "
           f"holding {real} real tokens ({1 - real / padded[0].numel():.0%} padding); dense {tuple(dense[0].shape)}; "
-          f"{'full logits' if args.full_logits else 'output layer at labelled positions only'}; median of "
-          f"{args.repeats} interleaved repeats")
+          f"median of {args.repeats} interleaved repeats")
     steps = {}
     for mode in args.modes:
         steps[f"{mode} padded"] = step_on(mode, padded)
+        steps[f"{mode} padded, full logits"] = step_on(mode, padded, full_logits=True)
         steps[f"{mode} dense"] = step_on(mode, dense)
     timings = interleaved_timings(steps, torch.device("cpu"), args.warmup, args.repeats)
+    print("  mode            dense ms   padded ms (ratio, paired)   padded with full logits ms (ratio, paired)")
     for mode in args.modes:
-        median, _, paired = timings.ratios(f"{mode} padded", f"{mode} dense")
-        print(f"  {mode:14s} padded {timings.median[f'{mode} padded'] * 1000:7.1f} ms/step   dense "
-              f"{timings.median[f'{mode} dense'] * 1000:7.1f} ms/step   padded/dense {median:.2f}x (paired {paired:.2f}x)")
+        dense_ms = timings.median[f"{mode} dense"] * 1000
+        cells = []
+        for name in (f"{mode} padded", f"{mode} padded, full logits"):
+            median, _, paired = timings.ratios(name, f"{mode} dense")
+            cells.append(f"{timings.median[name] * 1000:9.1f} ({median:.2f}x, {paired:.2f}x)")
+        print(f"  {mode:14s} {dense_ms:9.1f}   {cells[0]}        {cells[1]}")
     print(f"  ({load_line()})")
 
 

@@ -62,3 +62,12 @@ def test_train_step_benchmark_reports_every_mode():
     for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
         assert f"BPTT/{mode}:" in out
     assert "paired" in out
+
+
+def test_padding_benchmark_compares_a_random_ptb_batch_with_the_same_tokens_dense():
+    out = _run("padding.py", "--hidden", "8", "--batch", "6", "--modes", "dsf", "bptt", "--warmup", "1",
+               "--repeats", "1")
+    assert "random PTB batch (6, " in out and "dense (6, " in out
+    for mode in ("dsf", "bptt"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(mode))
+        assert row.count("x, ") == 2  # padded and padded-with-full-logits, each against dense

@@ -279,7 +279,7 @@ def test_autocast_bf16_runs_and_keeps_fp32_states(cell):
     layer = make_layer(cell, d=16, dtype=torch.float32, scale=1.0)
     x = torch.randn(2, 7, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, final = layer(x.to(torch.bfloat16), mask=make_mask("arbitrary", 2, 7))
+        out, final = layer(x.to(torch.bfloat16), mask=make_mask("arbitrary", 2, 7), need_final_state=True)
     assert out.dtype == torch.float32 and final.dtype == torch.float32
     out.float().square().sum().backward()
     for tensor in (x.grad, layer.weight_ih.grad, layer.weight_hh.grad, layer.bias_ih.grad, layer.bias_hh.grad):
