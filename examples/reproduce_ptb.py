@@ -22,7 +22,6 @@ run's start is refused, by name. After every epoch `<record>/<mode>.json` is rew
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -114,9 +113,14 @@ def epoch_records(folder: Path) -> list[dict]:
 
 def mode_record(args, mode: str) -> dict:
     """Everything finished so far in one mode: its settings, every epoch's record, and (once finished) the test
-    perplexity of its best epoch."""
+    perplexity of its best epoch. Epochs come from the run folder's `epochs.jsonl`, and from `<record>/<mode>.json`
+    for any epoch the run folder no longer holds."""
     folder = Path(args.output) / mode
-    epochs = epoch_records(folder)
+    by_epoch = {}
+    if args.record and (Path(args.record) / f"{mode}.json").exists():
+        by_epoch = {e["epoch"]: e for e in json.loads((Path(args.record) / f"{mode}.json").read_text())["epochs"]}
+    by_epoch |= {record["epoch"]: record for record in epoch_records(folder)}
+    epochs = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     best = min(epochs, key=lambda record: record["validation_perplexity"]) if epochs else None
@@ -215,11 +219,11 @@ def collect(args, mode: str) -> dict:
         "epochs": [epoch["epoch"] for epoch in record["epochs"]],
         "validation_perplexity": [epoch["validation_perplexity"] for epoch in record["epochs"]],
         "train_seconds": seconds,
-        "best_validation_perplexity": record["best_validation_perplexity"] or math.nan,
+        "best_validation_perplexity": record["best_validation_perplexity"],
         "best_epoch": record["best_epoch"],
         "epochs_reached": max((epoch["epoch"] for epoch in record["epochs"]), default=0),
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
-        "test_perplexity_of_best": record["test_perplexity_of_best"] or math.nan,
+        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+        "test_perplexity_of_best": record["test_perplexity_of_best"],
     }
 
 
@@ -231,9 +235,13 @@ def write_table(args, rows: list[dict]) -> str:
         "| mode | best validation perplexity | at epoch | epochs run | seconds / epoch | test perplexity (best) |",
         "|---|---|---|---|---|---|",
     ]
+    def number(value, digits, missing="-"):
+        return missing if value is None else f"{value:.{digits}f}"
+
     for row in rows:
-        lines.append(f"| {row['mode']} | {row['best_validation_perplexity']:.2f} | {row['best_epoch']} | "
-                     f"{row['epochs_reached']} | {row['seconds_per_epoch']:.0f} | {row['test_perplexity_of_best']:.2f} |")
+        lines.append(f"| {row['mode']} | {number(row['best_validation_perplexity'], 2)} | {row['best_epoch'] or '-'} | "
+                     f"{row['epochs_reached']} | {number(row['seconds_per_epoch'], 0)} | "
+                     f"{number(row['test_perplexity_of_best'], 2, 'at the end')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -263,16 +271,48 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+RESULTS_BLOCK = ("<!-- reproduce_ptb: per-epoch tables, written by --report-only --results-doc -->",
+                 "<!-- reproduce_ptb: end -->")
+
+
+def epoch_tables(args) -> str:
+    """Validation perplexity, and training seconds with the 1-minute load average, per epoch (rows) and mode."""
+    records = {mode: {e["epoch"]: e for e in mode_record(args, mode)["epochs"]} for mode in args.modes}
+    last = max((max(r, default=0) for r in records.values()), default=0)
+    head = "| epoch | " + " | ".join(args.modes) + " |\n|---|" + "---|" * len(args.modes)
+    perplexity, seconds = [head], [head]
+    for epoch in range(1, last + 1):
+        cells = [records[m].get(epoch) for m in args.modes]
+        perplexity.append(f"| {epoch} | " + " | ".join(f"{c['validation_perplexity']:.2f}" if c else "" for c in cells)
+                          + " |")
+        seconds.append(f"| {epoch} | " + " | ".join(
+            f"{c['train_seconds']:.0f} (load {c['load_average'][0]:.1f})" if c else "" for c in cells) + " |")
+    return ("Validation perplexity after each epoch:\n\n" + "\n".join(perplexity)
+            + "\n\nTraining seconds of each epoch (1-minute load average of the 2-core machine at its end):\n\n"
+            + "\n".join(seconds) + "\n")
+
+
+def write_results_doc(args, rows: list[dict]) -> None:
+    """Replace the block between the `RESULTS_BLOCK` markers of `args.results_doc` by the tables of this run."""
+    path = Path(args.results_doc)
+    text = path.read_text()
+    start, end = (text.index(marker) for marker in RESULTS_BLOCK)
+    block = f"{RESULTS_BLOCK[0]}\n{write_table(args, rows)}\n{epoch_tables(args)}"
+    write_atomically(str(path), text[:start] + block + text[end:])
+
+
 def report(args) -> None:
     rows = [collect(args, mode) for mode in args.modes]
     output = Path(args.record or args.output)
     output.mkdir(parents=True, exist_ok=True)
     write_atomically(str(output / "results.json"), json.dumps(
         {"config": args.config, "epochs": args.epochs, "hidden": args.hidden, "sampling": args.sampling,
-         "runs": rows}, indent=2))
+         "runs": rows}, indent=2, allow_nan=False))
     table = write_table(args, rows)
     write_atomically(str(output / "results.md"), table)
     plot(rows, output / "perplexity.png")
+    if args.results_doc:
+        write_results_doc(args, rows)
     print(table)
     print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'perplexity.png'}")
 
@@ -300,6 +340,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="modes trained at once, each in its own process")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     parser.add_argument("--report-only", action="store_true", help="write the table and figure from what exists")
+    parser.add_argument("--results-doc", help="a Markdown file whose reproduce_ptb block gets the tables")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:

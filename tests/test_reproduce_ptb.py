@@ -69,3 +69,35 @@ def test_reproduce_then_fidelity(tmp_path):
         assert -1 <= report["parameters"][mode][weight_hh]["cosine"] <= 1
     assert report["state_gradients"]["layers.0"]["distance"] == [0, 1, 2, 3, 4]
     assert (tmp_path / "f.png").exists()
+
+
+def test_per_epoch_record_survives_a_kill_and_the_resume_ends_like_an_uninterrupted_run(tmp_path):
+    import os
+    import signal
+    import time
+
+    common = [sys.executable, str(ROOT / "examples" / "reproduce_ptb.py"), "--hidden", "16", "--epochs", "3",
+              "--max-train-samples", "512", "--set", "data.max_eval_samples=64", "--modes", "dsf", "--save-steps", "1"]
+    whole = subprocess.run(common + ["--output", str(tmp_path / "whole"), "--record", str(tmp_path / "whole_record")],
+                           capture_output=True, text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    want = json.loads((tmp_path / "whole_record" / "dsf.json").read_text())["epochs"]
+
+    command = common + ["--output", str(tmp_path / "cut"), "--record", str(tmp_path / "record")]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = tmp_path / "record" / "dsf.json"
+    deadline = time.time() + 600
+    while not (record.exists() and json.loads(record.read_text())["epochs"]) and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)  # in epoch 2: epoch 1 is recorded, the run is not finished
+    first.wait()
+    kept = json.loads(record.read_text())["epochs"]
+    assert [epoch["epoch"] for epoch in kept] == [1] and not json.loads(record.read_text())["finished"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = json.loads(record.read_text())
+    assert final["finished"] and final["sampling"] == "random"
+    assert [epoch["epoch"] for epoch in final["epochs"]] == [1, 2, 3]
+    assert final["epochs"][0] == kept[0]  # the recorded epoch is kept as it was
+    for got, expected in zip(final["epochs"], want):  # the resumed run made the uninterrupted run's updates
+        assert got["validation_perplexity"] == expected["validation_perplexity"]
