@@ -14,12 +14,16 @@ import torch
 
 from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from transformers import DataCollatorWithFlattening
+
 from sfrnn_hf.data import build_word_tokenizer, ptb_sentences
 
 
 def ptb_batches(batch: int, max_length: int, seed: int):
-    """`(padded, dense)`: a random batch of PTB sentences as (input_ids, attention_mask, labels) padded on the right,
-    and the same tokens packed into `batch` rows of equal length with every position labelled."""
+    """`(padded, dense, packed, vocabulary size)`: a random batch of PTB sentences as model inputs padded on the
+    right; the same tokens cut into `batch` rows of equal length, every position labelled (no boundaries: the cost
+    floor); and the same sentences flattened into one row by `DataCollatorWithFlattening` (`position_ids` restart at
+    each sentence, the state restarts with them)."""
     sentences = ptb_sentences("train")
     tokenizer = build_word_tokenizer(sentences)
     rows = random.Random(seed).sample(sentences, batch)
@@ -31,11 +35,12 @@ def ptb_batches(batch: int, max_length: int, seed: int):
     for row, sentence in enumerate(ids):
         input_ids[row, : len(sentence)] = torch.tensor(sentence)
         mask[row, : len(sentence)] = 1
-    padded = (input_ids, mask, input_ids.masked_fill(mask == 0, -100))
+    padded = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
     stream = torch.tensor([token for sentence in ids for token in sentence])
     dense_ids = stream[: len(stream) // batch * batch].view(batch, -1)
-    dense = (dense_ids, torch.ones_like(dense_ids), dense_ids)
-    return padded, dense, len(tokenizer)
+    dense = {"input_ids": dense_ids, "labels": dense_ids}
+    packed = DataCollatorWithFlattening()([{"input_ids": sentence} for sentence in ids])
+    return padded, dense, packed, len(tokenizer)
 
 
 def main():
@@ -54,40 +59,42 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    padded, dense, vocab = ptb_batches(args.batch, args.max_length, args.seed)
+    padded, dense, packed, vocab = ptb_batches(args.batch, args.max_length, args.seed)
     model = SfrnnForCausalLM(SfrnnConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                          cell_type=args.cell)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step_on(mode, batch, full_logits=False):
-        input_ids, mask, labels = batch
-
         def step():
             model.config.gradient_mode = mode
             optimizer.zero_grad(set_to_none=True)
-            model(input_ids=input_ids, attention_mask=mask, labels=labels, return_logits=full_logits).loss.backward()
+            model(**batch, return_logits=full_logits).loss.backward()
             optimizer.step()
         return step
 
-    real = int(padded[1].sum())
+    shape = tuple(padded["input_ids"].shape)
+    real = int(padded["attention_mask"].sum())
     print(machine_description(torch.device("cpu")))
-    print(f"model: {args.cell} {args.layers} x {args.hidden}, vocab {vocab}; random PTB batch {tuple(padded[0].shape)} "
-          f"holding {real} real tokens ({1 - real / padded[0].numel():.0%} padding); dense {tuple(dense[0].shape)}; "
-          f"median of {args.repeats} interleaved repeats")
+    print(f"model: {args.cell} {args.layers} x {args.hidden}, vocab {vocab}; random PTB batch {shape} "
+          f"holding {real} real tokens ({1 - real / padded['input_ids'].numel():.0%} padding); dense "
+          f"{tuple(dense['input_ids'].shape)}; packed {tuple(packed['input_ids'].shape)}; median of {args.repeats} "
+          f"interleaved repeats")
     steps = {}
     for mode in args.modes:
         steps[f"{mode} padded"] = step_on(mode, padded)
         steps[f"{mode} padded, full logits"] = step_on(mode, padded, full_logits=True)
+        steps[f"{mode} packed"] = step_on(mode, packed)
         steps[f"{mode} dense"] = step_on(mode, dense)
     timings = interleaved_timings(steps, torch.device("cpu"), args.warmup, args.repeats)
-    print("  mode            dense ms   padded ms (ratio, paired)   padded with full logits ms (ratio, paired)")
+    variants = ("padded", "padded, full logits", "packed")
+    print("  ms per step (ratio to dense: medians, paired)")
+    print(f"  {'mode':14s} {'dense':>9s}   " + "   ".join(f"{name:>27s}" for name in variants))
     for mode in args.modes:
-        dense_ms = timings.median[f"{mode} dense"] * 1000
         cells = []
-        for name in (f"{mode} padded", f"{mode} padded, full logits"):
-            median, _, paired = timings.ratios(name, f"{mode} dense")
-            cells.append(f"{timings.median[name] * 1000:9.1f} ({median:.2f}x, {paired:.2f}x)")
-        print(f"  {mode:14s} {dense_ms:9.1f}   {cells[0]}        {cells[1]}")
+        for name in variants:
+            median, _, paired = timings.ratios(f"{mode} {name}", f"{mode} dense")
+            cells.append(f"{timings.median[f'{mode} {name}'] * 1000:9.1f} ({median:.2f}x, {paired:.2f}x)")
+        print(f"  {mode:14s} {timings.median[f'{mode} dense'] * 1000:9.1f}   " + "   ".join(f"{c:>27s}" for c in cells))
     print(f"  ({load_line()})")
 
 

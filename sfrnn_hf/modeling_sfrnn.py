@@ -195,6 +195,67 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
     return batch, time
 
 
+class PackedSequences:
+    """Several sequences packed end to end in each row (transformers' `DataCollatorWithFlattening`), told apart by
+    `position_ids` that restart at 0: the recurrence must restart at each sequence start, in every gradient mode.
+
+    The recurrence runs on the sequences unpacked, one a row and right-padded (so every path of the layers applies
+    unchanged, the DSF scan included: no credit crosses a boundary), and the outputs are packed back. A row's first
+    sequence continues the row's initial state (a cache) unless its first position is 0; every later one starts at 0.
+
+    position_ids `(batch, time)`, mask `(batch, time)` or None (0 at padding, which keeps its place in its sequence).
+    """
+
+    def __init__(self, position_ids: torch.Tensor, mask: torch.Tensor | None):
+        batch, time = position_ids.shape
+        real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
+        starts = (position_ids == 0) & real  # padding stays in the sequence it follows, holding its state
+        starts[:, 0] = True  # each row's first position opens its first sequence
+        self.resets_first = position_ids[:, 0] == 0  # (batch,)
+        in_row = starts.long().cumsum(dim=1) - 1  # which sequence of its row each position belongs to
+        per_row = in_row[:, -1] + 1
+        first_of_row = per_row.cumsum(0) - per_row
+        self.sequence = first_of_row[:, None] + in_row  # (batch, time): index of its sequence among all
+        steps = torch.arange(time, device=position_ids.device).expand(batch, time)
+        opened_at = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values
+        self.step = steps - opened_at  # (batch, time): its step inside its sequence
+        self.count, self.length = int(per_row.sum()), int(self.step.max()) + 1
+        self.first_of_row, self.last_of_row = first_of_row, first_of_row + per_row - 1
+        self.mask = self.unpack(real.to(position_ids.dtype))  # (count, length): 1 at real tokens
+
+    @staticmethod
+    def needed(position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> bool:
+        """Whether some row restarts at 0 after a real token (a host sync, skipped for one-token inputs)."""
+        if position_ids is None or position_ids.shape[1] == 1:
+            return False
+        real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
+        seen_before = (real.long().cumsum(dim=1) - real.long()) > 0
+        return bool(((position_ids == 0) & real & seen_before).any())
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(batch, time, ...)` -> `(count, length, ...)`, zeros past each sequence's end."""
+        unpacked = packed.new_zeros(self.count, self.length, *packed.shape[2:])
+        unpacked[self.sequence, self.step] = packed
+        return unpacked
+
+    def pack(self, unpacked: torch.Tensor) -> torch.Tensor:
+        """`(count, length, ...)` -> `(batch, time, ...)`."""
+        return unpacked[self.sequence, self.step]
+
+    def initial_states(self, row_states: torch.Tensor | None, width: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Each sequence's initial state `(count, S)` from the rows' `(batch, S)` (None: zeros everywhere)."""
+        if row_states is None:
+            return None
+        states = like.new_zeros(self.count, width)
+        keep = ~self.resets_first[:, None]
+        states[self.first_of_row] = torch.where(keep, row_states.to(states.dtype), torch.zeros_like(row_states))
+        return states
+
+    def final_states(self, sequence_states: torch.Tensor) -> torch.Tensor:
+        """Each row's final state `(batch, S)`: its last sequence's."""
+        return sequence_states[self.last_of_row]
+
+
 class SfrnnModel(SfrnnPreTrainedModel):
     """Embeddings -> blocks -> final LayerNorm (pre-norm models only)."""
 
@@ -223,6 +284,8 @@ class SfrnnModel(SfrnnPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPast:
         """
@@ -231,6 +294,9 @@ class SfrnnModel(SfrnnPreTrainedModel):
             attention_mask: `(batch, time')` with `time' >= time` (its last `time` columns are used), 1 for real
                 tokens; at a 0 the recurrent state is held. generate's dict form `{"linear_attention": mask}` works too.
             past_key_values: an `SfrnnCache` to continue from (and to update); created when `use_cache`.
+            position_ids: `(batch, time)`; only their restarts at 0 matter: several sequences packed in a row
+                (`DataCollatorWithFlattening`) each start from a zero state (`PackedSequences`). Or `cu_seq_lens_q`
+                `(sequences + 1,)`, the cumulative lengths of the sequences flattened into one row.
         """
         if isinstance(attention_mask, dict):
             attention_mask = attention_mask.get("linear_attention")
@@ -252,16 +318,30 @@ class SfrnnModel(SfrnnPreTrainedModel):
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, -time:].to(hidden_states.device)
-            mask = None if bool(mask.all()) else mask
-
+        if position_ids is not None and cu_seq_lens_q is None:
+            position_ids = position_ids[:, -time:].to(hidden_states.device)
+        packed = None
+        if cu_seq_lens_q is not None:  # DataCollatorWithFlattening's boundaries of one flattened row
+            position_ids = _positions_from_boundaries(cu_seq_lens_q.to(hidden_states.device), batch, time)
+        if position_ids is not None and PackedSequences.needed(position_ids, mask):
+            packed = PackedSequences(position_ids, mask)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        if packed is not None:
+            hidden_states, mask = packed.unpack(hidden_states), packed.mask
+        elif mask is not None and bool(mask.all()):
+            mask = None
+
         for idx, block in enumerate(self.layers):
             initial_state = past_key_values.get_state(idx) if past_key_values is not None else None
+            if packed is not None:
+                initial_state = packed.initial_states(initial_state, block.recurrent.state_size, hidden_states)
             hidden_states, final_state = block(hidden_states, initial_state, mask, past_key_values is not None)
             if past_key_values is not None:
-                past_key_values.set_state(idx, final_state)
+                past_key_values.set_state(idx, final_state if packed is None else packed.final_states(final_state))
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states += (hidden_states if packed is None else packed.pack(hidden_states),)
+        if packed is not None:
+            hidden_states = packed.pack(hidden_states)
         if self.norm_f is not None:
             hidden_states = self.norm_f(hidden_states)
             if output_hidden_states:
@@ -280,6 +360,17 @@ def _state_signature(config) -> dict:
     """What makes a recurrent state meaningful to a model: its cell, width and depth."""
     return {"cell_type": config.cell_type, "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_hidden_layers}
+
+
+def _positions_from_boundaries(cu_seq_lens: torch.Tensor, batch: int, time: int) -> torch.Tensor:
+    """`position_ids` `(1, time)` restarting at each boundary of `cu_seq_lens` (one flattened row)."""
+    if batch != 1:
+        raise ValueError(f"`cu_seq_lens_q` describes one flattened row, but the batch has {batch} rows.")
+    if int(cu_seq_lens[-1]) != time:
+        raise ValueError(f"`cu_seq_lens_q` ends at {int(cu_seq_lens[-1])}, but the row has {time} positions.")
+    steps = torch.arange(time, device=cu_seq_lens.device)
+    opened_at = cu_seq_lens[:-1][torch.searchsorted(cu_seq_lens[:-1], steps, right=True) - 1]
+    return (steps - opened_at).unsqueeze(0)
 
 
 def _check_cache(cache, config, batch):
@@ -341,6 +432,11 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # The state needs no positions (padding is held by the mask): only `position_ids` a caller passes (packed
+        # prompts) reach the forward, so generation never pays for the packing check.
+        return None
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # The stock DynamicCache breaks on all-recurrent layers: the model creates its own SfrnnCache.
@@ -358,11 +454,13 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = False,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple | CausalLMOutputWithPast:
         """
         Args:
             labels: `(batch, time)`; shifted inside the loss; -100 is ignored.
+            position_ids, `cu_seq_lens_q` (in kwargs): packed sequences, see `SfrnnModel.forward`.
             logits_to_keep: compute logits for the last `logits_to_keep` positions only (0: all).
             return_logits: in a training forward with labels, also compute and return the `(batch, time, vocab)`
                 logits (see below).
@@ -382,6 +480,8 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
+            cu_seq_lens_q=kwargs.pop("cu_seq_lens_q", None),
         )
         hidden_states = outputs.last_hidden_state
         loss = logits = None
