@@ -413,6 +413,32 @@ def _as_json(results: dict) -> str:
     return json.dumps(clean, indent=2, allow_nan=False)
 
 
+def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_process: bool) -> tuple[str | None, list]:
+    """Make `output_dir` this run's: `(checkpoint to resume or None, settings changed since that checkpoint)`.
+
+    A resume compares its settings with the ones the checkpoint was trained with (a warning names each change); a
+    resumed run with no intact checkpoint starts over in a cleared folder; a new run into a folder holding another
+    run is refused, or clears it first with `training.overwrite_output_dir`."""
+    training = experiment.training
+    resume = resolve_resume(training.resume_from_checkpoint, output_dir, main_process)
+    if resume:
+        changes = settings_changed_since_start(experiment, resume)
+        if changes:
+            logger.warning(f"Resuming from {resume} with settings that differ from the ones it was trained with; "
+                           f"the updates after the checkpoint will not be the ones that run would have made: "
+                           f"{'; '.join(changes)}")
+        return resume, changes
+    found = earlier_run(output_dir)
+    if found and training.resume_from_checkpoint is not True and not training.overwrite_output_dir:
+        raise ConfigError(
+            f"{output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
+            f"(training.resume_from_checkpoint=true), start over with --overwrite "
+            f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
+    if main_process and (found or training.resume_from_checkpoint is True):
+        clear(output_dir)
+    return None, []
+
+
 def run(experiment: ExperimentConfig, callbacks=None):
     """Train as `experiment` says. Returns `(trainer, results)`; `results` is also written to `results.json`.
 
@@ -434,26 +460,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
     check_writable(args.output_dir)
     with RunLock(args.output_dir) if main_process else contextlib.nullcontext():
         results_path = os.path.join(args.output_dir, "results.json")
-        resume = resolve_resume(training.resume_from_checkpoint, args.output_dir, main_process)
-        changes = []
-        if resume:  # compared with the settings that trained this very checkpoint
-            changes = settings_changed_since_start(experiment, resume)
-            if changes:
-                logger.warning(f"Resuming from {resume} with settings that differ from the ones it was trained with; "
-                               f"the updates after the checkpoint will not be the ones that run would have made: "
-                               f"{'; '.join(changes)}")
-        elif training.resume_from_checkpoint is True:  # a run with no intact checkpoint starts over, clean
-            if main_process:
-                clear(args.output_dir)
-        else:
-            found = earlier_run(args.output_dir)
-            if found and not training.overwrite_output_dir:
-                raise ConfigError(
-                    f"{args.output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
-                    f"(training.resume_from_checkpoint=true), start over with --overwrite "
-                    f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
-            if found and main_process:
-                clear(args.output_dir)
+        resume, changes = _claim_output_dir(experiment, args.output_dir, main_process)
         finished = resume is not None and _finished(resume, bool(changes))
         if finished and os.path.isfile(results_path):
             logger.info(f"The run in {args.output_dir} is finished (checkpoint {resume}): nothing to train.")
