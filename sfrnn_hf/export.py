@@ -106,6 +106,12 @@ def upload_folder(folder, repo_id, token=None, private=False) -> str:
     return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload sfrnn model"))
 
 
+def upload_command(repo_id, folder, private=False) -> str:
+    """The huggingface_hub CLI command that uploads `folder` to the root of `repo_id` (`hf upload REPO_ID LOCAL_PATH
+    PATH_IN_REPO`; the older `huggingface-cli` no longer works)."""
+    return f"hf upload {repo_id} {folder} .{' --private' if private else ''}"
+
+
 def best_perplexity_from_trainer_state(checkpoint) -> float | None:
     """The best validation perplexity recorded by the Trainer next to (or above) a checkpoint, if any."""
     for candidate in (Path(checkpoint), Path(checkpoint).parent):
@@ -158,7 +164,7 @@ def main(argv=None):
     if huggingface_hub.constants.HF_HUB_OFFLINE or not token:
         reason = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no Hub token"
         print(f"not uploaded ({reason}): the folder {folder} is complete; upload it later with "
-              f"`huggingface-cli upload {args.repo_id} {folder}`.")
+              f"`{upload_command(args.repo_id, folder, args.private)}`.")
         return 1
     try:
         url = upload_folder(folder, args.repo_id, token=token, private=args.private)

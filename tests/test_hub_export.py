@@ -151,6 +151,12 @@ def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, w
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "not uploaded (HF_HUB_OFFLINE is set)" in done.stdout
+    # The command it names is the installed CLI's (`huggingface-cli` no longer works): `hf upload REPO_ID LOCAL_PATH
+    # PATH_IN_REPO`, the folder to the repository's root.
+    assert f"`hf upload me/x {tmp_path / 'out'} .`" in done.stdout and "huggingface-cli" not in done.stdout
+    usage = subprocess.run([sys.executable, "-m", "huggingface_hub.cli.hf", "upload", "--help"], env=env,
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "upload [OPTIONS] REPO_ID [LOCAL_PATH] [PATH_IN_REPO]" in " ".join(usage.split())
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
     local_only = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert local_only.returncode == 0 and "not uploaded: no --repo-id given" in local_only.stdout
