@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_sfrnn import SfrnnConfig
-from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
+from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
 
 
 class SfrnnStateLayer(LinearAttentionLayer):
@@ -151,8 +151,14 @@ class SfrnnPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
-    """Clear errors for bad inputs, before they reach torch. Returns `(batch, time)`."""
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, continues_cache=False):
+    """Clear errors for bad inputs, before they reach torch. Returns `(batch, time)`.
+
+    Token ids are read back to check their range (one host sync on an accelerator) except where they cannot be or
+    need not be: under `torch.compile` (a data-dependent check cannot be traced) and in a one-token step continuing a
+    cache (`continues_cache`: generate's decode steps, whose tokens the model itself chose). There an id out of range
+    fails in the embedding instead.
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds` (got both or neither).")
     if input_ids is not None:
@@ -160,11 +166,6 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, time), got shape {tuple(input_ids.shape)}.")
-        if input_ids.numel() > 0:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"`input_ids` holds id {bad}, outside the vocabulary [0, {config.vocab_size - 1}].")
         batch, time = input_ids.shape
     else:
         if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
@@ -176,6 +177,12 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         batch, time = inputs_embeds.shape[:2]
     if time == 0 or batch == 0:
         raise ValueError(f"Empty input: got batch {batch} and sequence length {time}; both must be at least 1.")
+    decode_step = continues_cache and time == 1
+    if input_ids is not None and not decode_step and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one transfer
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"`input_ids` holds id {bad}, outside the vocabulary [0, {config.vocab_size - 1}].")
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < time:
             raise ValueError(
@@ -223,25 +230,23 @@ class SfrnnModel(SfrnnPreTrainedModel):
         """
         if isinstance(attention_mask, dict):
             attention_mask = attention_mask.get("linear_attention")
-        batch, time = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if past_key_values is not None and not isinstance(past_key_values, SfrnnCache):
+            raise ValueError(f"`past_key_values` must be an SfrnnCache, got {type(past_key_values).__name__}.")
+        continues_cache = past_key_values is not None and past_key_values.seen_tokens > 0
+        batch, time = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, continues_cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, SfrnnCache):
-            raise ValueError(f"`past_key_values` must be an SfrnnCache, got {type(past_key_values).__name__}.")
         if use_cache and past_key_values is None:
             past_key_values = SfrnnCache(self.config)
         if past_key_values is not None:
             _check_cache(past_key_values, self.config, batch)
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -time:].to(hidden_states.device)
-            mask = None if bool(mask.all()) else mask
+        mask = None if attention_mask is None else effective_mask(attention_mask[:, -time:].to(hidden_states.device))
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for idx, block in enumerate(self.layers):
@@ -364,9 +369,10 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+        # (Not under torch.compile: selecting the labelled positions gives a data-dependent shape.)
         labelled_only = (
             labels is not None and self.training and not return_logits
-            and isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and isinstance(logits_to_keep, int) and logits_to_keep == 0 and not torch.compiler.is_compiling()
         )
         if labelled_only:
             loss = self.labelled_token_loss(hidden_states, labels, **kwargs)

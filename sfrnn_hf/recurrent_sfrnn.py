@@ -37,10 +37,27 @@ _FUSED_KERNELS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:
-    """True when every row of `mask` `(batch, time)` is ones followed by zeros (padding only at the end)."""
+    """True when every row of `mask` `(batch, time)` is ones followed by zeros (padding only at the end).
+
+    Reads the mask's values (a host sync on an accelerator), except for one column: right-padded by construction.
+    Under `torch.compile` the values cannot be read: False (not known), so the caller takes a path correct for any
+    mask."""
+    if mask.shape[1] == 1:
+        return True
+    if torch.compiler.is_compiling():
+        return False
     lengths = mask.sum(dim=1, keepdim=True)
     positions = torch.arange(mask.shape[1], device=mask.device)
     return bool(torch.equal(mask.bool(), positions[None, :] < lengths))
+
+
+def effective_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to apply: None when `mask` `(batch, time)` holds no padding (the fused kernels then run unmasked).
+    Telling reads the mask (a host sync on an accelerator), so the mask is kept as given for one column (a decode
+    step, where applying it is elementwise anyway) and under `torch.compile` (no data-dependent branch in a graph)."""
+    if mask is None or mask.shape[1] == 1 or torch.compiler.is_compiling():
+        return mask
+    return None if bool(mask.all()) else mask
 
 
 def _hold_state_after_end(states, initial_state, mask):
@@ -119,8 +136,7 @@ def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_sta
     Returns:
         `(outputs, final_state)`: `(batch, time, d or S)` and `(batch, S)` (None when not needed and not free).
     """
-    if mask is not None and bool(mask.all()):
-        mask = None
+    mask = effective_mask(mask)
     if mask is not None and not is_right_padded(mask):
         weight_ih, weight_hh, bias_ih, bias_hh = weights
         states = looped_recurrence(cell_type, F.linear(inputs, weight_ih, bias_ih), initial_state, weight_hh, bias_hh, mask)
@@ -175,8 +191,17 @@ DSF_PATH = None
 _logged_paths = set()
 
 
-def select_dsf_path(inputs: torch.Tensor) -> str:
-    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device."""
+# torch.compile traces the recompute form (torch ops and one small autograd.Function). The fused op does not trace
+# (Python loops over time writing into preallocated buffers, host-side options): the modes that only it runs
+# (diag_jacobian, a calibrated feedback) call it outside the graph, a graph break that `fullgraph=True` refuses.
+_fused_dsf_states_outside_graph = torch.compiler.disable(fused_dsf_states)
+
+
+def select_dsf_path(inputs: torch.Tensor, fused_only: bool = False) -> str:
+    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device; under torch.compile the
+    recompute form unless `fused_only` (a mode the recompute form does not run)."""
+    if torch.compiler.is_compiling() and not fused_only:
+        return "recompute"
     forced = DSF_PATH or os.environ.get("SFRNN_DSF_PATH")
     if forced:
         if forced not in DSF_PATHS:
@@ -211,7 +236,8 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     has the inputs' dtype.
     """
     device = inputs.device
-    path = select_dsf_path(inputs)
+    fused_only = isinstance(feedback, str) or calibration is not None
+    path = select_dsf_path(inputs, fused_only)
     autocast = torch.is_autocast_enabled(device.type)
     compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
     matmul_dtype = None
@@ -223,12 +249,12 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     use_triton = path == "fused_cudnn" and device.type == "cuda" and TRITON_AVAILABLE
     pointwise_kernel = triton_dsf_pointwise_backward if use_triton else None
     key = (path, device.type, compute_dtype, matmul_dtype, pointwise_kernel is not None)
-    if key not in _logged_paths:
+    if key not in _logged_paths and not torch.compiler.is_compiling():
         _logged_paths.add(key)
         backward = "triton" if pointwise_kernel is not None else "torch"
         logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
                     f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
-    if path == "recompute" and (isinstance(feedback, str) or calibration is not None):
+    if path == "recompute" and fused_only:
         raise ValueError(f"gradient_mode='diag_jacobian' and feedback_type='calibrated' run on the fused path only "
                          f"(CPU, CUDA); got path {path!r} on {device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
@@ -242,8 +268,9 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
                 def forward_states():  # time-major states `(time, batch, S)` from torch's fused kernel
                     states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
                     return states.transpose(0, 1).contiguous()
-            states = fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states,
-                                      matmul_dtype, chunk, pointwise_kernel, calibration)
+            fused = _fused_dsf_states_outside_graph if torch.compiler.is_compiling() else fused_dsf_states
+            states = fused(cell_type, inputs, initial_state, weights, mask, feedback, forward_states, matmul_dtype,
+                           chunk, pointwise_kernel, calibration)
     return states.to(out_dtype)
 
 
