@@ -103,6 +103,9 @@ class SfrnnBlock(GradientCheckpointingLayer):
             if branch_output is not None:
                 branch_output.is_residual_branch_output = True  # GPT-2 scaled init, see `_init_weights`
 
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.recurrent.layer_idx}, block_type={self.block_type}"
+
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """hidden_states `(batch, time, d)` -> `(batch, time, d)`, final state `(batch, S)`."""
         branch = hidden_states if self.recurrent_norm is None else self.recurrent_norm(hidden_states)

@@ -27,6 +27,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
+from .configuration_sfrnn import calibration_without_effect
 from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, fused_dsf_states
 from .scan_sfrnn import reverse_diagonal_scan
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
@@ -319,6 +320,13 @@ class SfrnnRecurrentLayer(nn.Module):
         updated = momentum * self.feedback + (1 - momentum) * total / count.to(total).clamp(min=1)
         self.feedback = updated.clamp(0.0, 1.0)
 
+    def extra_repr(self) -> str:
+        config = self.config  # read now: the gradient mode may have been switched on the live model
+        feedback = (f"linspace({config.feedback_min}, {config.feedback_max})" if config.feedback_type == "linspace"
+                    else f"calibrated (momentum {config.feedback_momentum})")
+        return (f"cell_type={self.cell_type}, hidden_size={self.hidden_size}, state_size={self.state_size}, "
+                f"output_size={self.output_size}, gradient_mode={config.gradient_mode}, feedback={feedback}")
+
     @property
     def init_bound(self):
         """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
@@ -341,6 +349,11 @@ class SfrnnRecurrentLayer(nn.Module):
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights))
         mode = self.config.gradient_mode
+        if needs_grad and not torch.compiler.is_compiling():
+            # The mode may have been switched on the live model since the config was checked.
+            note = calibration_without_effect(mode, self.config.feedback_type)
+            if note:
+                logger.warning_once(note)
         if needs_grad and mode != "bptt":
             feedback = {"dsf": self.feedback, "ft_bptt": None, "diag_jacobian": DIAG_JACOBIAN}[mode]
             calibration = [] if mode == "dsf" and self.config.feedback_type == "calibrated" else None
