@@ -1,7 +1,7 @@
 """Hugging Face models of sfrnn: multi-layer GRU / LSTM / tanh-RNN language models trained with exact BPTT, DSF
 (Diagonal State Feedbacks, arXiv 2503.23104) or FT-BPTT.
 
-Layers: `SfrnnForCausalLM` (head + loss + generate) -> `SfrnnModel` (embeddings, blocks, final norm) -> `SfrnnBlock`
+Layers: `SfrnnForCausalLM` (head + loss + generate; or `SfrnnForSequenceClassification`) -> `SfrnnModel` (embeddings, blocks, final norm) -> `SfrnnBlock`
 (residual or pre-norm) -> `SfrnnRecurrentLayer` (cell weights, gradient mode; `recurrent_sfrnn.py`) -> cells and the
 reverse diagonal scan (`cells_sfrnn.py`, `scan_sfrnn.py`). The recurrent state between calls lives in `SfrnnCache`.
 
@@ -16,7 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
 from .configuration_sfrnn import SfrnnConfig
 from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
@@ -126,6 +126,12 @@ class SfrnnPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True  # no assisted decoding: the state cannot be rolled back
 
+    def get_input_embeddings(self):
+        return self.base_model.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.base_model.embeddings = new_embeddings
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the flat code files and the full `auto_map`, so that the folder loads with
         `trust_remote_code=True` where this package is not installed."""
@@ -207,12 +213,6 @@ class SfrnnModel(SfrnnPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -293,12 +293,6 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         self.model = SfrnnModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.model.embeddings = new_embeddings
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -392,15 +386,89 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         )
 
 
+def last_real_positions(attention_mask: torch.Tensor | None, batch: int, time: int, device) -> torch.Tensor:
+    """Index `(batch,)` of each row's last real token: the last 1 of `attention_mask` `(batch, time')` (its last
+    `time` columns), wherever the padding is (left, right or both); `time - 1` without a mask. A row without a real
+    token gets a ValueError (not under torch.compile, where the mask's values cannot be read)."""
+    if attention_mask is None:
+        return torch.full((batch,), time - 1, dtype=torch.long, device=device)
+    positions = torch.arange(time, device=device)
+    last = torch.where(attention_mask[:, -time:].to(device).bool(), positions, -1).amax(dim=1)
+    if not torch.compiler.is_compiling() and bool((last < 0).any()):
+        rows = (last < 0).nonzero().flatten().tolist()
+        raise ValueError(f"`attention_mask` rows {rows} hold no real token (all 0): nothing to classify.")
+    return last
+
+
+class SfrnnForSequenceClassification(SfrnnPreTrainedModel):
+    """The recurrent model with a linear head `score` on the hidden state of each row's last real token (after the
+    final norm of pre-norm models): the state that has read the whole sequence. Left and right padding both work
+    through `attention_mask` (padding holds the recurrent state, and the head reads the last real position).
+
+    Loss as every transformers classifier (`config.problem_type`, inferred when None from `num_labels` and the labels'
+    dtype): `"regression"` (MSE), `"single_label_classification"` (cross-entropy), `"multi_label_classification"`
+    (BCE with logits). Trains in every gradient mode; a causal-LM checkpoint loads into it (the head is new).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # starting from a causal-LM checkpoint
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SfrnnModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutput:
+        """
+        Args:
+            input_ids: `(batch, time)`, or `inputs_embeds` `(batch, time, d)`.
+            attention_mask: `(batch, time)`, 1 for real tokens; padding anywhere (the head reads the last real token).
+            labels: `(batch,)` class ids, `(batch,)` / `(batch, num_labels)` floats for regression, or
+                `(batch, num_labels)` 0/1 floats for multi-label classification.
+            **kwargs: passed to the loss (the Trainer's `num_items_in_batch`).
+        Returns:
+            logits `(batch, num_labels)`, the loss when `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             use_cache=False, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden_states = outputs.last_hidden_state  # (batch, time, d)
+        batch, time = hidden_states.shape[:2]
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask.get("linear_attention")
+        last = last_real_positions(attention_mask, batch, time, hidden_states.device)
+        logits = self.score(hidden_states[torch.arange(batch, device=hidden_states.device), last])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config,
+                                      **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
 # `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,
 # so the whole map is set in `save_pretrained`.
 AUTO_MAP = {
     "AutoConfig": "configuration_sfrnn.SfrnnConfig",
     "AutoModel": "modeling_sfrnn.SfrnnModel",
     "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_sfrnn.SfrnnForSequenceClassification",
 }
 SfrnnConfig.register_for_auto_class("AutoConfig")
 SfrnnModel.register_for_auto_class("AutoModel")
 SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+SfrnnForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
-__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnCache"]
+__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache"]

@@ -96,7 +96,8 @@ def test_exported_folder_is_a_complete_hub_repository(tmp_path, word_tokenizer):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_sfrnn.SfrnnConfig",
                                   "AutoModel": "modeling_sfrnn.SfrnnModel",
-                                  "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM"}
+                                  "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM",
+                                  "AutoModelForSequenceClassification": "modeling_sfrnn.SfrnnForSequenceClassification"}
     # Hub-facing code imports only torch, transformers and flat siblings (which are all in the folder).
     for code in folder.glob("*.py"):
         for line in code.read_text().splitlines():
