@@ -194,6 +194,16 @@ def sentence_dataset(lines: list[str], tokenizer, max_length: int) -> Dataset:
     return Dataset.from_dict({"input_ids": rows})
 
 
+def sentence_documents(lines: list[str], tokenizer, max_length: int) -> list[str]:
+    """What an external harness must score to reproduce the `sentence` layout's perplexity with a word-level
+    tokenizer: per line, the tokens `sentence_dataset` predicts (after `<bos>`, cut at `max_length`, `<eos>` included
+    unless cut), joined by spaces. Scored after a `<bos>` prefix and encoded without special tokens (lm-evaluation-
+    harness: `loglikelihood_rolling`, `add_bos_token=False`), each word is one token, so the harness's word
+    perplexity is this package's token perplexity."""
+    rows = sentence_dataset(lines, tokenizer, max_length)["input_ids"]
+    return [" ".join(tokenizer.convert_ids_to_tokens(row[1:])) for row in rows]
+
+
 def chunk_stream(token_lists: pa.Array | list, block_size: int) -> Dataset:
     """The token lists concatenated into one stream and cut into non-overlapping `block_size` chunks (the remainder
     dropped). token_lists: a pyarrow list array or a Python list of lists. Column `input_ids`, `(chunks, block_size)`."""
@@ -332,6 +342,7 @@ __all__ = [
     "train_bpe_tokenizer",
     "gpt2_tokenizer",
     "sentence_dataset",
+    "sentence_documents",
     "stream_dataset",
     "chunk_stream",
     "CausalLMCollator",
