@@ -12,7 +12,8 @@ feedback diagonal, and runs the sequence in the mode `config.gradient_mode` name
 - `feedback_type="calibrated"` (with `dsf`): the fixed diagonal is re-estimated at every training step from the
   model's own diag(J_t) (mean over batch and steps, smoothed by `feedback_momentum`, clamped to [0, 1]).
 - `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
-  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates): fused path only.
+  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates; in the recompute
+  form, from gates recomputed batched).
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
 
 Hub-exported file: imports only torch, transformers and its flat siblings.
@@ -28,7 +29,14 @@ from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
 from .configuration_sfrnn import calibration_without_effect
-from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, fused_dsf_states
+from .fused_sfrnn import (
+    DIAG_JACOBIAN,
+    DSF_CHUNK,
+    chunk_diagonal_jacobian,
+    fused_dsf_states,
+    gates_from_states,
+    reverse_scan_chunk_,
+)
 from .scan_sfrnn import reverse_diagonal_scan
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
@@ -155,7 +163,8 @@ def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_sta
 
 class DiagonalStateFeedback(torch.autograd.Function):
     """The DSF rule. Forward: the states of the recurrence, unchanged. Backward: the incoming state gradient `e`
-    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`)."""
+    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`).
+    A time-varying `feedback` `(batch, time, S)` decays by its step's own diagonal: `g_t = e_t + a_{t+1} * g_{t+1}`."""
 
     @staticmethod
     def forward(ctx, states, one_step_states, feedback):
@@ -166,7 +175,23 @@ class DiagonalStateFeedback(torch.autograd.Function):
     def backward(ctx, grad_states):
         if ctx.feedback is None:
             return None, grad_states, None
-        return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
+        if ctx.feedback.dim() == 1:
+            return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
+        grad = grad_states.transpose(0, 1).contiguous()  # time-major, scanned in place
+        reverse_scan_chunk_(grad, None, ctx.feedback.transpose(0, 1))
+        return None, grad.transpose(0, 1), None
+
+
+def step_jacobian_diagonals(cell_type, inputs, previous_states, states, weights, mask):
+    """diag(J_t) of every step `(batch, time, S)`, 1 where `mask` holds the state: the gates recomputed batched from
+    the states (`gates_from_states`), then `cells_sfrnn.diagonal_jacobian`, as the fused op computes it per chunk.
+    inputs `(batch, time, d)`, previous_states / states `(batch, time, S)`, mask `(batch, time)` or None."""
+    inputs_tm, states_tm = inputs.transpose(0, 1).contiguous(), states.transpose(0, 1).contiguous()
+    previous_tm = previous_states.transpose(0, 1)
+    gates = gates_from_states(cell_type, inputs_tm, previous_states[:, 0], states_tm, weights)
+    mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
+    decay = chunk_diagonal_jacobian(cell_type, gates, previous_tm, states_tm, weights[1], mask_tm, 0, states.shape[1])
+    return decay.transpose(0, 1)
 
 
 def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
@@ -174,11 +199,16 @@ def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
 
     (1) the recurrence without a graph; (2) one batched evaluation of the cell over all positions with the previous
     states held constant (the one-step gradients); (3) the state gradient rewritten by `DiagonalStateFeedback`.
+    `feedback`: `(S,)`, None (FT-BPTT) or `DIAG_JACOBIAN` (each step's own diag(J_t), `step_jacobian_diagonals`).
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     with torch.no_grad():
         states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
     previous_states = torch.cat([initial_state.detach().unsqueeze(1), states[:, :-1]], dim=1)
+    if isinstance(feedback, str):
+        with torch.no_grad():
+            feedback = step_jacobian_diagonals(cell_type, inputs, previous_states, states,
+                                               tuple(w.detach() for w in weights), mask)
     one_step_states = cell_step(cell_type, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
     return DiagonalStateFeedback.apply(states, one_step_states, feedback)
 
@@ -192,16 +222,17 @@ DSF_PATH = None
 _logged_paths = set()
 
 
-# torch.compile traces the recompute form (torch ops and one small autograd.Function). The fused op does not trace
-# (Python loops over time writing into preallocated buffers, host-side options): the modes that only it runs
-# (diag_jacobian, a calibrated feedback) call it outside the graph, a graph break that `fullgraph=True` refuses.
+# torch.compile traces the recompute form of dsf and ft_bptt (torch ops and one small autograd.Function). The fused
+# op does not trace (Python loops over time writing into preallocated buffers, host-side options), nor do the gate
+# buffers diag(J_t) is computed from (`out=` into strided views, which dynamo refuses): diag_jacobian and a calibrated
+# feedback call the fused op outside the graph, a graph break that `fullgraph=True` refuses.
 _fused_dsf_states_outside_graph = torch.compiler.disable(fused_dsf_states)
 
 
-def select_dsf_path(inputs: torch.Tensor, fused_only: bool = False) -> str:
+def select_dsf_path(inputs: torch.Tensor, traceable: bool = True) -> str:
     """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device; under torch.compile the
-    recompute form unless `fused_only` (a mode the recompute form does not run)."""
-    if torch.compiler.is_compiling() and not fused_only:
+    recompute form when the mode's recompute form is `traceable`."""
+    if torch.compiler.is_compiling() and traceable:
         return "recompute"
     forced = DSF_PATH or os.environ.get("SFRNN_DSF_PATH")
     if forced:
@@ -237,8 +268,7 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     has the inputs' dtype.
     """
     device = inputs.device
-    fused_only = isinstance(feedback, str) or calibration is not None
-    path = select_dsf_path(inputs, fused_only)
+    path = select_dsf_path(inputs, traceable=not isinstance(feedback, str) and calibration is None)
     autocast = torch.is_autocast_enabled(device.type)
     compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
     matmul_dtype = None
@@ -255,9 +285,9 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
         backward = "triton" if pointwise_kernel is not None else "torch"
         logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
                     f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
-    if path == "recompute" and fused_only:
-        raise ValueError(f"gradient_mode='diag_jacobian' and feedback_type='calibrated' run on the fused path only "
-                         f"(CPU, CUDA); got path {path!r} on {device.type}.")
+    if path == "recompute" and calibration is not None:
+        raise ValueError(f"feedback_type='calibrated' runs on the fused path only (CPU, CUDA); got path {path!r} on "
+                         f"{device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
     with torch.autocast(device.type, enabled=False):

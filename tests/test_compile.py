@@ -1,6 +1,7 @@
 """torch.compile: `fullgraph=True` compiles the eval forward (padding and state cache included) and a training step in
-`bptt`, `dsf` and `ft_bptt`, with the eager model's values and gradients; the modes only the fused op runs
-(`diag_jacobian`, a calibrated feedback) compile with a graph break around it and are refused by `fullgraph=True`.
+`bptt`, `dsf` and `ft_bptt`, with the eager model's values and gradients; `diag_jacobian` and a calibrated feedback,
+which run the fused op (its gate buffers do not trace), compile with a graph break around that op and are refused by
+`fullgraph=True`.
 Tiny models: compiling is what costs here (seconds to a minute each on 2 CPU cores)."""
 
 import copy
@@ -75,7 +76,7 @@ def test_fullgraph_training_step_in_every_traceable_mode_equals_eager():
 
 
 @pytest.mark.parametrize("settings", [{"gradient_mode": "diag_jacobian"}, {"feedback_type": "calibrated"}])
-def test_fused_only_modes_compile_with_a_graph_break_and_fullgraph_refuses_them(settings):
+def test_fused_op_modes_compile_with_a_graph_break_and_fullgraph_refuses_them(settings):
     model = tiny("gru", **settings).train()
     input_ids, labels, mask = padded_batch(VOCAB, 3, 7, "right")
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
@@ -87,5 +88,5 @@ def test_fused_only_modes_compile_with_a_graph_break_and_fullgraph_refuses_them(
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
     for got, expected in zip(grads, want):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
-    # The calibrated feedback moved as in the eager step.
+    # A calibrated feedback moved as in the eager step.
     torch.testing.assert_close(model.model.layers[0].recurrent.feedback, eager.model.layers[0].recurrent.feedback)
