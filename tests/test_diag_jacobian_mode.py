@@ -55,6 +55,11 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
 @pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
 def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
     monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
+
+
+def assert_diag_jacobian_layer_is_the_reference(cell, mask_kind):
+    """A `diag_jacobian` layer's gradients (inputs and every weight) against `reference_diag_jacobian_layer`."""
     layer = make_layer(cell)
     layer.config.gradient_mode = "diag_jacobian"
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -218,17 +223,6 @@ def test_invalid_calibration_settings_name_the_field(field, value):
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("mask_kind", [None, "right", "arbitrary"])
 def test_recompute_form_runs_diag_jacobian_as_the_reference(cell, mask_kind, monkeypatch):
-    """The recompute form (`dsf_states`, what torch.compile traces): diag(J_t) from gates recomputed batched."""
+    """The recompute form (`dsf_states`): diag(J_t) from gates recomputed batched."""
     monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", "recompute")
-    layer = make_layer(cell)
-    layer.config.gradient_mode = "diag_jacobian"
-    inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
-    mask = make_mask(mask_kind, 4, 9)
-    readout = torch.randn(4, 9, layer.output_size, dtype=torch.float64)
-    params = [inputs, *layer_weights(layer)]
-    got = torch.autograd.grad((layer(inputs, mask=mask)[0] * readout).sum(), params)
-    reference = reference_diag_jacobian_layer(layer, inputs, mask)[..., : layer.output_size]
-    want = torch.autograd.grad((reference * readout).sum(), params)
-    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
-        assert w.abs().max() > 0, name
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
