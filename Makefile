@@ -1,4 +1,4 @@
-# make demo: creates .venv, installs, trains a small DSF GRU language model on Penn Treebank (CPU, minutes).
+# make demo: creates .venv, installs, trains a small DSF GRU language model on Penn Treebank (CPU, a fixed 300 steps).
 # make test: creates .venv if needed, installs with the test extras, runs the whole suite.
 PYTHON ?= python3
 # A CPU build of torch where this pin is on local disk; override (e.g. TORCH_SPEC=torch) for a CUDA machine.

@@ -17,8 +17,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfrnn_hf import GRADIENT_MODES  # importing sfrnn_hf also registers the sfrnn model type
+from sfrnn_hf.lora_targets import LINEAR_LORA_MODULES, RECURRENT_LORA_PARAMETERS
 from sfrnn_hf.train import run
-from sfrnn_hf.training_config import LINEAR_LORA_MODULES, RECURRENT_LORA_PARAMETERS, load_config
+from sfrnn_hf.training_config import load_config
 
 
 def main():

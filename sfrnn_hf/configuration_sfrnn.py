@@ -5,6 +5,9 @@ Hub-exported file: imports only transformers.
 """
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 CELL_TYPES = ("gru", "lstm", "rnn")
 GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
@@ -21,6 +24,43 @@ def _check_choice(name, value):
     allowed = _CHOICES[name]
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def calibration_without_effect(gradient_mode, feedback_type) -> str | None:
+    """Why `feedback_type="calibrated"` does nothing under `gradient_mode`, or None when it takes effect (`dsf`)."""
+    if feedback_type != "calibrated" or gradient_mode == "dsf":
+        return None
+    return (f"`feedback_type='calibrated'` has no effect with `gradient_mode={gradient_mode!r}`: the feedback is "
+            f"re-estimated only in `dsf` training steps (set gradient_mode='dsf', or feedback_type='linspace').")
+
+
+def settings_without_effect(config) -> list[str]:
+    """Each setting that changes nothing in this configuration, as a sentence naming its value and the value that
+    makes it idle. Fields at their class defaults are not reported (a saved config carries every field)."""
+
+    def changed(name):
+        return getattr(config, name) != getattr(type(config), name)
+
+    notes = []
+    calibration = calibration_without_effect(config.gradient_mode, config.feedback_type)
+    if calibration:
+        notes.append(calibration)
+    if config.feedback_type != "calibrated" and changed("feedback_momentum"):
+        notes.append(f"`feedback_momentum={config.feedback_momentum}` has no effect with "
+                     f"`feedback_type={config.feedback_type!r}`: it smooths a calibrated feedback only.")
+    if config.gradient_mode != "dsf":
+        for name in ("feedback_min", "feedback_max"):
+            if changed(name):
+                notes.append(f"`{name}={getattr(config, name)}` has no effect with "
+                             f"`gradient_mode={config.gradient_mode!r}`: the feedback diagonal is used by `dsf` only.")
+    if config.block_type == "residual":
+        if config.intermediate_size not in (None, 4 * config.hidden_size):
+            notes.append(f"`intermediate_size={config.intermediate_size}` has no effect with "
+                         f"`block_type='residual'`: only prenorm blocks have an MLP.")
+        if changed("layer_norm_eps"):
+            notes.append(f"`layer_norm_eps={config.layer_norm_eps}` has no effect with `block_type='residual'`: "
+                         f"only prenorm blocks have LayerNorms.")
+    return notes
 
 
 def _check_positive_int(name, value):
@@ -65,6 +105,12 @@ class SfrnnConfig(PreTrainedConfig):
         initializer_range (`float`): std of the normal init of embeddings and linear layers; the last linear layer of
             each residual branch uses `initializer_range / sqrt(2 * num_hidden_layers)` (GPT-2). Recurrent weights use
             torch's `U(-1/sqrt(d), 1/sqrt(d))`.
+
+    A setting that changes nothing in the configuration it is part of (`feedback_type="calibrated"` outside `dsf`,
+    `feedback_momentum` without calibration, `feedback_min` / `feedback_max` outside `dsf`, `intermediate_size` or
+    `layer_norm_eps` in residual blocks) is named in a warning when the config is built
+    (`settings_without_effect`). Because `gradient_mode` may be switched on a live model, the recurrent layer also
+    warns, once, at a training forward whose mode leaves a calibrated feedback idle.
     """
 
     model_type = "sfrnn"
@@ -111,6 +157,8 @@ class SfrnnConfig(PreTrainedConfig):
             )
         if not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
+        for note in settings_without_effect(self):
+            logger.warning(note)
         super().__post_init__(**kwargs)
 
     def __setattr__(self, key, value):
@@ -129,4 +177,5 @@ class SfrnnConfig(PreTrainedConfig):
         return 2 if self.cell_type == "lstm" else 1
 
 
-__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES"]
+__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES", "settings_without_effect",
+           "calibration_without_effect"]

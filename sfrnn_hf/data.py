@@ -76,12 +76,32 @@ def _wrap(tokenizer: Tokenizer, **special_tokens) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False, **special_tokens)
 
 
+def word_decoder() -> decoders.Decoder:
+    """Each word decodes with the space before it, as a byte-level BPE token carries its own (`Ġword`): decoding the
+    tokens after a prompt gives `" it has"`, which `pipeline("text-generation")` and `TextStreamer` append to the
+    prompt's text. A decoded sentence therefore starts with one space."""
+    return decoders.Replace(Regex("^"), " ")
+
+
+def add_word_decoder(tokenizer) -> bool:
+    """A word tokenizer saved before `word_decoder` existed (WordLevel, whitespace split, no decoder) gets it, so that
+    the text-generation pipeline keeps the space between a prompt and its continuation. Returns whether it changed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.decoder is not None or not isinstance(backend.model, models.WordLevel):
+        return False
+    if not isinstance(backend.pre_tokenizer, pre_tokenizers.WhitespaceSplit):
+        return False
+    backend.decoder = word_decoder()
+    return True
+
+
 def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     """WordLevel tokenizer over the whitespace-separated words of `lines` (the training split).
 
     Ids: `<pad>` 0, `<bos>` 1, `<eos>` 2, `<unk>` 3 (PTB's own `<unk>`), then words by decreasing frequency (ties
     alphabetical). Encoding prepends `<bos>` (so a prompt looks like the start of a training sentence); `<eos>` is
-    added by the data preparation, not by the tokenizer. Unknown words map to `<unk>`.
+    added by the data preparation, not by the tokenizer. Unknown words map to `<unk>`. Decoding puts a space before
+    every word (`word_decoder`).
     """
     counts = collections.Counter(word for line in lines for word in line.split())
     specials = [PAD, BOS, EOS, UNK]
@@ -89,6 +109,7 @@ def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     vocab = {token: index for index, token in enumerate(specials + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = word_decoder()
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
@@ -172,6 +193,16 @@ def sentence_dataset(lines: list[str], tokenizer, max_length: int) -> Dataset:
         raise ValueError("The sentence layout needs a tokenizer with a bos and an eos token.")
     rows = [([bos] + ids + [eos])[:max_length] for ids in _token_ids(tokenizer, lines)]
     return Dataset.from_dict({"input_ids": rows})
+
+
+def sentence_documents(lines: list[str], tokenizer, max_length: int) -> list[str]:
+    """What an external harness must score to reproduce the `sentence` layout's perplexity with a word-level
+    tokenizer: per line, the tokens `sentence_dataset` predicts (after `<bos>`, cut at `max_length`, `<eos>` included
+    unless cut), joined by spaces. Scored after a `<bos>` prefix and encoded without special tokens (lm-evaluation-
+    harness: `loglikelihood_rolling`, `add_bos_token=False`), each word is one token, so the harness's word
+    perplexity is this package's token perplexity."""
+    rows = sentence_dataset(lines, tokenizer, max_length)["input_ids"]
+    return [" ".join(tokenizer.convert_ids_to_tokens(row[1:])) for row in rows]
 
 
 def chunk_stream(token_lists: pa.Array | list, block_size: int) -> Dataset:
@@ -338,10 +369,12 @@ __all__ = [
     "ptb_text",
     "ptb_sentences",
     "build_word_tokenizer",
+    "add_word_decoder",
     "build_char_tokenizer",
     "train_bpe_tokenizer",
     "gpt2_tokenizer",
     "sentence_dataset",
+    "sentence_documents",
     "stream_dataset",
     "chunk_stream",
     "CausalLMCollator",

@@ -10,6 +10,7 @@ and a model card `README.md` with Hub metadata. It loads with `trust_remote_code
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .data import add_word_decoder
 
 CELL_NAMES = {"gru": "GRU", "lstm": "LSTM", "rnn": "tanh RNN"}
 GRADIENT_MODE_NAMES = {
@@ -78,7 +81,8 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=Non
 
 
 def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> Path:
-    """Write the complete Hub repository folder for `model` and `tokenizer` (either may come from any checkpoint).
+    """Write the complete Hub repository folder for `model` and `tokenizer` (either may come from any checkpoint). A
+    word-level tokenizer without a decoder (saved before `data.word_decoder` existed) is written with it.
 
     `card_kwargs` go to `model_card` (datasets, perplexity, eval_dataset, eval_command, license, data_description,
     training_details). Returns the folder.
@@ -87,6 +91,8 @@ def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> 
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)  # weights, config with auto_map, code files, generation_config.json
     if tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        add_word_decoder(tokenizer)  # a word tokenizer saved by an older version: the pipeline keeps its spaces
         tokenizer.save_pretrained(folder)
     card = model_card(model, repo_id=repo_id or folder.name, **card_kwargs)
     card.save(folder / "README.md")
@@ -98,6 +104,12 @@ def upload_folder(folder, repo_id, token=None, private=False) -> str:
     api = huggingface_hub.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload sfrnn model"))
+
+
+def upload_command(repo_id, folder, private=False) -> str:
+    """The huggingface_hub CLI command that uploads `folder` to the root of `repo_id` (`hf upload REPO_ID LOCAL_PATH
+    PATH_IN_REPO`; the older `huggingface-cli` no longer works)."""
+    return f"hf upload {repo_id} {folder} .{' --private' if private else ''}"
 
 
 def best_perplexity_from_trainer_state(checkpoint) -> float | None:
@@ -152,7 +164,7 @@ def main(argv=None):
     if huggingface_hub.constants.HF_HUB_OFFLINE or not token:
         reason = "HF_HUB_OFFLINE is set" if huggingface_hub.constants.HF_HUB_OFFLINE else "no Hub token"
         print(f"not uploaded ({reason}): the folder {folder} is complete; upload it later with "
-              f"`huggingface-cli upload {args.repo_id} {folder}`.")
+              f"`{upload_command(args.repo_id, folder, args.private)}`.")
         return 1
     try:
         url = upload_folder(folder, args.repo_id, token=token, private=args.private)

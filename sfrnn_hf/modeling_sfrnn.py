@@ -1,7 +1,7 @@
 """Hugging Face models of sfrnn: multi-layer GRU / LSTM / tanh-RNN language models trained with exact BPTT, DSF
 (Diagonal State Feedbacks, arXiv 2503.23104) or FT-BPTT.
 
-Layers: `SfrnnForCausalLM` (head + loss + generate) -> `SfrnnModel` (embeddings, blocks, final norm) -> `SfrnnBlock`
+Layers: `SfrnnForCausalLM` (head + loss + generate; or `SfrnnForSequenceClassification`) -> `SfrnnModel` (embeddings, blocks, final norm) -> `SfrnnBlock`
 (residual or pre-norm) -> `SfrnnRecurrentLayer` (cell weights, gradient mode; `recurrent_sfrnn.py`) -> cells and the
 reverse diagonal scan (`cells_sfrnn.py`, `scan_sfrnn.py`). The recurrent state between calls lives in `SfrnnCache`.
 
@@ -16,10 +16,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
 from .configuration_sfrnn import SfrnnConfig
-from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
+from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
 
 
 class SfrnnStateLayer(LinearAttentionLayer):
@@ -104,6 +104,9 @@ class SfrnnBlock(GradientCheckpointingLayer):
             if branch_output is not None:
                 branch_output.is_residual_branch_output = True  # GPT-2 scaled init, see `_init_weights`
 
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.recurrent.layer_idx}, block_type={self.block_type}"
+
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """hidden_states `(batch, time, d)` -> `(batch, time, d)`, final state `(batch, S)`."""
         branch = hidden_states if self.recurrent_norm is None else self.recurrent_norm(hidden_states)
@@ -123,6 +126,12 @@ class SfrnnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SfrnnBlock"]
     supports_gradient_checkpointing = True
     _is_stateful = True  # no assisted decoding: the state cannot be rolled back
+
+    def get_input_embeddings(self):
+        return self.base_model.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.base_model.embeddings = new_embeddings
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also writes the flat code files and the full `auto_map`, so that the folder loads with
@@ -162,8 +171,14 @@ class SfrnnPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
-    """Clear errors for bad inputs, before they reach torch. Returns `(batch, time)`."""
+def _check_inputs(config, input_ids, inputs_embeds, attention_mask, continues_cache=False):
+    """Clear errors for bad inputs, before they reach torch. Returns `(batch, time)`.
+
+    Token ids are read back to check their range (one host sync on an accelerator) except where they cannot be or
+    need not be: under `torch.compile` (a data-dependent check cannot be traced) and in a one-token step continuing a
+    cache (`continues_cache`: generate's decode steps, whose tokens the model itself chose). There an id out of range
+    fails in the embedding instead.
+    """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds` (got both or neither).")
     if input_ids is not None:
@@ -171,11 +186,6 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
             raise ValueError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}.")
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, time), got shape {tuple(input_ids.shape)}.")
-        if input_ids.numel() > 0:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"`input_ids` holds id {bad}, outside the vocabulary [0, {config.vocab_size - 1}].")
         batch, time = input_ids.shape
     else:
         if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.dtype.is_floating_point:
@@ -187,6 +197,12 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
         batch, time = inputs_embeds.shape[:2]
     if time == 0 or batch == 0:
         raise ValueError(f"Empty input: got batch {batch} and sequence length {time}; both must be at least 1.")
+    decode_step = continues_cache and time == 1
+    if input_ids is not None and not decode_step and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one transfer
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"`input_ids` holds id {bad}, outside the vocabulary [0, {config.vocab_size - 1}].")
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < time:
             raise ValueError(
@@ -228,6 +244,9 @@ class PackedSequences:
         """Whether some row restarts at 0 after a real token (a host sync, skipped for one-token inputs)."""
         if position_ids is None or position_ids.shape[1] == 1:
             return False
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("Packed sequences (`position_ids`, `cu_seq_lens_q`) are found by reading the "
+                                      "positions, which torch.compile cannot trace: run them eagerly.")
         real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask.bool()
         seen_before = (real.long().cumsum(dim=1) - real.long()) > 0
         return bool(((position_ids == 0) & real & seen_before).any())
@@ -269,12 +288,6 @@ class SfrnnModel(SfrnnPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -300,24 +313,23 @@ class SfrnnModel(SfrnnPreTrainedModel):
         """
         if isinstance(attention_mask, dict):
             attention_mask = attention_mask.get("linear_attention")
-        batch, time = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if past_key_values is not None and not isinstance(past_key_values, SfrnnCache):
+            raise ValueError(f"`past_key_values` must be an SfrnnCache, got {type(past_key_values).__name__}.")
+        continues_cache = past_key_values is not None and past_key_values.seen_tokens > 0
+        batch, time = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, continues_cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is not None and not isinstance(past_key_values, SfrnnCache):
-            raise ValueError(f"`past_key_values` must be an SfrnnCache, got {type(past_key_values).__name__}.")
         if use_cache and past_key_values is None:
             past_key_values = SfrnnCache(self.config)
         if past_key_values is not None:
             _check_cache(past_key_values, self.config, batch)
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -time:].to(hidden_states.device)
+        mask = None if attention_mask is None else attention_mask[:, -time:].to(hidden_states.device)
         if position_ids is not None and cu_seq_lens_q is None:
             position_ids = position_ids[:, -time:].to(hidden_states.device)
         packed = None
@@ -328,8 +340,8 @@ class SfrnnModel(SfrnnPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         if packed is not None:
             hidden_states, mask = packed.unpack(hidden_states), packed.mask
-        elif mask is not None and bool(mask.all()):
-            mask = None
+        else:
+            mask = effective_mask(mask)
 
         for idx, block in enumerate(self.layers):
             initial_state = past_key_values.get_state(idx) if past_key_values is not None else None
@@ -399,12 +411,6 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         self.model = SfrnnModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.model.embeddings = new_embeddings
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -487,9 +493,10 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None and labels.shape != hidden_states.shape[:2]:
             raise ValueError(f"`labels` must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}.")
+        # (Not under torch.compile: selecting the labelled positions gives a data-dependent shape.)
         labelled_only = (
             labels is not None and self.training and not return_logits
-            and isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and isinstance(logits_to_keep, int) and logits_to_keep == 0 and not torch.compiler.is_compiling()
         )
         if labelled_only:
             loss = self.labelled_token_loss(hidden_states, labels, **kwargs)
@@ -506,15 +513,89 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         )
 
 
+def last_real_positions(attention_mask: torch.Tensor | None, batch: int, time: int, device) -> torch.Tensor:
+    """Index `(batch,)` of each row's last real token: the last 1 of `attention_mask` `(batch, time')` (its last
+    `time` columns), wherever the padding is (left, right or both); `time - 1` without a mask. A row without a real
+    token gets a ValueError (not under torch.compile, where the mask's values cannot be read)."""
+    if attention_mask is None:
+        return torch.full((batch,), time - 1, dtype=torch.long, device=device)
+    positions = torch.arange(time, device=device)
+    last = torch.where(attention_mask[:, -time:].to(device).bool(), positions, -1).amax(dim=1)
+    if not torch.compiler.is_compiling() and bool((last < 0).any()):
+        rows = (last < 0).nonzero().flatten().tolist()
+        raise ValueError(f"`attention_mask` rows {rows} hold no real token (all 0): nothing to classify.")
+    return last
+
+
+class SfrnnForSequenceClassification(SfrnnPreTrainedModel):
+    """The recurrent model with a linear head `score` on the hidden state of each row's last real token (after the
+    final norm of pre-norm models): the state that has read the whole sequence. Left and right padding both work
+    through `attention_mask` (padding holds the recurrent state, and the head reads the last real position).
+
+    Loss as every transformers classifier (`config.problem_type`, inferred when None from `num_labels` and the labels'
+    dtype): `"regression"` (MSE), `"single_label_classification"` (cross-entropy), `"multi_label_classification"`
+    (BCE with logits). Trains in every gradient mode; a causal-LM checkpoint loads into it (the head is new).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # starting from a causal-LM checkpoint
+
+    def __init__(self, config: SfrnnConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SfrnnModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | SequenceClassifierOutput:
+        """
+        Args:
+            input_ids: `(batch, time)`, or `inputs_embeds` `(batch, time, d)`.
+            attention_mask: `(batch, time)`, 1 for real tokens; padding anywhere (the head reads the last real token).
+            labels: `(batch,)` class ids, `(batch,)` / `(batch, num_labels)` floats for regression, or
+                `(batch, num_labels)` 0/1 floats for multi-label classification.
+            **kwargs: passed to the loss (the Trainer's `num_items_in_batch`).
+        Returns:
+            logits `(batch, num_labels)`, the loss when `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             use_cache=False, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden_states = outputs.last_hidden_state  # (batch, time, d)
+        batch, time = hidden_states.shape[:2]
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask.get("linear_attention")
+        last = last_real_positions(attention_mask, batch, time, hidden_states.device)
+        logits = self.score(hidden_states[torch.arange(batch, device=hidden_states.device), last])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config,
+                                      **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
 # `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,
 # so the whole map is set in `save_pretrained`.
 AUTO_MAP = {
     "AutoConfig": "configuration_sfrnn.SfrnnConfig",
     "AutoModel": "modeling_sfrnn.SfrnnModel",
     "AutoModelForCausalLM": "modeling_sfrnn.SfrnnForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_sfrnn.SfrnnForSequenceClassification",
 }
 SfrnnConfig.register_for_auto_class("AutoConfig")
 SfrnnModel.register_for_auto_class("AutoModel")
 SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+SfrnnForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
-__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnCache"]
+__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache"]

@@ -15,7 +15,8 @@ feedback diagonal, and runs the sequence in the mode `config.gradient_mode` name
   moves the feedback, called after the optimizer step (`CalibratedFeedbackCallback` does it in the Trainer). A
   recomputed forward (gradient checkpointing) records the same sum again with the same count: the mean is unchanged.
 - `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
-  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates): fused path only.
+  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates; in the recompute
+  form, from gates recomputed batched).
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
 
 Hub-exported file: imports only torch, transformers and its flat siblings.
@@ -30,7 +31,17 @@ from torch import nn
 from transformers.utils import logging
 
 from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
-from .fused_sfrnn import DIAG_JACOBIAN, DSF_CHUNK, diagonal_jacobian_sum, fused_dsf_states, recurrence_saving_gates
+from .configuration_sfrnn import calibration_without_effect
+from .fused_sfrnn import (
+    DIAG_JACOBIAN,
+    DSF_CHUNK,
+    chunk_diagonal_jacobian,
+    diagonal_jacobian_sum,
+    fused_dsf_states,
+    gates_from_states,
+    recurrence_saving_gates,
+    reverse_scan_chunk_,
+)
 from .scan_sfrnn import reverse_diagonal_scan
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
@@ -40,10 +51,27 @@ _FUSED_KERNELS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:
-    """True when every row of `mask` `(batch, time)` is ones followed by zeros (padding only at the end)."""
+    """True when every row of `mask` `(batch, time)` is ones followed by zeros (padding only at the end).
+
+    Reads the mask's values (a host sync on an accelerator), except for one column: right-padded by construction.
+    Under `torch.compile` the values cannot be read: False (not known), so the caller takes a path correct for any
+    mask."""
+    if mask.shape[1] == 1:
+        return True
+    if torch.compiler.is_compiling():
+        return False
     lengths = mask.sum(dim=1, keepdim=True)
     positions = torch.arange(mask.shape[1], device=mask.device)
     return bool(torch.equal(mask.bool(), positions[None, :] < lengths))
+
+
+def effective_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask to apply: None when `mask` `(batch, time)` holds no padding (the fused kernels then run unmasked).
+    Telling reads the mask (a host sync on an accelerator), so the mask is kept as given for one column (a decode
+    step, where applying it is elementwise anyway) and under `torch.compile` (no data-dependent branch in a graph)."""
+    if mask is None or mask.shape[1] == 1 or torch.compiler.is_compiling():
+        return mask
+    return None if bool(mask.all()) else mask
 
 
 def _hold_state_after_end(states, initial_state, mask):
@@ -122,8 +150,7 @@ def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_sta
     Returns:
         `(outputs, final_state)`: `(batch, time, d or S)` and `(batch, S)` (None when not needed and not free).
     """
-    if mask is not None and bool(mask.all()):
-        mask = None
+    mask = effective_mask(mask)
     if mask is not None and not is_right_padded(mask):
         weight_ih, weight_hh, bias_ih, bias_hh = weights
         states = looped_recurrence(cell_type, F.linear(inputs, weight_ih, bias_ih), initial_state, weight_hh, bias_hh, mask)
@@ -141,7 +168,8 @@ def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_sta
 
 class DiagonalStateFeedback(torch.autograd.Function):
     """The DSF rule. Forward: the states of the recurrence, unchanged. Backward: the incoming state gradient `e`
-    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`)."""
+    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`).
+    A time-varying `feedback` `(batch, time, S)` decays by its step's own diagonal: `g_t = e_t + a_{t+1} * g_{t+1}`."""
 
     @staticmethod
     def forward(ctx, states, one_step_states, feedback):
@@ -152,7 +180,23 @@ class DiagonalStateFeedback(torch.autograd.Function):
     def backward(ctx, grad_states):
         if ctx.feedback is None:
             return None, grad_states, None
-        return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
+        if ctx.feedback.dim() == 1:
+            return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
+        grad = grad_states.transpose(0, 1).contiguous()  # time-major, scanned in place
+        reverse_scan_chunk_(grad, None, ctx.feedback.transpose(0, 1))
+        return None, grad.transpose(0, 1), None
+
+
+def step_jacobian_diagonals(cell_type, inputs, previous_states, states, weights, mask):
+    """diag(J_t) of every step `(batch, time, S)`, 1 where `mask` holds the state: the gates recomputed batched from
+    the states (`gates_from_states`), then `cells_sfrnn.diagonal_jacobian`, as the fused op computes it per chunk.
+    inputs `(batch, time, d)`, previous_states / states `(batch, time, S)`, mask `(batch, time)` or None."""
+    inputs_tm, states_tm = inputs.transpose(0, 1).contiguous(), states.transpose(0, 1).contiguous()
+    previous_tm = previous_states.transpose(0, 1)
+    gates = gates_from_states(cell_type, inputs_tm, previous_states[:, 0], states_tm, weights)
+    mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
+    decay = chunk_diagonal_jacobian(cell_type, gates, previous_tm, states_tm, weights[1], mask_tm, 0, states.shape[1])
+    return decay.transpose(0, 1)
 
 
 def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
@@ -160,11 +204,16 @@ def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
 
     (1) the recurrence without a graph; (2) one batched evaluation of the cell over all positions with the previous
     states held constant (the one-step gradients); (3) the state gradient rewritten by `DiagonalStateFeedback`.
+    `feedback`: `(S,)`, None (FT-BPTT) or `DIAG_JACOBIAN` (each step's own diag(J_t), `step_jacobian_diagonals`).
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     with torch.no_grad():
         states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
     previous_states = torch.cat([initial_state.detach().unsqueeze(1), states[:, :-1]], dim=1)
+    if isinstance(feedback, str):
+        with torch.no_grad():
+            feedback = step_jacobian_diagonals(cell_type, inputs, previous_states, states,
+                                               tuple(w.detach() for w in weights), mask)
     one_step_states = cell_step(cell_type, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
     return DiagonalStateFeedback.apply(states, one_step_states, feedback)
 
@@ -178,8 +227,18 @@ DSF_PATH = None
 _logged_paths = set()
 
 
-def select_dsf_path(inputs: torch.Tensor) -> str:
-    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device."""
+# torch.compile traces the recompute form of dsf and ft_bptt (torch ops and one small autograd.Function). The fused
+# op does not trace (Python loops over time writing into preallocated buffers, host-side options), nor do the gate
+# buffers diag(J_t) is computed from (`out=` into strided views, which dynamo refuses): diag_jacobian and a calibrated
+# feedback call the fused op outside the graph, a graph break that `fullgraph=True` refuses.
+_fused_dsf_states_outside_graph = torch.compiler.disable(fused_dsf_states)
+
+
+def select_dsf_path(inputs: torch.Tensor, traceable: bool = True) -> str:
+    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device; under torch.compile the
+    recompute form when the mode's recompute form is `traceable`."""
+    if torch.compiler.is_compiling() and traceable:
+        return "recompute"
     forced = DSF_PATH or os.environ.get("SFRNN_DSF_PATH")
     if forced:
         if forced not in DSF_PATHS:
@@ -214,7 +273,7 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     has the inputs' dtype.
     """
     device = inputs.device
-    path = select_dsf_path(inputs)
+    path = select_dsf_path(inputs, traceable=not isinstance(feedback, str) and calibration is None)
     autocast = torch.is_autocast_enabled(device.type)
     compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
     matmul_dtype = None
@@ -226,14 +285,14 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     use_triton = path == "fused_cudnn" and device.type == "cuda" and TRITON_AVAILABLE
     pointwise_kernel = triton_dsf_pointwise_backward if use_triton else None
     key = (path, device.type, compute_dtype, matmul_dtype, pointwise_kernel is not None)
-    if key not in _logged_paths:
+    if key not in _logged_paths and not torch.compiler.is_compiling():
         _logged_paths.add(key)
         backward = "triton" if pointwise_kernel is not None else "torch"
         logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
                     f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
-    if path == "recompute" and (isinstance(feedback, str) or calibration is not None):
-        raise ValueError(f"gradient_mode='diag_jacobian' and feedback_type='calibrated' run on the fused path only "
-                         f"(CPU, CUDA); got path {path!r} on {device.type}.")
+    if path == "recompute" and calibration is not None:
+        raise ValueError(f"feedback_type='calibrated' runs on the fused path only (CPU, CUDA); got path {path!r} on "
+                         f"{device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
     with torch.autocast(device.type, enabled=False):
@@ -245,8 +304,9 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
                 def forward_states():  # time-major states `(time, batch, S)` from torch's fused kernel
                     states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
                     return states.transpose(0, 1).contiguous()
-            states = fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states,
-                                      matmul_dtype, chunk, pointwise_kernel, calibration)
+            fused = _fused_dsf_states_outside_graph if torch.compiler.is_compiling() else fused_dsf_states
+            states = fused(cell_type, inputs, initial_state, weights, mask, feedback, forward_states, matmul_dtype,
+                           chunk, pointwise_kernel, calibration)
     return states.to(out_dtype)
 
 
@@ -338,6 +398,13 @@ class SfrnnRecurrentLayer(nn.Module):
         self.feedback.copy_(updated.clamp(0.0, 1.0))
         return True
 
+    def extra_repr(self) -> str:
+        config = self.config  # read now: the gradient mode may have been switched on the live model
+        feedback = (f"linspace({config.feedback_min}, {config.feedback_max})" if config.feedback_type == "linspace"
+                    else f"calibrated (momentum {config.feedback_momentum})")
+        return (f"cell_type={self.cell_type}, hidden_size={self.hidden_size}, state_size={self.state_size}, "
+                f"output_size={self.output_size}, gradient_mode={config.gradient_mode}, feedback={feedback}")
+
     @property
     def init_bound(self):
         """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
@@ -360,6 +427,11 @@ class SfrnnRecurrentLayer(nn.Module):
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights))
         mode = self.config.gradient_mode
+        if needs_grad and not torch.compiler.is_compiling():
+            # The mode may have been switched on the live model since the config was checked.
+            note = calibration_without_effect(mode, self.config.feedback_type)
+            if note:
+                logger.warning_once(note)
         if needs_grad and mode != "bptt":
             feedback = {"dsf": self.feedback, "ft_bptt": None, "diag_jacobian": DIAG_JACOBIAN}[mode]
             calibration = [] if mode == "dsf" and self.config.feedback_type == "calibrated" else None

@@ -26,6 +26,7 @@ import yaml
 
 from .configuration_sfrnn import SfrnnConfig
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
+from .lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .run_folder import REDACTED
 
 
@@ -33,10 +34,6 @@ class ConfigError(ValueError):
     """A bad configuration value, key or path: raised before any data is prepared or any step is taken."""
 
 
-# The recurrent layer's LoRA-able parameters: 2-D matrices read inside `SfrnnRecurrentLayer.forward`
-# (PEFT's `target_parameters` cannot adapt the 1-D biases).
-RECURRENT_LORA_PARAMETERS = ("weight_ih", "weight_hh")
-LINEAR_LORA_MODULES = ("output_projection", "up_proj", "down_proj", "lm_head")
 SCHEDULERS = ("step", "warmup_cosine", "constant")
 MODEL_DERIVED_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 MODEL_FIELDS = tuple(name for name in SfrnnConfig.__annotations__ if name not in MODEL_DERIVED_FIELDS)
@@ -422,16 +419,10 @@ def check_config(config: ExperimentConfig) -> None:
             raise ConfigError("LoRA fine-tunes a trained checkpoint: set `model.from_pretrained` (or pass --lora PATH).")
         _positive("lora.r", lora.r)
         _positive("lora.alpha", lora.alpha)
-        for name in lora.target_parameters:
-            short = name.split(".")[-1]
-            if short not in RECURRENT_LORA_PARAMETERS:
-                raise ConfigError(
-                    f"`lora.target_parameters`: {name!r} is not a LoRA-able recurrent parameter; choose among "
-                    f"{list(RECURRENT_LORA_PARAMETERS)} (the 1-D biases cannot carry a low-rank update)."
-                )
-        for name in lora.target_modules:
-            if name.split(".")[-1] not in LINEAR_LORA_MODULES:
-                raise ConfigError(f"`lora.target_modules`: {name!r} is not one of {list(LINEAR_LORA_MODULES)}.")
+        try:
+            check_lora_targets(lora.target_modules, lora.target_parameters)
+        except ValueError as error:
+            raise ConfigError(f"lora.{error}") from None
         if not lora.target_parameters and not lora.target_modules:
             raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
 
@@ -471,6 +462,4 @@ __all__ = [
     "changed_settings",
     "RESUMABLE_CHANGES",
     "shipped_configs",
-    "RECURRENT_LORA_PARAMETERS",
-    "LINEAR_LORA_MODULES",
 ]

@@ -85,8 +85,13 @@ def causal_lm_cross_entropy(logits, labels):
 
 def reference_causal_lm_logits(model, input_ids, mask, layer_fn):
     """The model's wiring re-done by hand around `layer_fn(recurrent_layer, inputs, mask) -> (B, T, S)`."""
-    x = model.model.embeddings(input_ids)
-    for block in model.model.layers:
+    return model.lm_head(reference_hidden_states(model.model, input_ids, mask, layer_fn))
+
+
+def reference_hidden_states(base, input_ids, mask, layer_fn):
+    """`SfrnnModel`'s wiring (embeddings, blocks, final norm) re-done by hand around `layer_fn`. Returns `(B, T, d)`."""
+    x = base.embeddings(input_ids)
+    for block in base.layers:
         branch = x if block.recurrent_norm is None else block.recurrent_norm(x)
         branch = layer_fn(block.recurrent, branch, mask)[..., : block.recurrent.output_size]
         if block.output_projection is not None:
@@ -94,9 +99,9 @@ def reference_causal_lm_logits(model, input_ids, mask, layer_fn):
         x = x + branch
         if block.mlp is not None:
             x = x + block.mlp(block.mlp_norm(x))
-    if model.model.norm_f is not None:
-        x = model.model.norm_f(x)
-    return model.lm_head(x)
+    if base.norm_f is not None:
+        x = base.norm_f(x)
+    return x
 
 
 def padded_batch(vocab_size, batch, time, padding):

@@ -58,3 +58,78 @@ def test_valid_assignment_switches_mode():
     for mode in ("bptt", "ft_bptt", "dsf"):
         config.gradient_mode = mode
         assert config.gradient_mode == mode
+
+
+def _warnings(caplog, logger):
+    return [record.getMessage() for record in caplog.records if record.name == logger]
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(feedback_type="calibrated", gradient_mode="bptt"), ("feedback_type='calibrated'", "gradient_mode='bptt'")),
+        (dict(feedback_type="calibrated", gradient_mode="diag_jacobian"), ("'calibrated'", "'diag_jacobian'")),
+        (dict(feedback_momentum=0.5), ("feedback_momentum=0.5", "feedback_type='linspace'")),
+        (dict(feedback_min=0.3, gradient_mode="ft_bptt"), ("feedback_min=0.3", "gradient_mode='ft_bptt'")),
+        (dict(feedback_max=0.7, gradient_mode="bptt"), ("feedback_max=0.7", "gradient_mode='bptt'")),
+        (dict(intermediate_size=100), ("intermediate_size=100", "block_type='residual'")),
+        (dict(layer_norm_eps=1e-6), ("layer_norm_eps=1e-06", "block_type='residual'")),
+    ],
+)
+def test_a_setting_without_effect_is_named_with_the_value_that_idles_it(caplog, settings, named):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.configuration_sfrnn"):
+        SfrnnConfig(**settings)
+    warnings = _warnings(caplog, "sfrnn_hf.configuration_sfrnn")
+    assert len(warnings) == 1 and all(name in warnings[0] for name in named), warnings
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(feedback_type="calibrated", feedback_momentum=0.5), dict(feedback_min=0.3, feedback_max=0.8),
+     dict(block_type="prenorm", intermediate_size=100, layer_norm_eps=1e-6), dict(gradient_mode="bptt")],
+)
+def test_settings_that_take_effect_are_not_warned_about(caplog, settings):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.configuration_sfrnn"):
+        again = SfrnnConfig.from_dict(SfrnnConfig(**settings).to_dict())  # a saved config carries every field
+    assert again.intermediate_size == (settings.get("intermediate_size") or 4 * again.hidden_size)
+    assert not _warnings(caplog, "sfrnn_hf.configuration_sfrnn")
+
+
+def test_switching_a_calibrated_model_out_of_dsf_warns_once_at_its_training_forward(caplog):
+    import torch
+    from transformers.utils.logging import warning_once
+
+    from sfrnn_hf import SfrnnForCausalLM
+
+    warning_once.cache_clear()  # transformers remembers the messages it has shown
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=4, num_hidden_layers=2,
+                                         feedback_type="calibrated"))
+    input_ids = torch.randint(0, 11, (2, 5))
+    with caplog.at_level("WARNING", logger="sfrnn_hf.recurrent_sfrnn"):
+        model(input_ids=input_ids, labels=input_ids)  # dsf: calibrates, nothing to say
+        assert not _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
+        model.config.gradient_mode = "bptt"
+        with torch.no_grad():
+            model(input_ids=input_ids)  # an eval forward never calibrates: nothing to say either
+        assert not _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
+        for _ in range(2):
+            model(input_ids=input_ids, labels=input_ids)
+    warnings = _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
+    assert warnings == [
+        "`feedback_type='calibrated'` has no effect with `gradient_mode='bptt'`: the feedback is re-estimated only in "
+        "`dsf` training steps (set gradient_mode='dsf', or feedback_type='linspace')."
+    ]
+
+
+def test_print_model_shows_cell_sizes_mode_and_feedback():
+    from sfrnn_hf import SfrnnForCausalLM
+
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=4, num_hidden_layers=2, cell_type="lstm",
+                                         lstm_expose_cell_state=True, block_type="prenorm"))
+    text = str(model)
+    assert "layer_idx=0, block_type=prenorm" in text and "layer_idx=1, block_type=prenorm" in text
+    assert ("SfrnnRecurrentLayer(cell_type=lstm, hidden_size=4, state_size=8, output_size=8, gradient_mode=dsf, "
+            "feedback=linspace(0.0, 1.0))") in text
+    model.config.gradient_mode = "bptt"  # the live mode, not the one at construction
+    model.config.feedback_type = "calibrated"
+    assert "gradient_mode=bptt, feedback=calibrated (momentum 0.9))" in str(model.model.layers[0].recurrent)

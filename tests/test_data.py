@@ -70,7 +70,9 @@ def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, ptb):
     assert loaded(sentence)["input_ids"] == ptb.tokenizer(sentence)["input_ids"]
     ids = loaded(sentence)["input_ids"]
     assert ids[0] == loaded.bos_token_id  # a prompt starts like a training sentence
-    assert loaded.decode(ids[1:]) == sentence  # (skip_special_tokens would drop PTB's <unk>: it is the unk token)
+    # Every word decodes with its leading space (so generated text joins a prompt); skip_special_tokens would drop
+    # PTB's <unk>: it is the unk token.
+    assert loaded.decode(ids[1:]) == " " + sentence
     assert loaded("zyzzyva the")["input_ids"][1:] == [loaded.unk_token_id, loaded.convert_tokens_to_ids("the")]
     assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<pad>", "<bos>", "<eos>")
 

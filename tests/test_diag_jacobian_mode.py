@@ -55,6 +55,11 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
 @pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
 def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
     monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
+
+
+def assert_diag_jacobian_layer_is_the_reference(cell, mask_kind):
+    """A `diag_jacobian` layer's gradients (inputs and every weight) against `reference_diag_jacobian_layer`."""
     layer = make_layer(cell)
     layer.config.gradient_mode = "diag_jacobian"
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -223,3 +228,11 @@ def test_calibrated_feedback_survives_save_and_load(tmp_path):
 def test_invalid_calibration_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SfrnnConfig(**{field: value})
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("mask_kind", [None, "right", "arbitrary"])
+def test_recompute_form_runs_diag_jacobian_as_the_reference(cell, mask_kind, monkeypatch):
+    """The recompute form (`dsf_states`): diag(J_t) from gates recomputed batched."""
+    monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", "recompute")
+    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)

@@ -4,6 +4,7 @@ input gets a clear error. Weights are scaled so that a cache that restarts from 
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sfrnn_hf import SfrnnCache, SfrnnConfig, SfrnnForCausalLM, SfrnnModel
 
@@ -95,6 +96,53 @@ def test_decoding_runs_one_token_per_forward_after_prefill(cell, monkeypatch):
     monkeypatch.setattr(SfrnnModel, "forward", recording_forward)
     model.generate(torch.randint(2, VOCAB, (2, 30)), max_new_tokens=6, do_sample=False)
     assert lengths[0] == 30 and lengths[1:] == [1] * 5
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operation that hands tensor values to Python: the ops behind `.item()`, `int()`, `bool()` and
+    `if tensor:` (`_local_scalar_dense`), `torch.equal`, and data-dependent shapes (`nonzero`, `masked_select`, boolean
+    indexing), plus `Tensor.tolist` (which bypasses the dispatcher). On an accelerator each is a host sync, so
+    counting them on CPU finds every sync a GPU run would make, without a GPU."""
+
+    VALUE_OPS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.nonzero.default",
+                 "aten.masked_select.default", "aten.is_nonzero.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        boolean_index = name == "aten.index.Tensor" and any(
+            index is not None and index.dtype == torch.bool for index in args[1])
+        if name in self.VALUE_OPS or boolean_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_decode_steps_read_no_tensor_values_on_the_host(cell, monkeypatch):
+    model = strong_state_model(cell)
+    reads_per_forward = []
+    original_forward, original_tolist = SfrnnForCausalLM.forward, torch.Tensor.tolist
+
+    def recording_forward(self, *args, **kwargs):
+        with HostReads() as recorder:
+            monkeypatch.setattr(torch.Tensor, "tolist", lambda t: recorder.reads.append("tolist") or original_tolist(t))
+            try:
+                return original_forward(self, *args, **kwargs)
+            finally:
+                monkeypatch.setattr(torch.Tensor, "tolist", original_tolist)
+                reads_per_forward.append(recorder.reads)
+
+    monkeypatch.setattr(SfrnnForCausalLM, "forward", recording_forward)
+    input_ids = torch.randint(2, VOCAB, (2, 9))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0  # a left-padded prompt: the prefill reads the mask and the ids (allowed, once)
+    model.generate(input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert len(reads_per_forward) == 6
+    assert reads_per_forward[0], "the prefill's id check must be seen: else the recorder sees nothing"
+    assert reads_per_forward[1:] == [[]] * 5
 
 
 @pytest.mark.parametrize("cell", CELLS)
