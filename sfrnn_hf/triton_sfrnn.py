@@ -161,9 +161,6 @@ def _kernels():
     return {"scan": triton.jit(_reverse_scan), "pointwise": triton.jit(_dsf_pointwise)}
 
 
-_CELL_CODES = {"gru": 0, "lstm": 1, "rnn": 2}
-
-
 def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
     """`g_t = e_t + a * g_{t+1}` over time, in fp32. errors `(time, batch, S)` contiguous; feedback `(S,)`."""
     time, batch, width = errors.shape
@@ -173,45 +170,50 @@ def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
     return out
 
 
-def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial_state, mask, decay, weight_hh=None,
+def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh=None,
                                   tile=CHANNEL_TILE):
-    """The scan and the one-step derivative for the whole sequence, in one kernel.
+    """The scan and the one-step derivative for the whole sequence, in one kernel: the `pointwise_kernel` of
+    `fused_sfrnn.dsf_backward`.
 
     Args:
+        cell: a `cells_sfrnn.Cell` with a `triton_code` (its branch in `_dsf_pointwise`).
         grad_states: `(time, batch, S)`, last dim contiguous (any time / batch strides).
         gates: `(time, batch, 4d)` (None for the RNN); states `(time, batch, S)`; initial_state `(batch, S)`: fp32.
         mask: `(time, batch, 1)` bool or None.
-        decay: `(S,)` the constant feedback, None (FT-BPTT), or the string "diag_jacobian"
-            (`fused_sfrnn.DIAG_JACOBIAN`): each step's own diag(J_t), computed in the kernel from the gates and the
-            diagonals of `weight_hh` `(G*d, d)`.
+        feedback: a `scan_sfrnn.Feedback`: the constant diagonal `(S,)`, none (FT-BPTT), or each step's own diag(J_t),
+            computed in the kernel from the gates and the diagonals of `weight_hh` `(G*d, d)`.
     Returns:
-        `(grad_pre (time, batch, G*d), grad_hidden_candidate (time, batch, d) or None)` as `one_step_grad`.
+        `(grad_pre (time, batch, G*d), extra)` as the cell's `one_step_grad` (extra: the GRU's `dn * r`
+        `(time, batch, d)`, else None).
     """
+    if cell.triton_code is None:
+        raise ValueError(f"The {cell.name!r} cell has no Triton backward (triton_code None): use dsf_backend 'fused_kernel'.")
     time, batch, width = states.shape
-    d = width // 2 if cell_type == "lstm" else width
-    widths = {"gru": 3, "lstm": 4, "rnn": 1}
+    d = width // cell.state_vectors
     if grad_states.stride(-1) != 1:
         grad_states = grad_states.contiguous()
-    out_pre = torch.empty(time, batch, widths[cell_type] * d, dtype=torch.float32, device=states.device)
-    out_hidden = torch.empty(time, batch, d, dtype=torch.float32, device=states.device) if cell_type == "gru" else None
+    out_pre = torch.empty(time, batch, cell.gates * d, dtype=torch.float32, device=states.device)
+    out_hidden = (torch.empty(time, batch, cell.extra_gradient_width * d, dtype=torch.float32, device=states.device)
+                  if cell.extra_gradient_width else None)
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
     dummy = states  # unused pointer arguments must still be tensors
-    feedback = diagonals = dummy
-    if isinstance(decay, str):
+    diagonals = dummy
+    if feedback.per_step:
         if weight_hh is None:
-            raise ValueError("decay='diag_jacobian' needs weight_hh (the diagonals of its gate blocks).")
+            raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
         diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
         mode = 2
-    elif decay is not None:
-        feedback, mode = decay.float().contiguous(), 1
+    elif feedback.diagonal is not None:
+        mode = 1
     else:
         mode = 0
+    feedback = feedback.diagonal.float().contiguous() if mode == 1 else dummy
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](
         grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
         states, initial_state.contiguous(), mask_float if mask_float is not None else dummy, feedback, diagonals,
         out_pre, out_hidden if out_hidden is not None else dummy, time, batch, d,
-        CELL=_CELL_CODES[cell_type], HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
+        CELL=cell.triton_code, HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
     )
     return out_pre, out_hidden
 
