@@ -49,7 +49,7 @@ class Cell:
     """One recurrent cell. Subclasses set the widths and write the methods below.
 
     Attributes:
-        name: the `config.cell_type` value.
+        name: the `config.cell_type` value; title: its name in prose (model cards).
         gates: `G`, the blocks of `weight_ih` (`x W_ih^T + b_ih` is `(..., G*d)`).
         recurrent_gates: `H`, the blocks of `weight_hh` (0: no recurrent matmul; the Jacobian is then diagonal).
         state_vectors: the state is `state_vectors * d` wide.
@@ -61,6 +61,7 @@ class Cell:
     """
 
     name: str
+    title: str
     gates: int
     recurrent_gates: int
     state_vectors: int = 1
@@ -131,7 +132,7 @@ class GRU(Cell):
     """`nn.GRU`: r, z from `x W_i + h W_h`; `n = tanh(x_n + r * h_n)`; `h' = n + z (h - n)`. Saves [r, z, h_n, n]
     (h_n = W_hn h + b_hn, needed by dr). The hidden projection of n is `r * h_n`, not `h_n`: its own gradient."""
 
-    name, gates, recurrent_gates, saved_gates, extra_gradient_width, triton_code = "gru", 3, 3, 4, 1, 0
+    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width, triton_code = "gru", "GRU", 3, 3, 4, 1, 0
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         hidden_projection = F.linear(state, weight_hh, bias_hh)
@@ -183,8 +184,8 @@ class GRU(Cell):
 class LSTM(Cell):
     """`nn.LSTM`: `c' = f c + i g`, `h' = o tanh(c')`, state `[h, c]`. Saves [i, f, g, o]."""
 
-    name, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias, triton_code = (
-        "lstm", 4, 4, 2, 4, True, 1)
+    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias, triton_code = (
+        "lstm", "LSTM", 4, 4, 2, 4, True, 1)
 
     @staticmethod
     def forget_and_write(input_projection, h, weight_hh, bias_hh):
@@ -261,7 +262,7 @@ class LSTM(Cell):
 class TanhRNN(Cell):
     """`nn.RNN` (tanh): `h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`. Saves nothing: the derivative needs `h'` only."""
 
-    name, gates, recurrent_gates, folds_hidden_bias, triton_code = "rnn", 1, 1, True, 2
+    name, title, gates, recurrent_gates, folds_hidden_bias, triton_code = "rnn", "tanh RNN", 1, 1, True, 2
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         return torch.tanh(input_projection + F.linear(state, weight_hh, bias_hh))
@@ -288,7 +289,7 @@ class MinGRU(Cell):
     `h' = (1 - z) h + z h~`. The gates do not read `h`: no recurrent weights (`weight_hh` is `(0, d)`), and the
     Jacobian `diag(1 - z)` is diagonal, so `diag_jacobian` gradients are exact. Saves [z, h~]."""
 
-    name, gates, recurrent_gates, saved_gates = "mingru", 2, 0, 2
+    name, title, gates, recurrent_gates, saved_gates = "mingru", "minGRU", 2, 0, 2
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         x_z, candidate = input_projection.chunk(2, dim=-1)
