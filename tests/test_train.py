@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sfrnn_hf.train import main, run
-from sfrnn_hf.training_config import ConfigError, changed_settings, load_config, shipped_configs
+from sfrnn_hf.training.train import main, run
+from sfrnn_hf.training.config import ConfigError, changed_settings, load_config, shipped_configs
 from training_helpers import logged_losses, tiny_experiment
 
 
@@ -186,7 +186,7 @@ def test_changed_settings_names_what_a_resume_would_change():
 def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):
     dtypes = []
     experiment = tiny_experiment(tmp_path, "training.bf16=true", "training.max_steps=2")
-    from sfrnn_hf.train import SfrnnTrainer
+    from sfrnn_hf.training.train import SfrnnTrainer
 
     original = SfrnnTrainer.compute_loss
 

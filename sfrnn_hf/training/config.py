@@ -10,7 +10,7 @@ lora:       # LoraSection (off unless `enabled: true` or `--lora <checkpoint>`)
 ```
 
 Overrides: `section.key=value` (or `--set section.key=value`); the value is read as YAML (`0.001`, `true`, `[a, b]`,
-`null`). A config is a file path or the name of a shipped config (`sfrnn_hf/configs/<name>.yaml`).
+`null`). A config is a file path or the name of a shipped config (`sfrnn_hf/training/configs/<name>.yaml`).
 """
 
 import dataclasses
@@ -24,9 +24,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .configuration_sfrnn import SfrnnConfig
+from ..configuration_sfrnn import SfrnnConfig
+from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
-from .lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .run_folder import REDACTED
 
 
@@ -149,15 +149,15 @@ def changed_settings(started: dict, now: dict) -> list[str]:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configs shipped in `sfrnn_hf/configs/`."""
-    folder = importlib.resources.files("sfrnn_hf") / "configs"
+    """Names of the configs shipped in `sfrnn_hf/training/configs/`."""
+    folder = importlib.resources.files(__package__) / "configs"
     return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> str:
     if os.path.isfile(name_or_path):
         return name_or_path
-    shipped = importlib.resources.files("sfrnn_hf") / "configs" / f"{name_or_path}.yaml"
+    shipped = importlib.resources.files(__package__) / "configs" / f"{name_or_path}.yaml"
     if shipped.is_file():
         return str(shipped)
     close = difflib.get_close_matches(name_or_path, shipped_configs(), n=3)

@@ -1,11 +1,11 @@
 """Train (or LoRA-fine-tune) an sfrnn language model with `transformers.Trainer`, from a YAML config.
 
-    sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/configs/)
+    sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/training/configs/)
     sfrnn-train my.yaml model.gradient_mode=bptt training.epochs=3
     sfrnn-train ptb_gru_1x256 --set training.lr=5e-4 --output-dir runs/x
     sfrnn-train ptb_gru_1x256 --lora runs/ptb/ --output-dir runs/ptb-lora
-    torchrun --nproc_per_node 4 -m sfrnn_hf.train ptb_gru_3x1024       # DDP; same global batch
-    accelerate launch --num_processes 4 -m sfrnn_hf.train ptb_gru_3x1024
+    torchrun --nproc_per_node 4 -m sfrnn_hf.training.train ptb_gru_3x1024       # DDP; same global batch
+    accelerate launch --num_processes 4 -m sfrnn_hf.training.train ptb_gru_3x1024
 
 Reads top to bottom: config -> tokenizer and data -> model (-> LoRA) -> Trainer (plain Adam with coupled weight decay,
 StepLR or warm-up + cosine, exact perplexity) -> best checkpoint, curves and results in `training.output_dir`.
@@ -39,13 +39,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.utils import logging
 
+from ..configuration_sfrnn import SfrnnConfig
+from ..modeling_sfrnn import SfrnnForCausalLM
+from ..recurrent_sfrnn import SfrnnRecurrentLayer
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
-from .configuration_sfrnn import SfrnnConfig
+from .config import ConfigError, ExperimentConfig, changed_settings, check_model_section, load_config, shipped_configs
 from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data
-from .modeling_sfrnn import SfrnnForCausalLM
-from .recurrent_sfrnn import SfrnnRecurrentLayer
 from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
-from .training_config import ConfigError, ExperimentConfig, changed_settings, check_model_section, load_config
 
 EXPERIMENT_FILE = "experiment.yaml"
 
@@ -550,8 +550,6 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, cli = parse_args(argv)
     if cli.list_configs:
-        from .training_config import shipped_configs
-
         print("\n".join(shipped_configs()))
         return 0
     overrides = list(cli.overrides) + list(cli.set_overrides)
