@@ -66,7 +66,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=Non
         library_name="transformers", pipeline_tag="text-generation", license=license, datasets=list(datasets) or None,
         tags=["sfrnn", "rnn", config.cell_type, "dsf", "custom_code"], model_name=model_name, eval_results=eval_results,
     )
-    template = resources.files("sfrnn_hf").joinpath("model_card_template.md")
+    template = resources.files(__package__).joinpath("model_card_template.md")
     return ModelCard.from_template(
         card_data, template_str=template.read_text(), model_name=model_name, repo_id=repo_id,
         cell_type=config.cell_type, cell_name=CELL_NAMES[config.cell_type], gradient_mode=config.gradient_mode,
@@ -142,8 +142,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import sfrnn_hf  # noqa: F401  (registers the model type)
 
     args = parse_args(argv)
     if not Path(args.checkpoint, "config.json").exists():
