@@ -3,8 +3,8 @@ with its achieved memory bandwidth (bytes of e read + g written, per second) and
 card's peak bandwidth.
 
 Forms: `torch` (`scan_sfrnn.reverse_scan_` in place over the whole sequence), `torch_chunks` (the same chunk by
-chunk with carries, as the torch backward runs it), `triton` (the Triton backward kernel's scan alone, CUDA with
-Triton only).
+chunk with carries, as the torch backward runs it). The Triton backend has no scan of its own to time: its scan is
+fused into the pointwise backward kernel, timed in `benchmarks/layer.py`.
 
     python benchmarks/scan.py                          # batch 32, S = 512, T in {256, 1024}
     python benchmarks/scan.py --device cuda --dtype bfloat16 --states 512 1024 --lengths 256 1024 4096
@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--states", nargs="+", type=int, default=[512])
     parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of e")
-    parser.add_argument("--forms", nargs="+", default=["torch", "torch_chunks", "triton"])
+    parser.add_argument("--forms", nargs="+", default=["torch", "torch_chunks"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -63,13 +63,6 @@ def main():
     print(load_line())
     print(f"peak bandwidth: {peak / 1e12:.2f} TB/s" if peak else "peak bandwidth: unknown for this device")
     print(f"{'S':>5s} {'T':>5s} {'form':13s} {'ms':>9s} {'GB/s':>8s} {'% peak':>7s}")
-    triton_scan = None
-    if device.type == "cuda" and "triton" in args.forms:
-        try:
-            from sfrnn_hf.triton_sfrnn import TRITON_AVAILABLE, triton_reverse_scan
-            triton_scan = triton_reverse_scan if TRITON_AVAILABLE else None
-        except ImportError:
-            triton_scan = None
     for width in args.states:
         feedback = torch.linspace(0, 1, width, device=device)
         for length in args.lengths:
@@ -77,8 +70,6 @@ def main():
             errors_tm = errors.transpose(0, 1).contiguous()
             forms = {"torch": lambda: torch_scan(errors_tm, feedback, length),
                      "torch_chunks": lambda: torch_scan(errors_tm, feedback, DSF_CHUNK)}
-            if triton_scan is not None:
-                forms["triton"] = lambda: triton_scan(errors_tm, feedback)
             forms = {k: v for k, v in forms.items() if k in args.forms}
             seconds = interleaved_timings(forms, device, args.warmup, args.repeats).median
             # bytes: e read in its dtype, g written in fp32 (the accumulation dtype)

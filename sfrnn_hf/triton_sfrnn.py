@@ -5,8 +5,8 @@
 gates it reads anyway: gradient_mode "diag_jacobian"), and applies the cell's one-step derivative with the
 previous state held constant (the same formulas as `cells_sfrnn.one_step_grad`), writing the pre-activation gradients
 `(time, batch, G*d)` (and the GRU's `dn * r`). The three large gradient matmuls follow in torch (`fused_sfrnn`).
-`triton_reverse_scan`: the scan alone, for the bandwidth benchmark. Both are tested against the torch forms under
-Triton's CPU interpreter (tests/test_triton_dsf.py).
+This is the Triton backend's only scan; it is tested against the torch backward under Triton's CPU interpreter
+(tests/test_triton_dsf.py).
 
 Kernels are compiled on first use, so `TRITON_INTERPRET=1` set before that runs them on CPU tensors (tests).
 
@@ -31,20 +31,6 @@ CHANNEL_TILE = 32
 
 
 if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exist only with Triton
-
-
-    def _reverse_scan(errors, out, feedback, time, row_stride, time_stride, width, TILE: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
-        valid = cols < width
-        a = tl.load(feedback + cols, mask=valid, other=0.0)
-        carry = tl.full([TILE], 0.0, tl.float32)
-        for step in range(time):
-            t = time - 1 - step
-            offset = t * time_stride + row * row_stride + cols
-            carry = tl.load(errors + offset, mask=valid, other=0.0).to(tl.float32) + a * carry
-            tl.store(out + offset, carry, mask=valid)
-
 
     def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, diagonals,
                        out_pre, out_hidden, time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -158,16 +144,7 @@ def _kernels():
     """Compiled (or, under TRITON_INTERPRET=1, interpreted) kernels, built on first use."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("Triton is not installed: use the torch path of fused_sfrnn.")
-    return {"scan": triton.jit(_reverse_scan), "pointwise": triton.jit(_dsf_pointwise)}
-
-
-def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
-    """`g_t = e_t + a * g_{t+1}` over time, in fp32. errors `(time, batch, S)` contiguous; feedback `(S,)`."""
-    time, batch, width = errors.shape
-    out = torch.empty(errors.shape, dtype=torch.float32, device=errors.device)
-    grid = (batch, triton.cdiv(width, tile))
-    _kernels()["scan"][grid](errors, out, feedback.float().contiguous(), time, width, batch * width, width, TILE=tile)
-    return out
+    return {"pointwise": triton.jit(_dsf_pointwise)}
 
 
 def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh=None,
@@ -218,4 +195,4 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
     return out_pre, out_hidden
 
 
-__all__ = ["TRITON_AVAILABLE", "triton_reverse_scan", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]
+__all__ = ["TRITON_AVAILABLE", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]
