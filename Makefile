@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m sfrnn_hf.demo
+	$(BIN)/python -m sfrnn_hf.training.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

@@ -16,7 +16,7 @@ from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 from transformers import DataCollatorWithFlattening
 
-from sfrnn_hf.data import build_word_tokenizer, ptb_sentences
+from sfrnn_hf.training.data import build_word_tokenizer, ptb_sentences
 
 
 def ptb_batches(batch: int, max_length: int, seed: int):

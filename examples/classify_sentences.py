@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
     TrainingArguments
 
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig  # importing sfrnn_hf registers the sfrnn model type
-from sfrnn_hf.data import build_word_tokenizer, ptb_sentences
+from sfrnn_hf.training.data import build_word_tokenizer, ptb_sentences
 
 
 def shuffled_or_not(sentences, seed):

@@ -3,7 +3,7 @@
     python examples/finetune_lora.py outputs/demo                        # e.g. the checkpoint `make demo` saves
     python examples/finetune_lora.py outputs/demo --targets weight_ih weight_hh lm_head --steps 100 --mode bptt
 
-Targets (see `sfrnn_hf.train.lora_config`):
+Targets (see `sfrnn_hf.training.train.lora_config`):
 - `weight_ih`, `weight_hh`: the recurrent matrices (PEFT `target_parameters`): the adapter changes the recurrence
   itself and, in `dsf` mode, is trained by the DSF gradient;
 - `output_projection`, `up_proj`, `down_proj`, `lm_head`: ordinary linear layers (`target_modules`).
@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfrnn_hf import GRADIENT_MODES  # importing sfrnn_hf also registers the sfrnn model type
 from sfrnn_hf.lora_targets import LINEAR_LORA_MODULES, RECURRENT_LORA_PARAMETERS
-from sfrnn_hf.train import run
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.train import run
+from sfrnn_hf.training.config import load_config
 
 
 def main():

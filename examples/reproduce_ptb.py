@@ -7,7 +7,7 @@ same seed, initial weights and data order; validation perplexity per epoch and w
     python examples/reproduce_ptb.py --modes bptt dsf ft_bptt dsf_calibrated diag_jacobian      # and the diag(J) runs
     python examples/reproduce_ptb.py --report-only --record docs/figures/ptb_protocol          # table + figure only
 
-Each mode trains in `<output>/<mode>/` through `sfrnn_hf.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
+Each mode trains in `<output>/<mode>/` through `sfrnn_hf.training.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
 weight decay 1e-4, batch 128, StepLR x0.1 after 1/3 and 2/3 of the run). Batches are 128 sentences drawn uniformly
 at random, as the paper's released code does (`--sampling group_by_length` groups similar lengths: less padding, a
 different experiment). `--jobs N` trains N modes at once, each in its own process.
@@ -16,7 +16,7 @@ Run it again, with the same flags, to continue: a finished mode is skipped, an i
 its newest intact checkpoint (one every `--save-steps` steps and at each epoch's end); a flag that differs from the
 run's start is refused, by name. After every epoch `<record>/<mode>.json` is rewritten with all finished epochs
 (validation perplexity, training seconds, load average). The models after the `--keep-epochs` are kept in
-`<mode>/epoch-<e>/` and the best in `<mode>/` for `python -m sfrnn_hf.fidelity`. Measured results: docs/results.md.
+`<mode>/epoch-<e>/` and the best in `<mode>/` for `python -m sfrnn_hf.training.fidelity`. Measured results: docs/results.md.
 """
 
 import argparse
@@ -33,10 +33,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from sfrnn_hf.checkpoints import write_atomically
-from sfrnn_hf.run_folder import earlier_run
-from sfrnn_hf.train import run, settings_changed_since_start
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.checkpoints import write_atomically
+from sfrnn_hf.training.run_folder import earlier_run
+from sfrnn_hf.training.train import run, settings_changed_since_start
+from sfrnn_hf.training.config import load_config
 
 # Each run's name and the config overrides that define it: the paper's three gradients, then this package's two
 # feedbacks that follow the model's own diag(J) (README "Beyond the paper").

@@ -1,118 +1,26 @@
-"""One step of each recurrent cell: the single source of truth for the cell math.
+"""The recurrent cells: everything the engine knows about a cell, in that cell's own definition.
 
-Used by the looped forward, the batched one-step recompute of DSF (all positions at once, the previous states held
-constant) and the generation step. The fused DSF path (`fused_sfrnn.py`) uses the same cells written out gate by gate,
-`step_saving_gates` (forward, filling preallocated buffers) and `one_step_grad` (the explicit derivatives of one step
-with the previous state held constant); tests check both against `cell_step` and its autograd. Layout and gate order are those of `torch.nn.GRU` (r, z, n), `nn.LSTM`
-(i, f, g, o) and `nn.RNN` (tanh), so the fused torch kernels compute the same function.
+A cell is one object (`CELLS[name]`): its widths, its step (the single source of its math, used by the looped
+forward, the batched one-step recompute of DSF and the generation step), torch's fused kernel if one exists (its flags
+by name), the step written into preallocated buffers saving its gate activations, the derivative of one step with the
+previous state held constant, its diagonal Jacobian, and its code in the Triton backward kernel. The engine
+(`fused_sfrnn`, `recurrent_sfrnn`, `triton_sfrnn`) asks the cell; it never branches on a cell's name. A new cell is
+one new `Cell` subclass registered in `CELLS` (`MinGRU` is the example).
 
-A layer's state is one tensor `(..., S)`: `S = d` for GRU and RNN, `S = 2d` for the LSTM, whose state is `[h, c]`.
+Layout and gate order are those of `torch.nn.GRU` (r, z, n), `nn.LSTM` (i, f, g, o) and `nn.RNN` (tanh), so torch's
+fused kernels compute the same function. A layer's weights: `weight_ih (G*d, d)`, `bias_ih (G*d,)`, `weight_hh (H*d, d)`,
+`bias_hh (H*d,)` with `G = cell.gates`, `H = cell.recurrent_gates`. Its state is one tensor `(..., S)`,
+`S = cell.state_vectors * d` (the LSTM's is `[h, c]`); `h` is always the first `d` entries.
+
+Every function takes any leading shape `(...)`, so it serves one time step `(batch, .)` and a chunk of steps
+`(time, batch, .)` alike. The hand-written forms (`step_saving_gates`, `one_step_grad`, `diagonal_jacobian`) are tested
+against `step` and its autograd for every registered cell.
 
 Hub-exported file: imports only torch.
 """
 
 import torch
 import torch.nn.functional as F
-
-GATES_PER_CELL = {"gru": 3, "lstm": 4, "rnn": 1}
-STATES_PER_CELL = {"gru": 1, "lstm": 2, "rnn": 1}
-
-
-def gru_step(input_projection, state, weight_hh, bias_hh):
-    """input_projection `(..., 3d)` = x W_ih^T + b_ih; state `(..., d)`; returns `(..., d)`."""
-    hidden_projection = F.linear(state, weight_hh, bias_hh)
-    x_r, x_z, x_n = input_projection.chunk(3, dim=-1)
-    h_r, h_z, h_n = hidden_projection.chunk(3, dim=-1)
-    reset = torch.sigmoid(x_r + h_r)
-    update = torch.sigmoid(x_z + h_z)
-    candidate = torch.tanh(x_n + reset * h_n)
-    return candidate + update * (state - candidate)
-
-
-def lstm_gates(input_projection, h, weight_hh, bias_hh):
-    """The LSTM's gates from `(..., 4d)` and `h` `(..., d)`: `(forget, write, output)`, each `(..., d)`, such that
-    `c' = forget * c + write` and `h' = output * tanh(c')`."""
-    i, f, g, o = (input_projection + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=-1)
-    return torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g), torch.sigmoid(o)
-
-
-def lstm_step(input_projection, state, weight_hh, bias_hh):
-    """input_projection `(..., 4d)`; state `(..., 2d)` = [h, c]; returns `(..., 2d)` = [h', c']."""
-    h, c = state.chunk(2, dim=-1)
-    forget, write, output = lstm_gates(input_projection, h, weight_hh, bias_hh)
-    c_new = forget * c + write
-    return torch.cat([output * torch.tanh(c_new), c_new], dim=-1)
-
-
-def rnn_step(input_projection, state, weight_hh, bias_hh):
-    """input_projection `(..., d)`; state `(..., d)`; returns `(..., d)`."""
-    return torch.tanh(input_projection + F.linear(state, weight_hh, bias_hh))
-
-
-CELL_STEPS = {"gru": gru_step, "lstm": lstm_step, "rnn": rnn_step}
-
-
-def cell_step(cell_type, input_projection, state, weight_hh, bias_hh, mask=None):
-    """One step of `cell_type` for any leading shape, gated by `mask` (`(...)`, 1 = real token, 0 = padding):
-    `state' = m * f(x, state) + (1 - m) * state`, so a padded position leaves the state untouched."""
-    new_state = CELL_STEPS[cell_type](input_projection, state, weight_hh, bias_hh)
-    if mask is None:
-        return new_state
-    return torch.where(mask.unsqueeze(-1).bool(), new_state, state)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The same cells gate by gate, for the fused DSF path: a forward that saves the gate activations, and the derivative
-# of one step with the previous state held constant. Every function takes any leading shape `(...)`, so it serves one
-# time step `(batch, .)` and a chunk of steps `(time, batch, .)` alike.
-
-# Width of the saved gate activations, in units of d: GRU [r, z, h_n, n] (h_n = W_hn h + b_hn, needed by dr);
-# LSTM [i, f, g, o]; tanh RNN none (its derivative needs only the new state).
-SAVED_GATES_PER_CELL = {"gru": 4, "lstm": 4, "rnn": 0}
-# Whether the step's recurrent matmul takes the input projection as its bias (LSTM, RNN: the pre-activation is
-# `x W_ih^T + b_ih + b_hh + h W_hh^T`, one addmm); the GRU keeps `h W_hh^T + b_hh` apart, its n gate needs `r * h_n`.
-FOLDS_INPUT_PROJECTION = {"gru": False, "lstm": True, "rnn": True}
-
-
-def recurrent_matmul_target(cell_type, gates, new_state):
-    """The buffer a step's recurrent matmul writes into, before `step_saving_gates`: GRU `gates[..., :3d]`
-    (`h W_hh^T + b_hh`), LSTM `gates` and RNN `new_state` (the whole pre-activation)."""
-    if cell_type == "gru":
-        return gates[..., : 3 * new_state.shape[-1]]
-    return gates if cell_type == "lstm" else new_state
-
-
-def step_saving_gates(cell_type, input_projection, state, gates, new_state):
-    """One step of the cell, in place in preallocated buffers (no autograd; the mask is applied by the caller).
-
-    On entry the step's recurrent matmul is in `recurrent_matmul_target(...)`:
-        GRU: `gates[..., :3d]` = h W_hh^T + b_hh, and input_projection `(..., 3d)` = x W_ih^T + b_ih;
-        LSTM: `gates` `(..., 4d)` = x W_ih^T + b_ih + h W_hh^T + b_hh; RNN: `new_state` likewise `(..., d)`
-        (input_projection unused: `FOLDS_INPUT_PROJECTION`).
-    On exit `gates` `(..., SAVED_GATES_PER_CELL * d)` holds the activations (GRU [r, z, h_n, n], LSTM [i, f, g, o];
-    None for the RNN) and `new_state` `(..., S)` the new state (must not alias `state` `(..., S)`).
-    Equals `cell_step(cell_type, input_projection, state, W_hh, b_hh)` to rounding (tested).
-    """
-    if cell_type == "gru":
-        d = state.shape[-1]
-        candidate = gates[..., 3 * d :]
-        gates[..., : 2 * d].add_(input_projection[..., : 2 * d]).sigmoid_()  # r, z
-        torch.addcmul(input_projection[..., 2 * d :], gates[..., :d], gates[..., 2 * d : 3 * d], out=candidate)
-        candidate.tanh_()  # n = tanh(x_n + r * h_n)
-        torch.lerp(candidate, state, gates[..., d : 2 * d], out=new_state)  # h' = n + z * (h - n)
-    elif cell_type == "lstm":
-        d = state.shape[-1] // 2
-        gates[..., 2 * d : 3 * d].tanh_()  # g
-        gates[..., : 2 * d].sigmoid_()  # i, f
-        gates[..., 3 * d :].sigmoid_()  # o
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c_new = new_state[..., d:]
-        torch.mul(f, state[..., d:], out=c_new).addcmul_(i, g)  # c' = f * c + i * g
-        torch.tanh(c_new, out=new_state[..., :d]).mul_(o)  # h' = o * tanh(c')
-    elif cell_type == "rnn":
-        new_state.tanh_()
-    else:
-        raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
 
 
 def _tanh_grad(grad, output, out=None):
@@ -129,34 +37,204 @@ def _sigmoid_grad(grad, output, out=None):
     return torch.ops.aten.sigmoid_backward.grad_input(grad, output, grad_input=out)
 
 
-def one_step_grad(cell_type, grad, gates, previous, new_state):
-    """The gradient of one step with the previous state held constant, written out (no autograd).
+def _linear_into(out, x, weight, bias):
+    """`out = x W^T + bias` as one addmm, for any leading shape: out `(..., n)` (a view with contiguous rows),
+    x `(..., k)`, weight `(n, k)`, bias broadcastable to `out`."""
+    rows = out.view(-1, out.shape[-1])
+    bias = bias.reshape(-1, out.shape[-1]) if bias.dim() > 1 else bias
+    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=rows)
 
-    Args:
-        grad: `(..., S)` the gradient reaching the new state (already zero at padded positions).
-        gates: `(..., SAVED_GATES_PER_CELL * d)` from `step_saving_gates` (None for the RNN).
-        previous, new_state: `(..., S)` the states before and after the step.
-    Returns:
-        `(grad_input_projection, grad_hidden_candidate)`: `(..., G*d)` the gradient of the pre-activations, which is
-        also the gradient of the input projection `x W_ih^T + b_ih`; the hidden projection `h W_hh^T + b_hh` gets the
-        same except, for the GRU, its n block, `grad_hidden_candidate = dn * r` `(..., d)` (None for LSTM and RNN).
+
+class Cell:
+    """One recurrent cell. Subclasses set the widths and write the methods below.
+
+    Attributes:
+        name: the `config.cell_type` value; title: its name in prose (model cards).
+        gates: `G`, the blocks of `weight_ih` (`x W_ih^T + b_ih` is `(..., G*d)`).
+        recurrent_gates: `H`, the blocks of `weight_hh` (0: no recurrent matmul; the Jacobian is then diagonal).
+        state_vectors: the state is `state_vectors * d` wide.
+        saved_gates: width, in units of d, of the activations `step_saving_gates` saves for the backward.
+        folds_hidden_bias: whether `b_hh` is added to the input projection (the recurrent matmul then takes the
+            input projection as its bias: one addmm for the whole pre-activation).
+        extra_gradient_width: width, in units of d, of the `extra` that `one_step_grad` returns (0: None).
+        triton_code: the cell's branch in `triton_sfrnn`'s backward kernel (None: the torch backward serves it).
     """
-    out_shape = grad.shape[:-1]
-    if cell_type == "gru":  # h' = n + z (h - n), n = tanh(x_n + r h_n), r = sigmoid(.), z = sigmoid(.)
+
+    name: str
+    title: str
+    gates: int
+    recurrent_gates: int
+    state_vectors: int = 1
+    saved_gates: int = 0
+    folds_hidden_bias: bool = False
+    extra_gradient_width: int = 0
+    triton_code: int | None = None
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    # ----- the math, with autograd ------------------------------------------------------------------------------
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        """One step: input_projection `(..., G*d)` = x W_ih^T + b_ih, state `(..., S)` -> new state `(..., S)`."""
+        raise NotImplementedError
+
+    def fused_sequence(self, inputs, initial_state, weights, train):
+        """Torch's fused kernel over a whole sequence: inputs `(batch, time, d)`, initial_state `(batch, S)`,
+        weights `(weight_ih, weight_hh, bias_ih, bias_hh)`; `train`: keep what the kernel's backward needs.
+        Returns `h` `(batch, time, d)` and the final state `(batch, S)`, or None when torch has no kernel for the
+        cell (the engine then loops `step`)."""
+        return None
+
+    def complete_states(self, inputs, outputs, initial_state, weights):
+        """The whole state `(batch, time, S)` from the fused kernel's `h` `(batch, time, d)`: `h` itself unless the
+        state holds more."""
+        return outputs
+
+    # ----- the fused DSF path: no autograd, preallocated buffers --------------------------------------------------
+
+    def input_projection_bias(self, bias_ih, bias_hh):
+        """The bias of the input projection: `b_ih`, or `b_ih + b_hh` when the cell folds its hidden bias in."""
+        return bias_ih + bias_hh if self.folds_hidden_bias else bias_ih
+
+    def step_saving_gates(self, input_projection, state, weight_hh, bias_hh, gates, new_state):
+        """One step, recurrent matmul included, written into `gates` `(..., saved_gates * d)` (None when nothing is
+        saved) and `new_state` `(..., S)` (must not alias `state`). input_projection `(..., G*d)` carries
+        `input_projection_bias`. Equals `step` to rounding (tested)."""
+        raise NotImplementedError
+
+    def one_step_grad(self, grad, gates, previous, new_state):
+        """The gradient of one step with the previous state held constant, written out.
+
+        grad `(..., S)` reaches the new state; gates as saved; previous / new_state `(..., S)`.
+        Returns `(grad_pre, extra)`: `grad_pre` `(..., G*d)` is the gradient of the input projection
+        `x W_ih^T + b_ih`; `extra` is what `hidden_projection_grads` needs beyond it (None if nothing)."""
+        raise NotImplementedError
+
+    def hidden_projection_grads(self, grad_pre, extra):
+        """The gradient of the hidden projection `h W_hh^T + b_hh` as `[(rows of weight_hh, grad (..., rows))]`:
+        by default the same as the input projection's (every gate sees `x W_ih^T` and `h W_hh^T` summed)."""
+        return [(slice(None), grad_pre)] if self.recurrent_gates else []
+
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """`diag(d state' / d state)` `(..., S)` of one step from the saved gates and the diagonals of the blocks of
+        `weight_hh`. A padded step (state held) has Jacobian 1: the caller applies the mask."""
+        raise NotImplementedError
+
+
+def _weight_diagonals(weight_hh):
+    """`(H, d)`: the diagonal of each gate's `(d, d)` block of `weight_hh` `(H*d, d)`."""
+    d = weight_hh.shape[1]
+    return weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)
+
+
+class GRU(Cell):
+    """`nn.GRU`: r, z from `x W_i + h W_h`; `n = tanh(x_n + r * h_n)`; `h' = n + z (h - n)`. Saves [r, z, h_n, n]
+    (h_n = W_hn h + b_hn, needed by dr). The hidden projection of n is `r * h_n`, not `h_n`: its own gradient."""
+
+    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width, triton_code = "gru", "GRU", 3, 3, 4, 1, 0
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        hidden_projection = F.linear(state, weight_hh, bias_hh)
+        x_r, x_z, x_n = input_projection.chunk(3, dim=-1)
+        h_r, h_z, h_n = hidden_projection.chunk(3, dim=-1)
+        reset = torch.sigmoid(x_r + h_r)
+        update = torch.sigmoid(x_z + h_z)
+        candidate = torch.tanh(x_n + reset * h_n)
+        return candidate + update * (state - candidate)
+
+    def fused_sequence(self, inputs, initial_state, weights, train):
+        outputs, h_n = torch.gru(inputs, initial_state.unsqueeze(0).contiguous(), list(weights), has_biases=True,
+                                 num_layers=1, dropout=0.0, train=train, bidirectional=False, batch_first=True)
+        return outputs, h_n[0]
+
+    def step_saving_gates(self, input_projection, state, weight_hh, bias_hh, gates, new_state):
+        d = state.shape[-1]
+        _linear_into(gates[..., : 3 * d], state, weight_hh, bias_hh)  # h W_hh^T + b_hh
+        candidate = gates[..., 3 * d :]
+        gates[..., : 2 * d].add_(input_projection[..., : 2 * d]).sigmoid_()  # r, z
+        torch.addcmul(input_projection[..., 2 * d :], gates[..., :d], gates[..., 2 * d : 3 * d], out=candidate)
+        candidate.tanh_()  # n = tanh(x_n + r * h_n)
+        torch.lerp(candidate, state, gates[..., d : 2 * d], out=new_state)  # h' = n + z * (h - n)
+
+    def one_step_grad(self, grad, gates, previous, new_state):
         d = grad.shape[-1]
         r, z, hidden_n, n = gates.chunk(4, dim=-1)
-        out = grad.new_empty(out_shape + (3 * d,))
+        out = grad.new_empty(grad.shape[:-1] + (3 * d,))
         dr, dz, dn = out.chunk(3, dim=-1)
         _tanh_grad(torch.addcmul(grad, grad, z, value=-1), n, out=dn)  # dh'/dn = 1 - z
         _sigmoid_grad(torch.sub(previous, n).mul_(grad), z, out=dz)  # dh'/dz = h - n
         _sigmoid_grad(torch.mul(dn, hidden_n), r, out=dr)  # d n_pre / dr = h_n
         return out, dn * r
-    if cell_type == "lstm":  # c' = f c + i g, h' = o tanh(c')
+
+    def hidden_projection_grads(self, grad_pre, extra):
+        d = extra.shape[-1]
+        return [(slice(0, 2 * d), grad_pre[..., : 2 * d]), (slice(2 * d, 3 * d), extra)]
+
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """`z + (1 - z)(1 - n^2)(r W_n,ii + h_n r (1 - r) W_r,ii) + (h - n) z (1 - z) W_z,ii`."""
+        blocks = _weight_diagonals(weight_hh)
+        r, z, hidden_n, n = gates.chunk(4, dim=-1)
+        through_n = _sigmoid_grad(hidden_n * blocks[0], r).addcmul_(r, blocks[2])  # r W_n + h_n r (1 - r) W_r
+        _tanh_grad(through_n, n, out=through_n)
+        jacobian = through_n.addcmul_(through_n, z, value=-1)  # (1 - z) * through_n
+        return jacobian.add_(_sigmoid_grad(torch.sub(previous, n).mul_(blocks[1]), z)).add_(z)
+
+
+class LSTM(Cell):
+    """`nn.LSTM`: `c' = f c + i g`, `h' = o tanh(c')`, state `[h, c]`. Saves [i, f, g, o]."""
+
+    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias, triton_code = (
+        "lstm", "LSTM", 4, 4, 2, 4, True, 1)
+
+    @staticmethod
+    def forget_and_write(input_projection, h, weight_hh, bias_hh):
+        """`(forget, write, output)`, each `(..., d)`, such that `c' = forget * c + write`, `h' = output * tanh(c')`."""
+        i, f, g, o = (input_projection + F.linear(h, weight_hh, bias_hh)).chunk(4, dim=-1)
+        return torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g), torch.sigmoid(o)
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        h, c = state.chunk(2, dim=-1)
+        forget, write, output = self.forget_and_write(input_projection, h, weight_hh, bias_hh)
+        c_new = forget * c + write
+        return torch.cat([output * torch.tanh(c_new), c_new], dim=-1)
+
+    def fused_sequence(self, inputs, initial_state, weights, train):
+        h0, c0 = (part.unsqueeze(0).contiguous() for part in initial_state.chunk(2, dim=-1))
+        outputs, h_n, c_n = torch.lstm(inputs, (h0, c0), list(weights), has_biases=True, num_layers=1, dropout=0.0,
+                                       train=train, bidirectional=False, batch_first=True)
+        return outputs, torch.cat([h_n[0], c_n[0]], dim=-1)
+
+    def complete_states(self, inputs, outputs, initial_state, weights):
+        """`[h, c]`: with every `h_{t-1}` known the gates are one batched evaluation, and `c_t = forget_t c_{t-1} +
+        write_t` an elementwise scan."""
+        weight_ih, weight_hh, bias_ih, bias_hh = weights
+        h0, c0 = initial_state.chunk(2, dim=-1)
+        h_previous = torch.cat([h0.unsqueeze(1), outputs[:, :-1]], dim=1)
+        forget, write, _ = self.forget_and_write(F.linear(inputs, weight_ih, bias_ih), h_previous, weight_hh, bias_hh)
+        c, cells = c0, []
+        for t in range(inputs.shape[1]):
+            c = torch.addcmul(write[:, t], forget[:, t], c)
+            cells.append(c)
+        return torch.cat([outputs, torch.stack(cells, dim=1)], dim=-1)
+
+    def step_saving_gates(self, input_projection, state, weight_hh, bias_hh, gates, new_state):
+        d = state.shape[-1] // 2
+        _linear_into(gates, state[..., :d].contiguous(), weight_hh, input_projection)  # the whole pre-activation
+        gates[..., 2 * d : 3 * d].tanh_()  # g
+        gates[..., : 2 * d].sigmoid_()  # i, f
+        gates[..., 3 * d :].sigmoid_()  # o
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_new = new_state[..., d:]
+        torch.mul(f, state[..., d:], out=c_new).addcmul_(i, g)  # c' = f * c + i * g
+        torch.tanh(c_new, out=new_state[..., :d]).mul_(o)  # h' = o * tanh(c')
+
+    def one_step_grad(self, grad, gates, previous, new_state):
         d = grad.shape[-1] // 2
         i, f, g, o = gates.chunk(4, dim=-1)
         grad_h, grad_c = grad[..., :d], grad[..., d:]
         tanh_c = torch.tanh(new_state[..., d:])
-        out = grad.new_empty(out_shape + (4 * d,))
+        out = grad.new_empty(grad.shape[:-1] + (4 * d,))
         di, df, dg, do = out.chunk(4, dim=-1)
         dc = _tanh_grad(grad_h * o, tanh_c).add_(grad_c)  # dL/dc' = grad_c + grad_h o (1 - tanh(c')^2)
         _sigmoid_grad(grad_h.mul(tanh_c), o, out=do)
@@ -164,33 +242,12 @@ def one_step_grad(cell_type, grad, gates, previous, new_state):
         _sigmoid_grad(dc * g, i, out=di)
         _tanh_grad(dc * i, g, out=dg)
         return out, None
-    if cell_type == "rnn":  # h' = tanh(.)
-        return _tanh_grad(grad, new_state), None
-    raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
 
-
-def diagonal_jacobian(cell_type, gates, previous, new_state, weight_hh):
-    """`diag(d state' / d state)` of one step, from the saved gates (`step_saving_gates`): elementwise in the gate
-    activations and the diagonals of the blocks of `weight_hh`, O(S) per step.
-
-    GRU: `z + (1 - z)(1 - n^2)(r W_n,ii + h_n r (1 - r) W_r,ii) + (h - n) z (1 - z) W_z,ii`;
-    LSTM ([h, c]): the h half `tanh(c') o (1 - o) W_o,ii + o (1 - tanh(c')^2) dc'_i/dh_i` with
-    `dc'_i/dh_i = c f (1 - f) W_f,ii + g i (1 - i) W_i,ii + i (1 - g^2) W_g,ii`, the c half `f`;
-    tanh RNN: `(1 - h'^2) W_ii`.
-    Shapes: gates `(..., SAVED_GATES_PER_CELL * d)`, previous / new_state `(..., S)`, weight_hh `(G*d, d)`;
-    returns `(..., S)`. A padded step (state held) has Jacobian 1: the caller applies the mask.
-    """
-    d = weight_hh.shape[1]
-    blocks = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)  # (G, d): diag of each gate's block
-    # Each `x * s (1 - s)` is one `_sigmoid_grad` pass and each `x * (1 - t^2)` one `_tanh_grad` pass.
-    if cell_type == "gru":
-        r, z, hidden_n, n = gates.chunk(4, dim=-1)
-        through_n = _sigmoid_grad(hidden_n * blocks[0], r).addcmul_(r, blocks[2])  # r W_n + h_n r (1 - r) W_r
-        _tanh_grad(through_n, n, out=through_n)
-        jacobian = through_n.addcmul_(through_n, z, value=-1)  # (1 - z) * through_n
-        jacobian.add_(_sigmoid_grad(torch.sub(previous, n).mul_(blocks[1]), z)).add_(z)
-        return jacobian
-    if cell_type == "lstm":
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """The h half `tanh(c') o (1 - o) W_o,ii + o (1 - tanh(c')^2) dc'_i/dh_i` with
+        `dc'_i/dh_i = c f (1 - f) W_f,ii + g i (1 - i) W_i,ii + i (1 - g^2) W_g,ii`; the c half `f`."""
+        blocks = _weight_diagonals(weight_hh)
+        d = blocks.shape[1]
         i, f, g, o = gates.chunk(4, dim=-1)
         c_previous, tanh_c = previous[..., d:], torch.tanh(new_state[..., d:])
         jacobian = torch.empty_like(new_state)
@@ -200,10 +257,83 @@ def diagonal_jacobian(cell_type, gates, previous, new_state, weight_hh):
         _sigmoid_grad(tanh_c * blocks[3], o, out=dh_dh).add_(_tanh_grad(dc_dh.mul_(o), tanh_c))
         dc_dc.copy_(f)
         return jacobian
-    if cell_type == "rnn":
-        return _tanh_grad(blocks[0].expand_as(new_state), new_state)
-    raise ValueError(f"Unknown cell_type {cell_type!r}; expected one of {sorted(CELL_STEPS)}.")
 
 
-__all__ = ["cell_step", "diagonal_jacobian", "lstm_gates", "step_saving_gates", "one_step_grad", "recurrent_matmul_target",
-           "GATES_PER_CELL", "STATES_PER_CELL", "SAVED_GATES_PER_CELL", "FOLDS_INPUT_PROJECTION"]
+class TanhRNN(Cell):
+    """`nn.RNN` (tanh): `h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`. Saves nothing: the derivative needs `h'` only."""
+
+    name, title, gates, recurrent_gates, folds_hidden_bias, triton_code = "rnn", "tanh RNN", 1, 1, True, 2
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        return torch.tanh(input_projection + F.linear(state, weight_hh, bias_hh))
+
+    def fused_sequence(self, inputs, initial_state, weights, train):
+        outputs, h_n = torch.rnn_tanh(inputs, initial_state.unsqueeze(0).contiguous(), list(weights), has_biases=True,
+                                      num_layers=1, dropout=0.0, train=train, bidirectional=False, batch_first=True)
+        return outputs, h_n[0]
+
+    def step_saving_gates(self, input_projection, state, weight_hh, bias_hh, gates, new_state):
+        _linear_into(new_state, state, weight_hh, input_projection)
+        new_state.tanh_()
+
+    def one_step_grad(self, grad, gates, previous, new_state):
+        return _tanh_grad(grad, new_state), None
+
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """`(1 - h'^2) W_ii`."""
+        return _tanh_grad(_weight_diagonals(weight_hh)[0].expand_as(new_state), new_state)
+
+
+class MinGRU(Cell):
+    """minGRU (Feng et al. 2024, "Were RNNs All We Needed?"): `z = sigmoid(x W_z + b_z)`, `h~ = x W_h + b_h`,
+    `h' = (1 - z) h + z h~`. The gates do not read `h`: no recurrent weights (`weight_hh` is `(0, d)`), and the
+    Jacobian `diag(1 - z)` is diagonal, so `diag_jacobian` gradients are exact. Saves [z, h~]."""
+
+    name, title, gates, recurrent_gates, saved_gates = "mingru", "minGRU", 2, 0, 2
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        x_z, candidate = input_projection.chunk(2, dim=-1)
+        return torch.lerp(state, candidate, torch.sigmoid(x_z))
+
+    def step_saving_gates(self, input_projection, state, weight_hh, bias_hh, gates, new_state):
+        d = state.shape[-1]
+        torch.sigmoid(input_projection[..., :d], out=gates[..., :d])
+        gates[..., d:].copy_(input_projection[..., d:])
+        torch.lerp(state, gates[..., d:], gates[..., :d], out=new_state)
+
+    def one_step_grad(self, grad, gates, previous, new_state):
+        d = grad.shape[-1]
+        z, candidate = gates[..., :d], gates[..., d:]
+        out = grad.new_empty(grad.shape[:-1] + (2 * d,))
+        _sigmoid_grad(torch.sub(candidate, previous).mul_(grad), z, out=out[..., :d])  # dh'/dz = h~ - h
+        torch.mul(grad, z, out=out[..., d:])  # dh'/dh~ = z
+        return out, None
+
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """`1 - z`."""
+        return 1.0 - gates[..., : new_state.shape[-1]]
+
+
+CELLS = {cell.name: cell for cell in (GRU(), LSTM(), TanhRNN(), MinGRU())}
+
+
+def get_cell(cell: "str | Cell") -> Cell:
+    """The registered cell of a `config.cell_type` name (a `Cell` passes through)."""
+    if isinstance(cell, Cell):
+        return cell
+    try:
+        return CELLS[cell]
+    except KeyError:
+        raise ValueError(f"Unknown cell_type {cell!r}; expected one of {sorted(CELLS)}.") from None
+
+
+def cell_step(cell_type, input_projection, state, weight_hh, bias_hh, mask=None):
+    """One step of a cell (name or `Cell`) for any leading shape, gated by `mask` (`(...)`, 1 = real token,
+    0 = padding): `state' = m * f(x, state) + (1 - m) * state`, so a padded position leaves the state untouched."""
+    new_state = get_cell(cell_type).step(input_projection, state, weight_hh, bias_hh)
+    if mask is None:
+        return new_state
+    return torch.where(mask.unsqueeze(-1).bool(), new_state, state)
+
+
+__all__ = ["Cell", "CELLS", "GRU", "LSTM", "TanhRNN", "MinGRU", "get_cell", "cell_step"]

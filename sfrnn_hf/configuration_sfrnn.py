@@ -1,23 +1,27 @@
 """Configuration of sfrnn models: multi-layer GRU / LSTM / tanh-RNN language models whose backward is exact BPTT,
 Diagonal State Feedbacks (DSF, arXiv 2503.23104) or fully truncated BPTT.
 
-Hub-exported file: imports only transformers.
+Hub-exported file: imports only transformers and its flat sibling `cells_sfrnn` (the registered cells).
 """
 
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from .cells_sfrnn import CELLS
+
 logger = logging.get_logger(__name__)
 
-CELL_TYPES = ("gru", "lstm", "rnn")
+CELL_TYPES = tuple(CELLS)
 GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
 BLOCK_TYPES = ("residual", "prenorm")
 FEEDBACK_TYPES = ("linspace", "calibrated")
+# Which op runs the DSF-family modes (`recurrent_sfrnn.resolve_dsf_backend`); "auto" picks by device.
+DSF_BACKENDS = ("auto", "reference", "fused", "fused_kernel", "triton")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
 # `model.config.gradient_mode = "dfs"` fails at once instead of at the next forward pass.
 _CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES,
-            "feedback_type": FEEDBACK_TYPES}
+            "feedback_type": FEEDBACK_TYPES, "dsf_backend": DSF_BACKENDS}
 
 
 def _check_choice(name, value):
@@ -74,8 +78,9 @@ class SfrnnConfig(PreTrainedConfig):
         vocab_size (`int`): number of tokens.
         hidden_size (`int`): width `d` of the embeddings and of every recurrent state.
         num_hidden_layers (`int`): number of blocks.
-        cell_type (`str`): `"gru"`, `"lstm"` or `"rnn"` (tanh Elman). Weights use the layout and gate order of
-            `torch.nn.GRU` / `nn.LSTM` / `nn.RNN`.
+        cell_type (`str`): `"gru"`, `"lstm"`, `"rnn"` (tanh Elman) or `"mingru"` (Feng et al. 2024: gates from the
+            input only, so its Jacobian is diagonal). Weights use the layout and gate order of `torch.nn.GRU` /
+            `nn.LSTM` / `nn.RNN`; every cell is defined in `cells_sfrnn.py`.
         gradient_mode (`str`): how the state gradient is computed in training:
             `"bptt"` exact backpropagation through time (torch's fused kernels),
             `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,
@@ -94,6 +99,12 @@ class SfrnnConfig(PreTrainedConfig):
             `sfrnn-train` calls it through `CalibratedFeedbackCallback`; a hand-written loop calls it after
             `optimizer.step()`).
         feedback_momentum (`float`): `m` above, in [0, 1).
+        dsf_backend (`str`): the op that runs `dsf`, `ft_bptt` and `diag_jacobian`, all computing the same gradients:
+            `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton, else
+            `fused_kernel`, `reference` elsewhere), `"reference"` (autograd of the one-step recompute: the readable
+            definition), `"fused"` (loop forward saving the gates, chunked torch backward), `"fused_kernel"` (torch's
+            fused kernel forward, gates recomputed batched, torch backward), `"triton"` (as `fused_kernel` with the
+            backward's scan and pointwise derivative in one Triton kernel). Resolved once per layer and device.
         block_type (`str`): `"residual"` (the paper's PTB model, `x = x + RNN(x)`) or `"prenorm"` (the paper's
             WikiText-103 block: `x = x + Linear(RNN(LN(x)))`, `x = x + MLP(LN(x))`, final LN).
         intermediate_size (`int`, *optional*): width of the prenorm MLP; defaults to `4 * hidden_size`.
@@ -125,6 +136,7 @@ class SfrnnConfig(PreTrainedConfig):
     feedback_max: float = 1.0
     feedback_type: str = "linspace"
     feedback_momentum: float = 0.9
+    dsf_backend: str = "auto"
     block_type: str = "residual"
     intermediate_size: int | None = None
     lstm_expose_cell_state: bool = False
@@ -151,10 +163,9 @@ class SfrnnConfig(PreTrainedConfig):
         momentum = self.feedback_momentum
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"`feedback_momentum` must be a number in [0, 1), got {momentum!r}.")
-        if self.lstm_expose_cell_state and self.cell_type != "lstm":
-            raise ValueError(
-                f"`lstm_expose_cell_state=True` needs `cell_type='lstm'`, got cell_type={self.cell_type!r}."
-            )
+        if self.lstm_expose_cell_state and CELLS[self.cell_type].state_vectors == 1:
+            raise ValueError(f"`lstm_expose_cell_state=True` needs a cell whose state holds more than `h` "
+                             f"(cell_type='lstm'), got cell_type={self.cell_type!r}.")
         if not self.initializer_range > 0:
             raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
         for note in settings_without_effect(self):
@@ -174,8 +185,8 @@ class SfrnnConfig(PreTrainedConfig):
     @property
     def state_multiplier(self):
         """Number of `d`-wide vectors in one layer's state: 2 for the LSTM (`[h, c]`), else 1."""
-        return 2 if self.cell_type == "lstm" else 1
+        return CELLS[self.cell_type].state_vectors
 
 
-__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES", "settings_without_effect",
+__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES", "DSF_BACKENDS", "settings_without_effect",
            "calibration_without_effect"]

@@ -1,16 +1,17 @@
 """The fused DSF op: the recurrence saving its gates, and the DSF backward walking time in reverse chunks.
 
-Forward (`recurrence_saving_gates`): no autograd graph; the input projection is one matmul per chunk of steps, and
-each step is one `h W_hh^T` matmul plus the cell's pointwise math (`cells_sfrnn.step_saving_gates`) written into
-preallocated, time-major buffers of the states and the gate activations.
+Same signature as the reference (`recurrent_sfrnn.dsf_states`) and tested against it on outputs and all gradients:
+`fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback) -> (states, statistics)`.
 
-Backward (`dsf_backward`): for chunks of `DSF_CHUNK` steps, from the last to the first, on cache-sized slices:
-(1) the reverse diagonal scan `g_t = e_t + a * g_{t+1}` inside the chunk, started from the carry of the later chunk;
-(2) the one-step gradient of the cell with the previous state held constant (`cells_sfrnn.one_step_grad`);
-(3) the weight gradients accumulated and the input gradient written, as large matmuls. No per-step autograd graph.
+Forward, two ways: the loop (`recurrence_saving_gates`: the input projection one matmul per chunk of steps, each step
+the cell's `step_saving_gates` into preallocated time-major buffers of states and gates), or torch's fused kernel for
+the states (cuDNN / oneDNN, `state_kernel`) with the gates then recomputed batched (`gates_from_states`).
 
-`FusedDsfRecurrence` ties both into an `autograd.Function`; the readable definition of the same rule is
-`recurrent_sfrnn.dsf_states` (the recompute form), against which this op is tested.
+Backward (`dsf_backward`): for chunks of `chunk` steps, from the last to the first, on cache-sized slices:
+(1) the reverse scan `g_t = e_t + a_{t+1} * g_{t+1}` inside the chunk, started from the carry of the later chunk
+(`scan_sfrnn.reverse_scan_`; the decay per the `Feedback`); (2) the cell's one-step gradient with the previous state
+held constant; (3) the weight gradients accumulated and the input gradient written, as large matmuls. A
+`pointwise_kernel` (Triton) may do (1) and (2) for the whole sequence instead. No per-step autograd graph.
 
 Internal layout is time-major `(time, batch, .)`: a step and a chunk of steps are contiguous slices, so a chunk
 flattens to `(steps * batch, .)` rows for the gradient matmuls.
@@ -20,20 +21,10 @@ Hub-exported file: imports only torch and its flat siblings.
 
 import torch
 
-from .cells_sfrnn import (
-    FOLDS_INPUT_PROJECTION,
-    diagonal_jacobian,
-    SAVED_GATES_PER_CELL,
-    STATES_PER_CELL,
-    one_step_grad,
-    recurrent_matmul_target,
-    step_saving_gates,
-)
+from .cells_sfrnn import get_cell
+from .scan_sfrnn import Feedback, JacobianStatistics, reverse_scan_
 
-# The `feedback` that asks for the time-varying decay diag(J_t) (gradient_mode "diag_jacobian") instead of a constant.
-DIAG_JACOBIAN = "diag_jacobian"
-
-# Steps per backward chunk: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in the L2/L3 cache.
+# Steps per backward chunk on CPU: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in cache.
 DSF_CHUNK = 64
 
 
@@ -44,11 +35,11 @@ def _matmul(a, b, matmul_dtype):
     return (a.to(matmul_dtype) @ b.to(matmul_dtype)).to(a.dtype)
 
 
-def _input_projection(cell_type, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype):
-    """`x W_ih^T + b_ih` (+ b_hh where the cell folds it into the recurrent matmul's bias) for every position.
-    inputs `(time, batch, d)` contiguous -> `(time, batch, G*d)`."""
+def _input_projection(cell, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype):
+    """`x W_ih^T` plus the cell's `input_projection_bias`, every position: inputs `(time, batch, d)` contiguous ->
+    `(time, batch, G*d)`."""
     time, batch, d = inputs.shape
-    bias = bias_ih + bias_hh if FOLDS_INPUT_PROJECTION[cell_type] else bias_ih
+    bias = cell.input_projection_bias(bias_ih, bias_hh)
     flat = inputs.reshape(time * batch, d)
     if matmul_dtype is None or matmul_dtype == inputs.dtype:
         projection = torch.addmm(bias, flat, weight_ih.t())
@@ -65,67 +56,8 @@ def _accumulate_matmul_(out, a, b, matmul_dtype):
         out.add_(a.to(matmul_dtype) @ b.to(matmul_dtype))
 
 
-def recurrence_saving_gates(cell_type, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask=None,
-                            matmul_dtype=None, diagonal_jacobian_sum=None):
-    """The gated recurrence, no graph, saving every state and gate activation.
-
-    Args:
-        inputs: `(time, batch, d)` time-major and contiguous.
-        initial_state: `(batch, S)`.
-        weight_ih, weight_hh: `(G*d, d)`; bias_ih, bias_hh: `(G*d,)`.
-        mask: `(time, batch, 1)` bool or None; a False position holds the previous state.
-        matmul_dtype: dtype of the input-projection matmul's operands (None: the inputs' dtype).
-        diagonal_jacobian_sum: None, or an `(S,)` accumulator to which each chunk of steps adds its diag(J_t) summed
-            over the batch and the real steps, while its gates are still in cache (a calibrated feedback's estimate).
-    Returns:
-        states `(time, batch, S)`, gates `(time, batch, SAVED_GATES_PER_CELL * d)` (None for the RNN).
-    """
-    time, batch, d = inputs.shape
-    states = inputs.new_empty(time, batch, STATES_PER_CELL[cell_type] * d)
-    saved = SAVED_GATES_PER_CELL[cell_type]
-    gates = inputs.new_empty(time, batch, saved * d) if saved else None
-    folds = FOLDS_INPUT_PROJECTION[cell_type]
-    weight_hh_t = weight_hh.t()
-    if diagonal_jacobian_sum is not None:  # room for the first chunk's previous states
-        first_previous = inputs.new_empty(min(DSF_CHUNK, time), batch, states.shape[-1])
-    state = initial_state
-    for t in range(time):
-        if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
-            input_projection = _input_projection(cell_type, inputs[t : t + DSF_CHUNK], weight_ih, bias_ih, bias_hh,
-                                                 matmul_dtype)
-        step_gates = None if gates is None else gates[t]
-        target = recurrent_matmul_target(cell_type, step_gates, states[t])
-        step_projection = input_projection[t % DSF_CHUNK]
-        # `h` contiguous: the LSTM's h is a strided half of [h, c].
-        torch.addmm(step_projection if folds else bias_hh, state[:, :d].contiguous(), weight_hh_t, out=target)
-        step_saving_gates(cell_type, step_projection, state, step_gates, states[t])
-        if mask is not None:
-            states[t] = torch.where(mask[t], states[t], state)
-        state = states[t]
-        if diagonal_jacobian_sum is not None and (t % DSF_CHUNK == DSF_CHUNK - 1 or t == time - 1):
-            add_diagonal_jacobian_sum_(diagonal_jacobian_sum, cell_type, gates, initial_state, states, weight_hh,
-                                       mask, t - t % DSF_CHUNK, t + 1, first_previous)
-    return states, gates
-
-
-def reverse_scan_chunk_(grad, carry, decay):
-    """In place on one chunk of steps: `g_t = e_t + decay_{t+1} * g_{t+1}`.
-
-    Args:
-        grad: `(steps, batch, S)` the incoming errors `e` of the chunk's steps; becomes `g`.
-        carry: `(batch, S)` what the later chunk passes back, `decay_{end} * g_{end}` (None after the last step).
-        decay: `(S,)` a constant diagonal (DSF's feedback), or `(steps, batch, S)` one per step of this chunk,
-            `decay[i]` scaling the chunk's `g_i` into `g_{i-1}` (e.g. each step's diagonal Jacobian).
-    Returns:
-        the carry for the earlier chunk, `decay_0 * g_0` `(batch, S)`.
-    """
-    steps = grad.shape[0]
-    constant = decay.dim() == 1
-    if carry is not None:
-        grad[steps - 1].add_(carry)
-    for i in range(steps - 2, -1, -1):
-        grad[i].addcmul_(decay if constant else decay[i + 1], grad[i + 1])
-    return grad[0] * (decay if constant else decay[0])
+def _empty_gates(cell, like, time, batch, d):
+    return like.new_empty(time, batch, cell.saved_gates * d) if cell.saved_gates else None
 
 
 def previous_states(states, initial_state, start, end, buffer):
@@ -139,56 +71,106 @@ def previous_states(states, initial_state, start, end, buffer):
     return previous
 
 
-def chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, mask, start, end):
-    """diag(J_t) `(end - start, batch, S)` of steps `start .. end - 1` (`cells_sfrnn.diagonal_jacobian`), 1 where
-    `mask` `(time, batch, 1)` holds the state: a cache-sized slice, computed where the gates are already in cache."""
-    decay = diagonal_jacobian(cell_type, None if gates is None else gates[start:end], previous, states[start:end],
-                              weight_hh)
+def chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask, start, end):
+    """diag(J_t) `(end - start, batch, S)` of steps `start .. end - 1` (`cell.diagonal_jacobian`), 1 where `mask`
+    `(time, batch, 1)` holds the state: a cache-sized slice, computed where the gates are already in cache."""
+    decay = cell.diagonal_jacobian(None if gates is None else gates[start:end], previous, states[start:end], weight_hh)
     return decay if mask is None else decay.masked_fill_(~mask[start:end], 1.0)
 
 
-def add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start, end, buffer):
-    """`total` `(S,)` += the sum over the batch and the real steps among `start .. end - 1` of diag(J_t).
-    `buffer` `(>= end - start, batch, S)` is scratch for the chunk's previous states."""
+def _add_jacobian_sum_(total, cell, gates, initial_state, states, weight_hh, mask, start, end, buffer):
+    """`total` `(S,)` += diag(J_t) summed over the batch and the real steps among `start .. end - 1`."""
     previous = previous_states(states, initial_state, start, end, buffer)
-    decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, None, start, end)
+    decay = chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, None, start, end)
     if mask is not None:
         decay.masked_fill_(~mask[start:end], 0.0)  # padded steps do not count
     total.add_(decay.sum(dim=(0, 1)))
 
 
-def diagonal_jacobian_sum(cell_type, gates, initial_state, states, weight_hh, mask=None, chunk=DSF_CHUNK):
-    """The calibrated feedback's estimate before the division: the sum of diag(J_t) over the batch and the real steps,
-    per state entry `(S,)`, chunk by chunk (no `(time, batch, S)` temporary), and how many positions it sums
-    (`real_steps`). Shapes as `recurrence_saving_gates` returns them."""
+def _real_positions(mask, time, batch):
+    """How many (step, row) positions are real tokens (a 0-dim tensor)."""
+    return torch.tensor(time * batch) if mask is None else mask.sum()
+
+
+def jacobian_statistics(cell, gates, initial_state, states, weight_hh, mask=None, chunk=DSF_CHUNK):
+    """diag(J_t) summed over the batch and the real steps `(S,)`, chunk by chunk (no `(time, batch, S)` temporary),
+    and the number of those positions. Shapes as `recurrence_saving_gates` returns them."""
+    cell = get_cell(cell)
     time, batch, width_state = states.shape
     total = states.new_zeros(width_state)
     buffer = states.new_empty(min(chunk, time), batch, width_state)
     for start in range(0, time, chunk):
-        add_diagonal_jacobian_sum_(total, cell_type, gates, initial_state, states, weight_hh, mask, start,
-                                   min(time, start + chunk), buffer)
-    return total, real_steps(mask, time, batch)
+        _add_jacobian_sum_(total, cell, gates, initial_state, states, weight_hh, mask, start, min(time, start + chunk),
+                           buffer)
+    return JacobianStatistics(total, _real_positions(mask, time, batch))
 
 
-def real_steps(mask, time, batch):
-    """How many (step, row) positions are real tokens: `time * batch` without a mask (a 0-dim tensor either way)."""
-    return torch.tensor(time * batch) if mask is None else mask.sum()
+def recurrence_saving_gates(cell, inputs, initial_state, weights, mask=None, matmul_dtype=None, statistics=False):
+    """The gated recurrence, no graph, saving every state and gate activation.
+
+    Args:
+        inputs: `(time, batch, d)` time-major and contiguous; initial_state `(batch, S)`.
+        weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`.
+        mask: `(time, batch, 1)` bool or None; a False position holds the previous state.
+        matmul_dtype: dtype of the input-projection matmul's operands (None: the inputs' dtype).
+        statistics: also sum diag(J_t) over the real positions, chunk by chunk while the gates are in cache.
+    Returns:
+        states `(time, batch, S)`, gates `(time, batch, saved_gates * d)` (None if the cell saves none), and the
+        `JacobianStatistics` (None unless asked).
+    """
+    cell = get_cell(cell)
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    time, batch, d = inputs.shape
+    states = inputs.new_empty(time, batch, cell.state_vectors * d)
+    gates = _empty_gates(cell, inputs, time, batch, d)
+    total = inputs.new_zeros(states.shape[-1]) if statistics else None
+    if statistics:  # room for the first chunk's previous states
+        first_previous = inputs.new_empty(min(DSF_CHUNK, time), batch, states.shape[-1])
+    state = initial_state
+    for t in range(time):
+        if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
+            input_projection = _input_projection(cell, inputs[t : t + DSF_CHUNK], weight_ih, bias_ih, bias_hh,
+                                                 matmul_dtype)
+        cell.step_saving_gates(input_projection[t % DSF_CHUNK], state, weight_hh, bias_hh,
+                               None if gates is None else gates[t], states[t])
+        if mask is not None:
+            states[t] = torch.where(mask[t], states[t], state)
+        state = states[t]
+        if statistics and (t % DSF_CHUNK == DSF_CHUNK - 1 or t == time - 1):
+            _add_jacobian_sum_(total, cell, gates, initial_state, states, weight_hh, mask, t - t % DSF_CHUNK, t + 1,
+                               first_previous)
+    return states, gates, JacobianStatistics(total, _real_positions(mask, time, batch)) if statistics else None
 
 
-def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, weights, mask, decay, needs,
+def gates_from_states(cell, inputs, initial_state, states, weights, matmul_dtype=None):
+    """The gate activations of every step, recomputed batched from known states (the cell's `step_saving_gates`
+    over all positions at once: two large matmuls, no loop), for a forward that yields states without gates (torch's
+    fused kernels). inputs `(time, batch, d)`, states `(time, batch, S)`. Returns `(time, batch, saved_gates * d)`
+    (None if the cell saves none)."""
+    cell = get_cell(cell)
+    if not cell.saved_gates:
+        return None
+    weight_ih, weight_hh, bias_ih, bias_hh = weights
+    time, batch, d = inputs.shape
+    previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
+    input_projection = _input_projection(cell, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype)
+    gates = _empty_gates(cell, inputs, time, batch, d)
+    cell.step_saving_gates(input_projection, previous, weight_hh, bias_hh, gates, torch.empty_like(previous))
+    return gates
+
+
+def dsf_backward(cell, grad_states, inputs, initial_state, states, gates, weights, mask, feedback, needs,
                  matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
     """The DSF backward, chunk by chunk from the end of the sequence.
 
     Args:
         grad_states: `(time, batch, S)` (any strides) the gradient reaching each state from outside the recurrence.
         inputs: `(time, batch, d)` contiguous; initial_state `(batch, S)`; states `(time, batch, S)`; gates as saved.
-        weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`.
-        mask: `(time, batch, 1)` bool or None.
-        decay: the scan's diagonal: `(S,)` constant, `DIAG_JACOBIAN` (each step's own diag(J_t), computed chunk
-            by chunk from the gates), or None: no scan (FT-BPTT).
+        weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`. mask: `(time, batch, 1)` bool or None.
+        feedback: the `Feedback` (its diagonal already in the states' dtype).
         needs: five bools, whether the gradient of inputs, weight_ih, weight_hh, bias_ih, bias_hh is wanted.
         pointwise_kernel: None (the scan and `one_step_grad` chunk by chunk in torch), or a kernel doing both for the
-            whole sequence, any decay above, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
+            whole sequence, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
     Returns:
         `(grad_inputs (time, batch, d), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh)`, None where not
         needed; accumulated in the states' dtype (fp32 / fp64).
@@ -206,53 +188,43 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     weight_ih_c = weight_ih.to(dtype) if need_x else None
     grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
     first_previous = states.new_empty(min(chunk, time), batch, width_state)
-    time_varying = isinstance(decay, str)
     if pointwise_kernel is not None:
-        grad_pre_all, grad_hidden_all = pointwise_kernel(cell_type, grad_states, gates, states, initial_state, mask,
-                                                         decay, weight_hh)
+        all_pre, all_extra = pointwise_kernel(cell, grad_states, gates, states, initial_state, mask, feedback,
+                                              weight_hh)
     carry = None
     for end in range(time, 0, -chunk):
         start = max(0, end - chunk)
         steps = end - start
         previous = previous_states(states, initial_state, start, end, first_previous)
         if pointwise_kernel is not None:
-            grad_pre = grad_pre_all[start:end]
-            grad_hidden_candidate = None if grad_hidden_all is None else grad_hidden_all[start:end]
+            grad_pre = all_pre[start:end]
+            extra = None if all_extra is None else all_extra[start:end]
         else:
             g = grad[:steps]
             g.copy_(grad_states[start:end])
-            if time_varying:
-                chunk_decay = chunk_diagonal_jacobian(cell_type, gates, previous, states, weight_hh, mask, start, end)
-                carry = reverse_scan_chunk_(g, carry, chunk_decay)
-            elif decay is not None:
-                carry = reverse_scan_chunk_(g, carry, decay)
+            if feedback.per_step:
+                decay = chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask, start, end)
+            else:
+                decay = feedback.diagonal
+            carry = reverse_scan_(g, decay, carry)
             if mask is not None:
                 g.mul_(mask[start:end])
-            grad_pre, grad_hidden_candidate = one_step_grad(
-                cell_type, g, None if gates is None else gates[start:end], previous, states[start:end]
-            )
+            grad_pre, extra = cell.one_step_grad(g, None if gates is None else gates[start:end], previous,
+                                                 states[start:end])
         rows = steps * batch
-        grad_pre = grad_pre.view(rows, -1)
-        bias_grad = grad_pre.sum(0) if need_bih or need_bhh else None
+        grad_pre = grad_pre.reshape(rows, -1)
         if need_wih:
             _accumulate_matmul_(grad_wih, grad_pre.t(), inputs[start:end].reshape(rows, d), matmul_dtype)
         if need_bih:
-            grad_bih.add_(bias_grad)
+            grad_bih.add_(grad_pre.sum(0))
         if need_whh or need_bhh:
-            h_previous = previous[..., :d].reshape(rows, d).contiguous()
-            if grad_hidden_candidate is None:
+            h_previous = previous[..., :d].reshape(rows, d)
+            for block, block_grad in cell.hidden_projection_grads(grad_pre, None if extra is None
+                                                                  else extra.reshape(rows, -1)):
                 if need_whh:
-                    _accumulate_matmul_(grad_whh, grad_pre.t(), h_previous, matmul_dtype)
+                    _accumulate_matmul_(grad_whh[block], block_grad.t(), h_previous, matmul_dtype)
                 if need_bhh:
-                    grad_bhh.add_(bias_grad)
-            else:  # GRU: [dr, dz] as for the input projection, dn * r for the n block
-                grad_hidden_candidate = grad_hidden_candidate.view(rows, d)
-                if need_whh:
-                    _accumulate_matmul_(grad_whh[: 2 * d], grad_pre[:, : 2 * d].t(), h_previous, matmul_dtype)
-                    _accumulate_matmul_(grad_whh[2 * d :], grad_hidden_candidate.t(), h_previous, matmul_dtype)
-                if need_bhh:
-                    grad_bhh[: 2 * d].add_(bias_grad[: 2 * d])
-                    grad_bhh[2 * d :].add_(grad_hidden_candidate.sum(0))
+                    grad_bhh[block].add_(block_grad.sum(0))
         if need_x:
             if matmul_dtype is None or matmul_dtype == dtype:
                 torch.mm(grad_pre, weight_ih_c, out=grad_x[start:end].view(rows, d))
@@ -261,99 +233,82 @@ def dsf_backward(cell_type, grad_states, inputs, initial_state, states, gates, w
     return grad_x, grad_wih, grad_whh, grad_bih, grad_bhh
 
 
-def gates_from_states(cell_type, inputs, initial_state, states, weights, matmul_dtype=None):
-    """The gate activations of every step, recomputed batched from known states (two large matmuls, no loop): for a
-    forward that yields states without gates (cuDNN). inputs `(time, batch, d)`, states `(time, batch, S)`.
-    Returns `(time, batch, SAVED_GATES_PER_CELL * d)` (None for the RNN)."""
-    if SAVED_GATES_PER_CELL[cell_type] == 0:
-        return None
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
-    time, batch, d = inputs.shape
-    previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
-    input_projection = _input_projection(cell_type, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype)
-    gates = states.new_empty(time, batch, SAVED_GATES_PER_CELL[cell_type] * d)
-    scratch = torch.empty_like(previous)
-    target = recurrent_matmul_target(cell_type, gates, scratch)
-    recurrent = _matmul(previous[..., :d].reshape(time * batch, d), weight_hh.t(), matmul_dtype).view(target.shape)
-    target.copy_(recurrent).add_(input_projection if FOLDS_INPUT_PROJECTION[cell_type] else bias_hh)
-    step_saving_gates(cell_type, input_projection, previous, gates, scratch)
-    return gates
-
-
 class FusedDsfRecurrence(torch.autograd.Function):
-    """States of the recurrence `(batch, time, S)` with the DSF backward (feedback None: FT-BPTT).
+    """`(states (batch, time, S), statistics total (S,), count)` with the DSF backward.
 
-    Inputs are `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
-    mask (batch, time) or None, feedback (S,) or None)` in one floating dtype (fp32 or fp64), then the options
-    `cell_type`, `forward_states` (None: the fused loop; else a function returning the time-major states, e.g. the
-    cuDNN kernel, the gates being then recomputed batched), `matmul_dtype` (bf16 for the large matmuls, or None),
-    `chunk`. The initial state is held constant (no gradient), as in every DSF layer of this package.
+    Tensor inputs `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
+    mask (batch, time) or None)` in one floating dtype (fp32 or fp64); then `cell`, `feedback` (a `Feedback`) and
+    `options` (`state_kernel`, `matmul_dtype`, `chunk`, `pointwise_kernel`, as `fused_dsf_recurrence`). The initial
+    state is held constant (no gradient), as in every DSF layer of this package. The statistics (empty when not
+    asked) are not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, feedback, cell_type,
-                forward_states=None, matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None, calibration=None):
+    def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, cell, feedback, options):
+        state_kernel, matmul_dtype, chunk, pointwise_kernel = options
         weights = (weight_ih, weight_hh, bias_ih, bias_hh)
         with torch.autocast(inputs.device.type, enabled=False):
             inputs_tm = inputs.transpose(0, 1).contiguous()
             mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
             initial_state = initial_state.detach()
-            # The calibrated feedback's estimate: diag(J) summed over the real steps, per state entry, and their count.
-            if forward_states is None:
-                total = None if calibration is None else inputs_tm.new_zeros(initial_state.shape[-1])
-                states, gates = recurrence_saving_gates(cell_type, inputs_tm, initial_state, *weights, mask_tm,
-                                                        matmul_dtype, total)
-                if calibration is not None:
-                    calibration.append((total, real_steps(mask_tm, *inputs_tm.shape[:2])))
+            if state_kernel is None:
+                states, gates, statistics = recurrence_saving_gates(cell, inputs_tm, initial_state, weights, mask_tm,
+                                                                    matmul_dtype, feedback.record_statistics)
             else:
-                states = forward_states()
-                gates = gates_from_states(cell_type, inputs_tm, initial_state, states, weights, matmul_dtype)
-                if calibration is not None:
-                    calibration.append(diagonal_jacobian_sum(cell_type, gates, initial_state, states, weight_hh,
-                                                             mask_tm, chunk))
-        time_varying = isinstance(feedback, str)  # DIAG_JACOBIAN: the decay is computed from the gates
-        ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm,
-                              None if time_varying else feedback)
-        ctx.options = (cell_type, matmul_dtype, chunk, pointwise_kernel, time_varying)
-        return states.transpose(0, 1)
+                states = state_kernel(cell, inputs, initial_state, weights, mask).transpose(0, 1).contiguous()
+                gates = gates_from_states(cell, inputs_tm, initial_state, states, weights, matmul_dtype)
+                statistics = (jacobian_statistics(cell, gates, initial_state, states, weight_hh, mask_tm, chunk)
+                              if feedback.record_statistics else None)
+        if statistics is None:
+            statistics = JacobianStatistics(states.new_empty(0), states.new_zeros(()))
+        ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm)
+        ctx.cell, ctx.feedback, ctx.options = cell, feedback, (matmul_dtype, chunk, pointwise_kernel)
+        ctx.mark_non_differentiable(*statistics)
+        return states.transpose(0, 1), *statistics
 
     @staticmethod
-    def backward(ctx, grad_states):
-        inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm, feedback = (
-            ctx.saved_tensors
-        )
-        cell_type, matmul_dtype, chunk, pointwise_kernel, time_varying = ctx.options
+    def backward(ctx, grad_states, _grad_total, _grad_count):
+        inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm = ctx.saved_tensors
+        matmul_dtype, chunk, pointwise_kernel = ctx.options
+        feedback = ctx.feedback
+        if feedback.diagonal is not None:
+            feedback = Feedback("constant", feedback.diagonal.to(states.dtype), feedback.record_statistics)
         needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
-        decay = DIAG_JACOBIAN if time_varying else None if feedback is None else feedback.to(states.dtype)
         with torch.autocast(inputs_tm.device.type, enabled=False):
             grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
-                cell_type, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
-                (weight_ih, weight_hh, bias_ih, bias_hh), mask_tm, decay, needs, matmul_dtype, chunk, pointwise_kernel,
+                ctx.cell, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
+                (weight_ih, weight_hh, bias_ih, bias_hh), mask_tm, feedback, needs, matmul_dtype, chunk,
+                pointwise_kernel,
             )
         if grad_x is not None:
             grad_x = grad_x.transpose(0, 1)
-        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None, None, None, None, None
+        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None
 
 
-def fused_dsf_states(cell_type, inputs, initial_state, weights, mask, feedback, forward_states=None,
-                     matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None, calibration=None):
-    """States `(batch, time, S)` with the values of the recurrence and the DSF backward, through the fused op.
+def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *, matmul_dtype=None, state_kernel=None,
+                         chunk=DSF_CHUNK, pointwise_kernel=None):
+    """States `(batch, time, S)` with the recurrence's values and the DSF backward, and the `JacobianStatistics`
+    of the forward (None unless `feedback.record_statistics`).
 
     Args:
-        inputs: `(batch, time, d)`; initial_state `(batch, S)`; weights `(weight_ih, weight_hh, bias_ih, bias_hh)`,
-            all in one dtype (fp32 or fp64; the caller casts).
-        mask: `(batch, time)` of 0/1 or None. feedback: `(S,)` (DSF), None (FT-BPTT) or `DIAG_JACOBIAN` (the scan
-            decays by each step's own diag(J_t), from the saved gates).
-        calibration: None, or a list to which the forward appends the estimate of a calibrated feedback: diag(J_t)
-            summed over the batch and the real steps `(S,)`, and the number of those positions (0-dim).
+        cell: a `Cell` or its name. inputs `(batch, time, d)`; initial_state `(batch, S)`; weights
+            `(weight_ih, weight_hh, bias_ih, bias_hh)`, all in one dtype (fp32 or fp64; the caller casts).
+        mask: `(batch, time)` of 0/1 or None. feedback: a `scan_sfrnn.Feedback`.
+        matmul_dtype: operands' dtype of the large matmuls (bf16 under autocast), or None.
+    Backend options (fixed when the backend is resolved):
+        state_kernel: None (the loop forward), or `(cell, inputs, initial_state, weights, mask) -> (batch, time, S)`,
+            torch's fused kernel; the gates are then recomputed batched.
+        chunk: steps per backward chunk. pointwise_kernel: None or `triton_sfrnn.triton_dsf_pointwise_backward`.
     Example:
-        >>> states = fused_dsf_states("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None, feedback)
+        >>> states, _ = fused_dsf_recurrence("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None,
+        ...                                  Feedback.constant(torch.linspace(0, 1, d)))
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
     """
-    return FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, feedback, cell_type, forward_states,
-                                    matmul_dtype, chunk, pointwise_kernel, calibration)
+    cell = get_cell(cell)
+    states, total, count = FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, cell, feedback,
+                                                    (state_kernel, matmul_dtype, chunk, pointwise_kernel))
+    return states, JacobianStatistics(total, count) if feedback.record_statistics else None
 
 
-__all__ = ["fused_dsf_states", "FusedDsfRecurrence", "diagonal_jacobian_sum", "add_diagonal_jacobian_sum_",
-           "chunk_diagonal_jacobian", "DIAG_JACOBIAN", "recurrence_saving_gates", "dsf_backward", "gates_from_states",
-           "previous_states", "reverse_scan_chunk_", "DSF_CHUNK"]
+__all__ = ["fused_dsf_recurrence", "FusedDsfRecurrence", "jacobian_statistics", "chunk_diagonal_jacobian",
+           "recurrence_saving_gates", "dsf_backward", "gates_from_states", "previous_states", "DSF_CHUNK"]

@@ -1,53 +1,42 @@
 """The recurrent layer and its gradient modes.
 
-`SfrnnRecurrentLayer` owns one cell's weights (the layout of `torch.nn.GRU` / `nn.LSTM` / `nn.RNN`) and the fixed
-feedback diagonal, and runs the sequence in the mode `config.gradient_mode` names:
+`SfrnnRecurrentLayer` owns one cell's weights (the layout of `torch.nn.GRU` / `nn.LSTM` / `nn.RNN`; the cell itself is
+`cells_sfrnn.CELLS[config.cell_type]`) and the fixed feedback diagonal, and runs the sequence in the mode
+`config.gradient_mode` names:
 
 - `bptt`: the recurrence with autograd through torch's fused kernels (cuDNN / oneDNN): exact gradients.
-- `dsf` / `ft_bptt`: the DSF rule. Its definition is `dsf_states`: the recurrence without a graph, one batched
+- `dsf` / `ft_bptt` / `diag_jacobian`: the DSF rule with a `Feedback` (a constant diagonal, none, or each step's own
+  diag(J_t)). Its definition is `dsf_states`, the reference op: the recurrence without a graph, one batched
   one-step evaluation of the cell with the previous states held constant, and the state gradient rewritten by the
-  reverse diagonal scan (`g_t = e_t + a * g_{t+1}`; `a = 0`, i.e. no scan, for `ft_bptt`). It runs through the fused
-  op of `fused_sfrnn.py` (forward saving the gates, chunked reverse backward: no recompute); `dsf_layer_states`
-  chooses the path, in this one place, by device and dtype.
+  reverse scan (`DiagonalStateFeedback`). The fast ops take and return the same things (`fused_sfrnn`, `triton_sfrnn`);
+  `resolve_dsf_backend` picks one per layer and device, once.
 - `feedback_type="calibrated"` (with `dsf`): the diagonal is re-estimated once per optimizer step from the model's own
   diag(J_t) (mean over all the step's micro-batches, processes and real steps, smoothed by `feedback_momentum`,
-  clamped to [0, 1]). Each training forward only records its detached sum of diag(J_t); `update_calibrated_feedback`
+  clamped to [0, 1]). Each training forward only records the statistics the op returns; `update_calibrated_feedback`
   moves the feedback, called after the optimizer step (`CalibratedFeedbackCallback` does it in the Trainer). A
   recomputed forward (gradient checkpointing) records the same sum again with the same count: the mean is unchanged.
-- `diag_jacobian`: as `dsf`, but the scan decays by each step's own diagonal Jacobian,
-  `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (`cells_sfrnn.diagonal_jacobian`, from the saved gates; in the recompute
-  form, from gates recomputed batched).
 - no gradient needed (eval, generation): the recurrence alone, through the fastest correct path.
 
 Hub-exported file: imports only torch, transformers and its flat siblings.
 """
 
+import functools
 import math
-import os
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .cells_sfrnn import GATES_PER_CELL, STATES_PER_CELL, cell_step, lstm_gates
-from .configuration_sfrnn import calibration_without_effect
-from .fused_sfrnn import (
-    DIAG_JACOBIAN,
-    DSF_CHUNK,
-    chunk_diagonal_jacobian,
-    diagonal_jacobian_sum,
-    fused_dsf_states,
-    gates_from_states,
-    recurrence_saving_gates,
-    reverse_scan_chunk_,
-)
-from .scan_sfrnn import reverse_diagonal_scan
+from .cells_sfrnn import cell_step, get_cell
+from .configuration_sfrnn import DSF_BACKENDS, calibration_without_effect
+from .fused_sfrnn import DSF_CHUNK, chunk_diagonal_jacobian, fused_dsf_recurrence, gates_from_states, \
+    jacobian_statistics, recurrence_saving_gates
+from .scan_sfrnn import Feedback, JacobianStatistics, reverse_scan_
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
 logger = logging.get_logger(__name__)
-
-_FUSED_KERNELS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 
 
 def is_right_padded(mask: torch.Tensor) -> bool:
@@ -84,8 +73,9 @@ def _hold_state_after_end(states, initial_state, mask):
     return torch.where(mask.bool().unsqueeze(-1), states, last)
 
 
-def fused_recurrence(cell_type, inputs, initial_state, weights):
-    """Torch's fused kernel for the whole sequence (autograd through it when enabled: exact BPTT).
+def fused_recurrence(cell, inputs, initial_state, weights):
+    """Torch's fused kernel for the whole sequence (autograd through it when enabled: exact BPTT), or None when torch
+    has none for the cell.
 
     inputs `(batch, time, d)`, initial_state `(batch, S)`, weights `(weight_ih, weight_hh, bias_ih, bias_hh)`.
     Returns `h` for every step `(batch, time, d)` and the final state `(batch, S)`.
@@ -95,70 +85,54 @@ def fused_recurrence(cell_type, inputs, initial_state, weights):
         # ("unsupported datatype"); the recurrence runs in the weights' dtype, the layers around it stay autocast.
         with torch.autocast("cpu", enabled=False):
             dtype = weights[0].dtype
-            return fused_recurrence(cell_type, inputs.to(dtype), initial_state.to(dtype), weights)
-    kernel = _FUSED_KERNELS[cell_type]
-    flat_weights = list(weights)
-    train = torch.is_grad_enabled()  # cuDNN keeps its workspace for the backward only when told so
-    if cell_type == "lstm":
-        h0, c0 = (part.unsqueeze(0).contiguous() for part in initial_state.chunk(2, dim=-1))
-        outputs, h_n, c_n = kernel(inputs, (h0, c0), flat_weights, True, 1, 0.0, train, False, True)
-        return outputs, torch.cat([h_n[0], c_n[0]], dim=-1)
-    outputs, h_n = kernel(inputs, initial_state.unsqueeze(0).contiguous(), flat_weights, True, 1, 0.0, train, False, True)
-    return outputs, h_n[0]
+            return fused_recurrence(cell, inputs.to(dtype), initial_state.to(dtype), weights)
+    # cuDNN keeps its workspace for the backward only when told so.
+    return get_cell(cell).fused_sequence(inputs, initial_state, list(weights), train=torch.is_grad_enabled())
 
 
-def looped_recurrence(cell_type, input_projection, initial_state, weight_hh, bias_hh, mask=None):
-    """The gated recurrence as a loop of `cell_step` (any mask; every state, `[h, c]` included).
+def looped_recurrence(cell, input_projection, initial_state, weight_hh, bias_hh, mask=None):
+    """The gated recurrence as a loop of the cell's step (any mask; every state, `[h, c]` included).
 
     input_projection `(batch, time, G*d)`, initial_state `(batch, S)`, mask `(batch, time)` or None.
     Returns the states `(batch, time, S)`.
     """
+    cell = get_cell(cell)
     state = initial_state
     states = []
     for t in range(input_projection.shape[1]):
         step_mask = None if mask is None else mask[:, t]
-        state = cell_step(cell_type, input_projection[:, t], state, weight_hh, bias_hh, step_mask)
+        state = cell_step(cell, input_projection[:, t], state, weight_hh, bias_hh, step_mask)
         states.append(state)
     return torch.stack(states, dim=1)
 
 
-def lstm_cell_states(inputs, h_all, initial_state, weights):
-    """The LSTM's `c` at every step, from the fused kernel's `h` `(batch, time, d)`: with `h_{t-1}` known for all t
-    the gates are one batched evaluation, and `c_t = forget_t * c_{t-1} + write_t` is an elementwise scan.
-    Returns `(batch, time, d)`."""
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
-    h0, c0 = initial_state.chunk(2, dim=-1)
-    h_previous = torch.cat([h0.unsqueeze(1), h_all[:, :-1]], dim=1)
-    forget, write, _ = lstm_gates(F.linear(inputs, weight_ih, bias_ih), h_previous, weight_hh, bias_hh)
-    c, cells = c0, []
-    for t in range(inputs.shape[1]):
-        c = torch.addcmul(write[:, t], forget[:, t], c)
-        cells.append(c)
-    return torch.stack(cells, dim=1)
-
-
-def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_states=False, need_final_state=True):
+def run_recurrence(cell, inputs, initial_state, weights, mask=None, all_states=False, need_final_state=True):
     """The gated recurrence through the fastest correct path. Differentiable when grad is enabled (exact BPTT).
 
-    Torch's fused kernel whenever padding is only at the end of rows (the states past a row's end are then replaced
-    by its last real state); the loop of `cell_step` for any other mask.
+    Torch's fused kernel whenever the cell has one and padding is only at the end of rows (the states past a row's
+    end are then replaced by its last real state); the loop of the cell's step otherwise.
 
     Args:
-        inputs: `(batch, time, d)`; initial_state: `(batch, S)`; mask: `(batch, time)` of 0/1 or None.
+        cell: a `Cell` or its name. inputs: `(batch, time, d)`; initial_state: `(batch, S)`; mask: `(batch, time)`
+            of 0/1 or None.
         all_states: return the whole state `(batch, time, S)` (the LSTM's `[h, c]`) instead of `h` alone.
         need_final_state: whether the final state is read (a cache); if not, a padded LSTM skips computing `c`.
     Returns:
         `(outputs, final_state)`: `(batch, time, d or S)` and `(batch, S)` (None when not needed and not free).
     """
+    cell = get_cell(cell)
     mask = effective_mask(mask)
-    if mask is not None and not is_right_padded(mask):
+    fused = None
+    if mask is None or is_right_padded(mask):
+        fused = fused_recurrence(cell, inputs, initial_state, weights)
+    if fused is None:
         weight_ih, weight_hh, bias_ih, bias_hh = weights
-        states = looped_recurrence(cell_type, F.linear(inputs, weight_ih, bias_ih), initial_state, weight_hh, bias_hh, mask)
+        states = looped_recurrence(cell, F.linear(inputs, weight_ih, bias_ih), initial_state, weight_hh, bias_hh, mask)
         width = states.shape[-1] if all_states else inputs.shape[-1]
         return states[..., :width], states[:, -1]
-    outputs, final_state = fused_recurrence(cell_type, inputs, initial_state, weights)
-    if cell_type == "lstm" and (all_states or (mask is not None and need_final_state)):
-        outputs = torch.cat([outputs, lstm_cell_states(inputs, outputs, initial_state, weights)], dim=-1)
+    outputs, final_state = fused
+    if outputs.shape[-1] != initial_state.shape[-1] and (all_states or (mask is not None and need_final_state)):
+        outputs = cell.complete_states(inputs, outputs, initial_state, weights)
     if mask is not None:
         outputs = _hold_state_after_end(outputs, initial_state, mask)
         final_state = outputs[:, -1] if outputs.shape[-1] == initial_state.shape[-1] else None
@@ -166,89 +140,118 @@ def run_recurrence(cell_type, inputs, initial_state, weights, mask=None, all_sta
     return outputs[..., :width], final_state
 
 
+def kernel_states(cell, inputs, initial_state, weights, mask):
+    """Every state `(batch, time, S)` from torch's fused kernel (no graph): the fused op's `state_kernel`."""
+    return run_recurrence(cell, inputs, initial_state, weights, mask, all_states=True)[0]
+
+
 class DiagonalStateFeedback(torch.autograd.Function):
     """The DSF rule. Forward: the states of the recurrence, unchanged. Backward: the incoming state gradient `e`
-    rewritten as `g_t = e_t + feedback * g_{t+1}` and sent into the one-step evaluation (`feedback=None`: `g = e`).
-    A time-varying `feedback` `(batch, time, S)` decays by its step's own diagonal: `g_t = e_t + a_{t+1} * g_{t+1}`."""
+    rewritten by the reverse scan `g_t = e_t + a_{t+1} * g_{t+1}` and sent into the one-step evaluation.
+    `decay`: `(S,)` a constant diagonal, `(batch, time, S)` one per step, or None (no scan: `g = e`)."""
 
     @staticmethod
-    def forward(ctx, states, one_step_states, feedback):
-        ctx.feedback = feedback
+    def forward(ctx, states, one_step_states, decay):
+        ctx.decay = decay
         return states.view_as(states)
 
     @staticmethod
     def backward(ctx, grad_states):
-        if ctx.feedback is None:
+        if ctx.decay is None:
             return None, grad_states, None
-        if ctx.feedback.dim() == 1:
-            return None, reverse_diagonal_scan(grad_states, ctx.feedback), None
         grad = grad_states.transpose(0, 1).contiguous()  # time-major, scanned in place
-        reverse_scan_chunk_(grad, None, ctx.feedback.transpose(0, 1))
+        reverse_scan_(grad, ctx.decay if ctx.decay.dim() == 1 else ctx.decay.transpose(0, 1))
         return None, grad.transpose(0, 1), None
 
 
-def step_jacobian_diagonals(cell_type, inputs, previous_states, states, weights, mask):
+def step_jacobian_diagonals(cell, inputs, previous_states, states, weights, mask):
     """diag(J_t) of every step `(batch, time, S)`, 1 where `mask` holds the state: the gates recomputed batched from
-    the states (`gates_from_states`), then `cells_sfrnn.diagonal_jacobian`, as the fused op computes it per chunk.
+    the states (`gates_from_states`), then the cell's `diagonal_jacobian`, as the fused op computes it per chunk.
     inputs `(batch, time, d)`, previous_states / states `(batch, time, S)`, mask `(batch, time)` or None."""
     inputs_tm, states_tm = inputs.transpose(0, 1).contiguous(), states.transpose(0, 1).contiguous()
     previous_tm = previous_states.transpose(0, 1)
-    gates = gates_from_states(cell_type, inputs_tm, previous_states[:, 0], states_tm, weights)
+    gates = gates_from_states(cell, inputs_tm, previous_states[:, 0], states_tm, weights)
     mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
-    decay = chunk_diagonal_jacobian(cell_type, gates, previous_tm, states_tm, weights[1], mask_tm, 0, states.shape[1])
+    decay = chunk_diagonal_jacobian(cell, gates, previous_tm, states_tm, weights[1], mask_tm, 0, states.shape[1])
     return decay.transpose(0, 1)
 
 
-def dsf_states(cell_type, inputs, initial_state, weights, mask, feedback):
-    """States `(batch, time, S)` whose values are the recurrence's and whose backward is DSF.
+def dsf_states(cell, inputs, initial_state, weights, mask, feedback):
+    """The reference DSF op: states `(batch, time, S)` whose values are the recurrence's and whose backward is DSF,
+    and the forward's `JacobianStatistics` (None unless `feedback.record_statistics`).
 
     (1) the recurrence without a graph; (2) one batched evaluation of the cell over all positions with the previous
     states held constant (the one-step gradients); (3) the state gradient rewritten by `DiagonalStateFeedback`.
-    `feedback`: `(S,)`, None (FT-BPTT) or `DIAG_JACOBIAN` (each step's own diag(J_t), `step_jacobian_diagonals`).
+    cell: a `Cell` or its name; inputs `(batch, time, d)`; initial_state `(batch, S)`; weights
+    `(weight_ih, weight_hh, bias_ih, bias_hh)`; mask `(batch, time)` or None; feedback a `Feedback`.
     """
+    cell = get_cell(cell)
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     with torch.no_grad():
-        states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
+        states, _ = run_recurrence(cell, inputs, initial_state, weights, mask, all_states=True)
     previous_states = torch.cat([initial_state.detach().unsqueeze(1), states[:, :-1]], dim=1)
-    if isinstance(feedback, str):
+    decay, statistics = feedback.diagonal, None
+    if feedback.per_step or feedback.record_statistics:
         with torch.no_grad():
-            feedback = step_jacobian_diagonals(cell_type, inputs, previous_states, states,
-                                               tuple(w.detach() for w in weights), mask)
-    one_step_states = cell_step(cell_type, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
-    return DiagonalStateFeedback.apply(states, one_step_states, feedback)
+            jacobians = step_jacobian_diagonals(cell, inputs, previous_states, states,
+                                                tuple(w.detach() for w in weights), mask)
+        if feedback.per_step:
+            decay = jacobians
+        if feedback.record_statistics:
+            real = torch.ones_like(states[..., 0]) if mask is None else mask.to(states.dtype)
+            statistics = JacobianStatistics((jacobians * real.unsqueeze(-1)).sum(dim=(0, 1)), real.sum())
+    one_step_states = cell_step(cell, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
+    return DiagonalStateFeedback.apply(states, one_step_states, decay), statistics
 
 
-# DSF paths: "fused" (the CPU default: the loop forward saving the gates, the chunked reverse backward), "fused_cudnn"
-# (the CUDA default: cuDNN forward, gates recomputed batched, the backward's scan and pointwise gradient in one Triton
-# kernel when Triton is installed, else in torch), "recompute" (`dsf_states`, the reference form; devices not
-# measured). `DSF_PATH` (or the environment variable SFRNN_DSF_PATH) forces one.
-DSF_PATHS = ("fused", "fused_cudnn", "recompute")
-DSF_PATH = None
-_logged_paths = set()
+# ---------------------------------------------------------------------------------------------------------------------
+# Backends: every one takes `(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype)` and returns
+# `(states, statistics)`. `resolve_dsf_backend` picks one per layer and device, from `config.dsf_backend`.
+
+class DsfBackend(NamedTuple):
+    """A resolved DSF op: `name` (one of `DSF_BACKENDS` but "auto"), the op, and whether torch.compile can trace it."""
+
+    name: str
+    op: Callable
+    traceable: bool
 
 
-# torch.compile traces the recompute form of dsf and ft_bptt (torch ops and one small autograd.Function). The fused
-# op does not trace (Python loops over time writing into preallocated buffers, host-side options), nor do the gate
-# buffers diag(J_t) is computed from (`out=` into strided views, which dynamo refuses): diag_jacobian and a calibrated
-# feedback call the fused op outside the graph, a graph break that `fullgraph=True` refuses.
-_fused_dsf_states_outside_graph = torch.compiler.disable(fused_dsf_states)
+def _reference_op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype=None):
+    return dsf_states(cell, inputs, initial_state, weights, mask, feedback)
 
 
-def select_dsf_path(inputs: torch.Tensor, traceable: bool = True) -> str:
-    """The DSF path for these inputs: forced by `DSF_PATH` / SFRNN_DSF_PATH, else by device; under torch.compile the
-    recompute form when the mode's recompute form is `traceable`."""
-    if torch.compiler.is_compiling() and traceable:
-        return "recompute"
-    forced = DSF_PATH or os.environ.get("SFRNN_DSF_PATH")
-    if forced:
-        if forced not in DSF_PATHS:
-            raise ValueError(f"Unknown DSF path {forced!r}; expected one of {DSF_PATHS}.")
-        return forced
-    if inputs.device.type == "cuda":
-        return "fused_cudnn"
-    if inputs.device.type == "cpu":
-        return "fused"
-    return "recompute"  # devices whose kernels were not measured (mps, xpu, ...): the reference form
+# The fused op does not trace (Python loops over time writing into preallocated buffers); under torch.compile it runs
+# outside the graph, a graph break that `fullgraph=True` refuses.
+_fused_outside_graph = torch.compiler.disable(fused_dsf_recurrence)
+
+
+def _fused_op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype=None, **options):
+    op = _fused_outside_graph if torch.compiler.is_compiling() else fused_dsf_recurrence
+    return op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype=matmul_dtype, **options)
+
+
+def resolve_dsf_backend(requested: str, device: torch.device) -> DsfBackend:
+    """The DSF op for `config.dsf_backend` on `device`. "auto": the measured fastest: on CPU `fused` (the loop
+    forward saving the gates, the chunked torch backward); on CUDA `triton` (cuDNN forward, gates recomputed
+    batched, scan and pointwise derivative in one Triton kernel) when Triton is installed, else `fused_kernel` (the
+    same without Triton); elsewhere (mps, xpu: not measured) `reference`."""
+    if requested not in DSF_BACKENDS:
+        raise ValueError(f"Unknown dsf_backend {requested!r}; expected one of {list(DSF_BACKENDS)}.")
+    name = requested
+    if name == "auto":
+        name = {"cpu": "fused", "cuda": "triton" if TRITON_AVAILABLE else "fused_kernel"}.get(device.type, "reference")
+    if name == "triton" and not TRITON_AVAILABLE:
+        raise ValueError("dsf_backend='triton' needs Triton installed (pip install triton); use 'fused_kernel'.")
+    # GPU: the backward in long chunks (large matmuls); CPU: short, cache-sized chunks.
+    chunk = 1024 if device.type == "cuda" else DSF_CHUNK
+    ops = {
+        "reference": _reference_op,
+        "fused": functools.partial(_fused_op, chunk=chunk),
+        "fused_kernel": functools.partial(_fused_op, chunk=chunk, state_kernel=kernel_states),
+        "triton": functools.partial(_fused_op, chunk=chunk, state_kernel=kernel_states,
+                                    pointwise_kernel=triton_dsf_pointwise_backward),
+    }
+    return DsfBackend(name, ops[name], traceable=name == "reference")
 
 
 def _bf16_matmul_supported(device: torch.device) -> bool:
@@ -263,9 +266,12 @@ def _bf16_matmul_supported(device: torch.device) -> bool:
     return False
 
 
-def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, calibration=None):
-    """States `(batch, time, S)` with the recurrence's values and the DSF backward (feedback None: FT-BPTT), through
-    the path `select_dsf_path` picks. Shapes as `dsf_states`.
+def dsf_layer_states(cell, inputs, initial_state, weights, mask, feedback, backend: DsfBackend):
+    """States `(batch, time, S)` with the recurrence's values and the DSF backward, and the forward's
+    `JacobianStatistics` (None unless the feedback records them), through `backend`. Shapes as `dsf_states`.
+
+    Under torch.compile a feedback the reference traces (constant or none, no statistics) runs the reference op inside
+    the graph; the others run the backend outside it.
 
     Precision: states, scans and gradient accumulators are in the weights' dtype promoted to at least fp32 (fp64 stays
     fp64). Under `torch.autocast(dtype=torch.bfloat16)` the large matmuls (input projection, weight and input
@@ -273,43 +279,24 @@ def dsf_layer_states(cell_type, inputs, initial_state, weights, mask, feedback, 
     has the inputs' dtype.
     """
     device = inputs.device
-    path = select_dsf_path(inputs, traceable=not isinstance(feedback, str) and calibration is None)
+    if torch.compiler.is_compiling() and not (feedback.per_step or feedback.record_statistics):
+        backend = resolve_dsf_backend("reference", device)
     autocast = torch.is_autocast_enabled(device.type)
     compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
     matmul_dtype = None
     if autocast and torch.get_autocast_dtype(device.type) == torch.bfloat16 and _bf16_matmul_supported(device):
         matmul_dtype = torch.bfloat16
     out_dtype = compute_dtype if autocast else inputs.dtype
-    # GPU: the backward in long chunks (large matmuls); CPU: short, cache-sized chunks.
-    chunk = 1024 if device.type == "cuda" else DSF_CHUNK
-    use_triton = path == "fused_cudnn" and device.type == "cuda" and TRITON_AVAILABLE
-    pointwise_kernel = triton_dsf_pointwise_backward if use_triton else None
-    key = (path, device.type, compute_dtype, matmul_dtype, pointwise_kernel is not None)
-    if key not in _logged_paths and not torch.compiler.is_compiling():
-        _logged_paths.add(key)
-        backward = "triton" if pointwise_kernel is not None else "torch"
-        logger.info(f"sfrnn DSF path: {path} on {device.type} (backward scan + pointwise: {backward}), states "
-                    f"{compute_dtype}, large matmuls {matmul_dtype or compute_dtype}")
-    if path == "recompute" and calibration is not None:
-        raise ValueError(f"feedback_type='calibrated' runs on the fused path only (CPU, CUDA); got path {path!r} on "
-                         f"{device.type}.")
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
+    if feedback.diagonal is not None:
+        feedback = Feedback.constant(feedback.diagonal.to(compute_dtype), feedback.record_statistics)
     with torch.autocast(device.type, enabled=False):
-        if path == "recompute":
-            states = dsf_states(cell_type, inputs, initial_state, weights, mask, feedback)
-        else:
-            forward_states = None
-            if path == "fused_cudnn":
-                def forward_states():  # time-major states `(time, batch, S)` from torch's fused kernel
-                    states, _ = run_recurrence(cell_type, inputs, initial_state, weights, mask, all_states=True)
-                    return states.transpose(0, 1).contiguous()
-            fused = _fused_dsf_states_outside_graph if torch.compiler.is_compiling() else fused_dsf_states
-            states = fused(cell_type, inputs, initial_state, weights, mask, feedback, forward_states, matmul_dtype,
-                           chunk, pointwise_kernel, calibration)
-    return states.to(out_dtype)
+        states, statistics = backend.op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype)
+    return states.to(out_dtype), statistics
 
 
+_logged_backends = set()
 _PENDING_FORWARDS_WARNING = 256
 
 
@@ -327,14 +314,14 @@ def mean_diagonal_jacobian(layer, hidden_states, initial_state=None, mask=None) 
     initial_state = initial_state.detach().to(dtype)
     mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
     weights = tuple(w.to(dtype) for w in weights)
-    states, gates = recurrence_saving_gates(layer.cell_type, inputs_tm, initial_state, *weights, mask_tm)
-    total, count = diagonal_jacobian_sum(layer.cell_type, gates, initial_state, states, weights[1], mask_tm)
+    _, _, (total, count) = recurrence_saving_gates(layer.cell, inputs_tm, initial_state, weights, mask_tm,
+                                                   statistics=True)
     return total / count.to(total).clamp(min=1)
 
 
 def linspace_feedback(config):
     """The paper's fixed feedback: `linspace(feedback_min, feedback_max, S)` over a layer's state entries."""
-    width = config.hidden_size * STATES_PER_CELL[config.cell_type]
+    width = config.hidden_size * get_cell(config.cell_type).state_vectors
     return torch.linspace(config.feedback_min, config.feedback_max, width)
 
 
@@ -350,15 +337,16 @@ class SfrnnRecurrentLayer(nn.Module):
         super().__init__()
         self.config = config  # `gradient_mode` is read at every forward, so it can be switched on a live model
         self.layer_idx = layer_idx
-        self.cell_type = config.cell_type
+        self.cell = get_cell(config.cell_type)
+        self.cell_type = self.cell.name
         self.hidden_size = d = config.hidden_size
-        self.state_size = d * STATES_PER_CELL[self.cell_type]
+        self.state_size = d * self.cell.state_vectors
         self.output_size = self.state_size if config.lstm_expose_cell_state else d
-        gates = GATES_PER_CELL[self.cell_type] * d
-        self.weight_ih = nn.Parameter(torch.empty(gates, d))
-        self.weight_hh = nn.Parameter(torch.empty(gates, d))
-        self.bias_ih = nn.Parameter(torch.empty(gates))
-        self.bias_hh = nn.Parameter(torch.empty(gates))
+        self.weight_ih = nn.Parameter(torch.empty(self.cell.gates * d, d))
+        self.weight_hh = nn.Parameter(torch.empty(self.cell.recurrent_gates * d, d))
+        self.bias_ih = nn.Parameter(torch.empty(self.cell.gates * d))
+        self.bias_hh = nn.Parameter(torch.empty(self.cell.recurrent_gates * d))
+        self._backends = {}  # (config.dsf_backend, device type) -> DsfBackend
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
         self.pending_calibration = None  # [diag(J) total (S,), count, forwards] since the last feedback update
 
@@ -405,6 +393,28 @@ class SfrnnRecurrentLayer(nn.Module):
         return (f"cell_type={self.cell_type}, hidden_size={self.hidden_size}, state_size={self.state_size}, "
                 f"output_size={self.output_size}, gradient_mode={config.gradient_mode}, feedback={feedback}")
 
+    def feedback_for(self, gradient_mode: str) -> Feedback:
+        """The reverse scan's decay in a DSF-family mode: `dsf` the feedback diagonal (recording diag(J) statistics
+        when calibrated), `ft_bptt` none, `diag_jacobian` each step's own diag(J_t)."""
+        if gradient_mode == "dsf":
+            return Feedback.constant(self.feedback, record_statistics=self.config.feedback_type == "calibrated")
+        if gradient_mode == "ft_bptt":
+            return Feedback.none()
+        if gradient_mode == "diag_jacobian":
+            return Feedback.diag_jacobian()
+        raise ValueError(f"gradient_mode {gradient_mode!r} has no DSF feedback.")
+
+    def dsf_backend(self, device: torch.device) -> DsfBackend:
+        """The DSF op for this layer on `device`, resolved once per `config.dsf_backend` and device type."""
+        key = (self.config.dsf_backend, device.type)
+        if key not in self._backends:
+            backend = self._backends[key] = resolve_dsf_backend(self.config.dsf_backend, device)
+            if key not in _logged_backends:
+                _logged_backends.add(key)
+                logger.info(f"sfrnn DSF backend: {backend.name} on {device.type} (config.dsf_backend="
+                            f"{self.config.dsf_backend!r})")
+        return self._backends[key]
+
     @property
     def init_bound(self):
         """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
@@ -433,19 +443,19 @@ class SfrnnRecurrentLayer(nn.Module):
             if note:
                 logger.warning_once(note)
         if needs_grad and mode != "bptt":
-            feedback = {"dsf": self.feedback, "ft_bptt": None, "diag_jacobian": DIAG_JACOBIAN}[mode]
-            calibration = [] if mode == "dsf" and self.config.feedback_type == "calibrated" else None
-            states = dsf_layer_states(self.cell_type, hidden_states, initial_state, weights, mask, feedback,
-                                      calibration)
-            if calibration:
-                self.record_calibration(*calibration[0])
+            feedback = self.feedback_for(mode)
+            states, statistics = dsf_layer_states(self.cell, hidden_states, initial_state, weights, mask, feedback,
+                                                  self.dsf_backend(hidden_states.device))
+            if statistics is not None:
+                self.record_calibration(*statistics)
             outputs, final_state = states[..., : self.output_size], states[:, -1]
         else:
             all_states = self.output_size == self.state_size
-            outputs, final_state = run_recurrence(self.cell_type, hidden_states, initial_state, weights, mask,
+            outputs, final_state = run_recurrence(self.cell, hidden_states, initial_state, weights, mask,
                                                   all_states, need_final_state)
         # The same outputs whether or not grad is enabled: reentrant checkpointing recomputes a no-grad forward.
         return outputs, final_state if need_final_state else None
 
 
-__all__ = ["SfrnnRecurrentLayer", "mean_diagonal_jacobian", "dsf_states", "dsf_layer_states", "select_dsf_path", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]
+__all__ = ["SfrnnRecurrentLayer", "mean_diagonal_jacobian", "dsf_states", "dsf_layer_states", "resolve_dsf_backend",
+           "DsfBackend", "DSF_BACKENDS", "run_recurrence", "linspace_feedback", "DiagonalStateFeedback"]

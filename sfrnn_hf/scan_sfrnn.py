@@ -1,74 +1,87 @@
-"""The reverse diagonal scan of DSF: `g_t = e_t + a * g_{t+1}`, `g_T = e_T`.
+"""The reverse diagonal scan of DSF, `g_t = e_t + a_{t+1} * g_{t+1}`, and the typed feedback that sets its decay.
 
-An anti-causal, exponentially discounted sum of future errors: `g_t = sum_{k >= t} a^(k - t) * e_k`, a linear
-time-invariant system run in reverse time. Elementwise over the state: O(S) per step, never a d x d matmul.
+With a constant diagonal `a` (the paper's DSF) the scan is an anti-causal, exponentially discounted sum of future
+errors, `g_t = sum_{k >= t} a^(k - t) * e_k`: elementwise over the state, O(S) per step, never a d x d matmul.
+`reverse_scan_` is the torch form, written once and used by every torch path; the Triton backward fuses its own.
 
 Hub-exported file: imports only torch.
 """
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 
-# Chunk length of the chunked form: a (C, C) Toeplitz of powers per channel, C * S * B work per step.
-SCAN_CHUNK = 16
+FEEDBACK_KINDS = ("constant", "none", "diag_jacobian")
 
 
-def reverse_diagonal_scan_reference(errors: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
-    """The obviously correct plain loop, for tests.
+@dataclass(frozen=True)
+class Feedback:
+    """How DSF's reverse scan decays the state gradient.
+
+    - `Feedback.constant(a)`: `g_t = e_t + a * g_{t+1}` with a fixed diagonal `a` `(S,)` (the paper's DSF);
+      `record_statistics=True` (a calibrated feedback) also returns diag(J_t) summed over the real positions, from
+      which the diagonal is re-estimated once per optimizer step.
+    - `Feedback.none()`: `g_t = e_t`, no scan (FT-BPTT).
+    - `Feedback.diag_jacobian()`: each step decays by its own diagonal Jacobian, `g_t = e_t + diag(J_{t+1}) g_{t+1}`.
+    """
+
+    kind: str
+    diagonal: torch.Tensor | None = None
+    record_statistics: bool = False
+
+    def __post_init__(self):
+        if self.kind not in FEEDBACK_KINDS:
+            raise ValueError(f"Unknown feedback kind {self.kind!r}; expected one of {FEEDBACK_KINDS}.")
+        if (self.diagonal is not None) != (self.kind == "constant"):
+            raise ValueError(f"A {self.kind!r} feedback {'needs' if self.kind == 'constant' else 'takes no'} diagonal.")
+
+    @classmethod
+    def constant(cls, diagonal: torch.Tensor, record_statistics: bool = False) -> "Feedback":
+        return cls("constant", diagonal, record_statistics)
+
+    @classmethod
+    def none(cls) -> "Feedback":
+        return cls("none")
+
+    @classmethod
+    def diag_jacobian(cls) -> "Feedback":
+        return cls("diag_jacobian")
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the decay differs per step and row (computed from the forward's gates)."""
+        return self.kind == "diag_jacobian"
+
+
+class JacobianStatistics(NamedTuple):
+    """A forward's diag(J_t) summed over the batch and the real steps, per state entry `total` `(S,)`, and how many
+    positions it sums, `count` (0-dim): what a calibrated feedback averages."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+
+def reverse_scan_(grad: torch.Tensor, decay: torch.Tensor | None, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """In place, `grad[i] += decay_{i+1} * grad[i+1]` from the last step to the first, time-major.
 
     Args:
-        errors: `(batch, time, state)` incoming state gradients `e_t`.
-        feedback: `(state,)` the diagonal `a`.
+        grad: `(steps, batch, S)` the errors `e`, overwritten by `g` (a chunk of a longer sequence, or all of it).
+        decay: `(S,)` a constant diagonal, `(steps, batch, S)` one per step (`decay[i]` scales `g_i` into
+            `g_{i-1}`), or None: no scan.
+        carry: what the later chunk passes back, `decay_end * g_end` `(batch, S)`, or None after the last step.
     Returns:
-        `(batch, time, state)` the rewritten gradients `g_t`, in at least fp32.
+        the carry for the earlier chunk, `decay_0 * g_0` `(batch, S)` (None without decay).
     """
-    errors = errors.to(_accumulation_dtype(errors.dtype))
-    feedback = feedback.to(errors.dtype)
-    out = torch.empty_like(errors)
-    carry = torch.zeros_like(errors[:, 0])
-    for t in reversed(range(errors.shape[1])):
-        carry = errors[:, t] + feedback * carry
-        out[:, t] = carry
-    return out
-
-
-def _accumulation_dtype(dtype):
-    """At least fp32 (bf16 / fp16 gradients are accumulated in fp32; fp64 stays fp64)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _scan_loop(errors: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
-    """In-place sequential scan on a copy in the accumulation dtype: fastest on CPU (one multiply-add per step)."""
-    out = errors.to(_accumulation_dtype(errors.dtype), copy=True)
-    for t in range(out.shape[1] - 2, -1, -1):
-        out[:, t].addcmul_(feedback, out[:, t + 1])
-    return out
-
-
-def _scan_chunked(errors: torch.Tensor, feedback: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """Chunked form: inside each chunk of C steps a batched product with the per-channel Toeplitz matrix of powers
-    `L[i, j] = a^(j - i)` (j >= i), then one sequential pass over the T / C chunks for the carries.
-    Exact for `a` in [0, 1] (0^0 = 1), no logarithms, so no NaN at a = 0."""
-    batch, time, width = errors.shape
-    padded = -time % chunk
-    e = errors.to(_accumulation_dtype(errors.dtype))
-    feedback = feedback.to(e.dtype)
-    if padded:
-        e = torch.nn.functional.pad(e, (0, 0, 0, padded))
-    n_chunks = e.shape[1] // chunk
-    e = e.view(batch, n_chunks, chunk, width)
-    steps = torch.arange(chunk, device=e.device)
-    distance = steps[None, :] - steps[:, None]  # (C, C): j - i
-    powers = feedback[None, None, :] ** distance.clamp(min=0)[:, :, None]  # (C, C, S)
-    powers = powers * (distance >= 0)[:, :, None]
-    local = torch.einsum("ijs,bnjs->bnis", powers, e)  # within-chunk sums
-    # carry into chunk n from chunk n+1: g_(start of n+1), discounted by a^(C - i) at step i of chunk n.
-    decay_to_next = feedback[None, :] ** (chunk - steps)[:, None]  # (C, S)
-    out = torch.empty_like(local, memory_format=torch.contiguous_format)
-    carry = torch.zeros(batch, width, device=e.device, dtype=e.dtype)
-    for n in range(n_chunks - 1, -1, -1):
-        out[:, n] = local[:, n] + decay_to_next * carry[:, None, :]
-        carry = out[:, n, 0]
-    return out.view(batch, n_chunks * chunk, width)[:, :time]
+    if decay is None:
+        return None
+    steps = grad.shape[0]
+    constant = decay.dim() == 1
+    if carry is not None:
+        grad[steps - 1].add_(carry)
+    for i in range(steps - 2, -1, -1):
+        grad[i].addcmul_(decay if constant else decay[i + 1], grad[i + 1])
+    return grad[0] * (decay if constant else decay[0])
 
 
 def reverse_diagonal_scan(errors: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
@@ -82,9 +95,23 @@ def reverse_diagonal_scan(errors: torch.Tensor, feedback: torch.Tensor) -> torch
         >>> e = torch.randn(2, 5, 3); a = torch.tensor([0.0, 0.5, 1.0])
         >>> g = reverse_diagonal_scan(e, a)   # g[:, :, 0] == e[:, :, 0]; g[:, :, 2] == reversed cumsum of e
     """
-    feedback = feedback.to(device=errors.device, dtype=_accumulation_dtype(errors.dtype))
-    scan = _scan_loop if errors.device.type == "cpu" else _scan_chunked
-    return scan(errors, feedback).to(errors.dtype)
+    dtype = torch.promote_types(errors.dtype, torch.float32)
+    grad = errors.transpose(0, 1).to(dtype, copy=True, memory_format=torch.contiguous_format)
+    reverse_scan_(grad, feedback.to(device=errors.device, dtype=dtype))
+    return grad.transpose(0, 1).to(errors.dtype)
 
 
-__all__ = ["reverse_diagonal_scan", "reverse_diagonal_scan_reference"]
+def reverse_diagonal_scan_reference(errors: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """The definition as a plain loop, for tests: errors `(batch, time, state)`, feedback `(state,)` ->
+    `(batch, time, state)` in at least fp32."""
+    errors = errors.to(torch.promote_types(errors.dtype, torch.float32))
+    feedback = feedback.to(errors.dtype)
+    out = torch.empty_like(errors)
+    carry = torch.zeros_like(errors[:, 0])
+    for t in reversed(range(errors.shape[1])):
+        carry = errors[:, t] + feedback * carry
+        out[:, t] = carry
+    return out
+
+
+__all__ = ["Feedback", "JacobianStatistics", "reverse_scan_", "reverse_diagonal_scan", "reverse_diagonal_scan_reference"]

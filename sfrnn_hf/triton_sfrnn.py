@@ -5,8 +5,8 @@
 gates it reads anyway: gradient_mode "diag_jacobian"), and applies the cell's one-step derivative with the
 previous state held constant (the same formulas as `cells_sfrnn.one_step_grad`), writing the pre-activation gradients
 `(time, batch, G*d)` (and the GRU's `dn * r`). The three large gradient matmuls follow in torch (`fused_sfrnn`).
-`triton_reverse_scan`: the scan alone, for the bandwidth benchmark. Both are tested against the torch forms under
-Triton's CPU interpreter (tests/test_triton_dsf.py).
+This is the Triton backend's only scan; it is tested against the torch backward under Triton's CPU interpreter
+(tests/test_triton_dsf.py).
 
 Kernels are compiled on first use, so `TRITON_INTERPRET=1` set before that runs them on CPU tensors (tests).
 
@@ -31,20 +31,6 @@ CHANNEL_TILE = 32
 
 
 if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exist only with Triton
-
-
-    def _reverse_scan(errors, out, feedback, time, row_stride, time_stride, width, TILE: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
-        valid = cols < width
-        a = tl.load(feedback + cols, mask=valid, other=0.0)
-        carry = tl.full([TILE], 0.0, tl.float32)
-        for step in range(time):
-            t = time - 1 - step
-            offset = t * time_stride + row * row_stride + cols
-            carry = tl.load(errors + offset, mask=valid, other=0.0).to(tl.float32) + a * carry
-            tl.store(out + offset, carry, mask=valid)
-
 
     def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, diagonals,
                        out_pre, out_hidden, time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -158,62 +144,55 @@ def _kernels():
     """Compiled (or, under TRITON_INTERPRET=1, interpreted) kernels, built on first use."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("Triton is not installed: use the torch path of fused_sfrnn.")
-    return {"scan": triton.jit(_reverse_scan), "pointwise": triton.jit(_dsf_pointwise)}
+    return {"pointwise": triton.jit(_dsf_pointwise)}
 
 
-_CELL_CODES = {"gru": 0, "lstm": 1, "rnn": 2}
-
-
-def triton_reverse_scan(errors, feedback, tile=CHANNEL_TILE):
-    """`g_t = e_t + a * g_{t+1}` over time, in fp32. errors `(time, batch, S)` contiguous; feedback `(S,)`."""
-    time, batch, width = errors.shape
-    out = torch.empty(errors.shape, dtype=torch.float32, device=errors.device)
-    grid = (batch, triton.cdiv(width, tile))
-    _kernels()["scan"][grid](errors, out, feedback.float().contiguous(), time, width, batch * width, width, TILE=tile)
-    return out
-
-
-def triton_dsf_pointwise_backward(cell_type, grad_states, gates, states, initial_state, mask, decay, weight_hh=None,
+def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh=None,
                                   tile=CHANNEL_TILE):
-    """The scan and the one-step derivative for the whole sequence, in one kernel.
+    """The scan and the one-step derivative for the whole sequence, in one kernel: the `pointwise_kernel` of
+    `fused_sfrnn.dsf_backward`.
 
     Args:
+        cell: a `cells_sfrnn.Cell` with a `triton_code` (its branch in `_dsf_pointwise`).
         grad_states: `(time, batch, S)`, last dim contiguous (any time / batch strides).
         gates: `(time, batch, 4d)` (None for the RNN); states `(time, batch, S)`; initial_state `(batch, S)`: fp32.
         mask: `(time, batch, 1)` bool or None.
-        decay: `(S,)` the constant feedback, None (FT-BPTT), or the string "diag_jacobian"
-            (`fused_sfrnn.DIAG_JACOBIAN`): each step's own diag(J_t), computed in the kernel from the gates and the
-            diagonals of `weight_hh` `(G*d, d)`.
+        feedback: a `scan_sfrnn.Feedback`: the constant diagonal `(S,)`, none (FT-BPTT), or each step's own diag(J_t),
+            computed in the kernel from the gates and the diagonals of `weight_hh` `(G*d, d)`.
     Returns:
-        `(grad_pre (time, batch, G*d), grad_hidden_candidate (time, batch, d) or None)` as `one_step_grad`.
+        `(grad_pre (time, batch, G*d), extra)` as the cell's `one_step_grad` (extra: the GRU's `dn * r`
+        `(time, batch, d)`, else None).
     """
+    if cell.triton_code is None:
+        raise ValueError(f"The {cell.name!r} cell has no Triton backward (triton_code None): use dsf_backend 'fused_kernel'.")
     time, batch, width = states.shape
-    d = width // 2 if cell_type == "lstm" else width
-    widths = {"gru": 3, "lstm": 4, "rnn": 1}
+    d = width // cell.state_vectors
     if grad_states.stride(-1) != 1:
         grad_states = grad_states.contiguous()
-    out_pre = torch.empty(time, batch, widths[cell_type] * d, dtype=torch.float32, device=states.device)
-    out_hidden = torch.empty(time, batch, d, dtype=torch.float32, device=states.device) if cell_type == "gru" else None
+    out_pre = torch.empty(time, batch, cell.gates * d, dtype=torch.float32, device=states.device)
+    out_hidden = (torch.empty(time, batch, cell.extra_gradient_width * d, dtype=torch.float32, device=states.device)
+                  if cell.extra_gradient_width else None)
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
     dummy = states  # unused pointer arguments must still be tensors
-    feedback = diagonals = dummy
-    if isinstance(decay, str):
+    diagonals = dummy
+    if feedback.per_step:
         if weight_hh is None:
-            raise ValueError("decay='diag_jacobian' needs weight_hh (the diagonals of its gate blocks).")
+            raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
         diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
         mode = 2
-    elif decay is not None:
-        feedback, mode = decay.float().contiguous(), 1
+    elif feedback.diagonal is not None:
+        mode = 1
     else:
         mode = 0
+    feedback = feedback.diagonal.float().contiguous() if mode == 1 else dummy
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](
         grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
         states, initial_state.contiguous(), mask_float if mask_float is not None else dummy, feedback, diagonals,
         out_pre, out_hidden if out_hidden is not None else dummy, time, batch, d,
-        CELL=_CELL_CODES[cell_type], HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
+        CELL=cell.triton_code, HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
     )
     return out_pre, out_hidden
 
 
-__all__ = ["TRITON_AVAILABLE", "triton_reverse_scan", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]
+__all__ = ["TRITON_AVAILABLE", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]

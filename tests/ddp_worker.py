@@ -1,13 +1,13 @@
 """One rank of the 2-process DDP test: `torchrun --nproc_per_node 2 tests/ddp_worker.py CONFIG [overrides]`.
-Trains with `sfrnn_hf.train.run` and saves this rank's final weights and what its DDP wrapper was set to."""
+Trains with `sfrnn_hf.training.train.run` and saves this rank's final weights and what its DDP wrapper was set to."""
 
 import os
 import sys
 
 import torch
 
-from sfrnn_hf.train import run
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.train import run
+from sfrnn_hf.training.config import load_config
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

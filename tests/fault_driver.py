@@ -1,4 +1,4 @@
-"""Runs one `sfrnn_hf.train.run` of a YAML config, killing its own process with SIGKILL at the N-th call of one
+"""Runs one `sfrnn_hf.training.train.run` of a YAML config, killing its own process with SIGKILL at the N-th call of one
 function (fault injection for `test_fault_injection.py`). Resumes when the folder already holds a run.
 
     python tests/fault_driver.py CONFIG OUTPUT_DIR [--kill-at EVENT:N]
@@ -14,9 +14,9 @@ import sys
 import safetensors.torch
 import torch
 
-from sfrnn_hf import train
-from sfrnn_hf.run_folder import earlier_run
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training import train
+from sfrnn_hf.training.run_folder import earlier_run
+from sfrnn_hf.training.config import load_config
 
 # Where a kill can land: the function whose N-th call dies (before it runs, or after `after` of them).
 EVENTS = {

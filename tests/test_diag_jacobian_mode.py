@@ -7,7 +7,17 @@ import torch
 
 from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, fused_sfrnn, recurrent_sfrnn
+from sfrnn_hf.cells_sfrnn import CELLS
+from sfrnn_hf.scan_sfrnn import Feedback
 from test_fused_dsf import layer_weights, make_layer, make_mask
+
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def trained_weights(layer):
+    """`(names, tensors)` of the layer's weights that hold numbers (minGRU's recurrent ones are empty)."""
+    pairs = [(n, w) for n, w in zip(WEIGHT_NAMES, layer_weights(layer)) if w.numel()]
+    return [n for n, _ in pairs], [w for _, w in pairs]
 
 
 def autograd_jacobian_diagonals(cell, inputs, held, t):
@@ -50,7 +60,7 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
     return states
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mask_kind", [None, "right", "left", "arbitrary"])
 @pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
 def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
@@ -58,18 +68,20 @@ def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, mon
     assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
 
 
-def assert_diag_jacobian_layer_is_the_reference(cell, mask_kind):
+def assert_diag_jacobian_layer_is_the_reference(cell, mask_kind, backend="auto"):
     """A `diag_jacobian` layer's gradients (inputs and every weight) against `reference_diag_jacobian_layer`."""
     layer = make_layer(cell)
     layer.config.gradient_mode = "diag_jacobian"
+    layer.config.dsf_backend = backend
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     mask = make_mask(mask_kind, 4, 9)
     readout = torch.randn(4, 9, layer.output_size, dtype=torch.float64)
-    params = [inputs, *layer_weights(layer)]
+    names, weights = trained_weights(layer)
+    params = [inputs, *weights]
     got = torch.autograd.grad((layer(inputs, mask=mask)[0] * readout).sum(), params)
     reference = reference_diag_jacobian_layer(layer, inputs, mask)[..., : layer.output_size]
     want = torch.autograd.grad((reference * readout).sum(), params)
-    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+    for name, g, w in zip(["inputs", *names], got, want):
         assert w.abs().max() > 0, name
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -95,6 +107,29 @@ def test_diagonal_recurrent_blocks_make_diag_jacobian_exact_bptt(cell):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
     weight_hh_index = [n for n, _ in model.named_parameters()].index("model.layers.0.recurrent.weight_hh")
     assert not torch.allclose(grads["dsf"][weight_hh_index], grads["bptt"][weight_hh_index], rtol=1e-3)
+
+
+@pytest.mark.parametrize("block_type", ["residual", "prenorm"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_mingru_diag_jacobian_is_exact_bptt(block_type, padding):
+    """minGRU's gates read the input only, so its Jacobian IS diag(1 - z_t): the `diag_jacobian` rule is exact BPTT
+    for every parameter of a 2-layer model, while the constant-feedback `dsf` is not."""
+    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type="mingru", block_type=block_type,
+                         intermediate_size=8)
+    model = SfrnnForCausalLM(config).double()
+    input_ids, labels, mask = padded_batch(19, 3, 10, padding)
+    params = [p for p in model.parameters() if p.numel()]
+    grads = {}
+    for mode in ("bptt", "diag_jacobian", "dsf"):
+        model.config.gradient_mode = mode
+        loss = causal_lm_cross_entropy(model(input_ids=input_ids, attention_mask=mask).logits, labels)
+        grads[mode] = torch.autograd.grad(loss, params)
+    names = [n for n, p in model.named_parameters() if p.numel()]
+    for name, got, want in zip(names, grads["diag_jacobian"], grads["bptt"]):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
+    weight_ih_index = names.index("model.layers.0.recurrent.weight_ih")
+    assert not torch.allclose(grads["dsf"][weight_ih_index], grads["bptt"][weight_ih_index], rtol=1e-3)
 
 
 def test_diag_jacobian_forward_is_the_dsf_forward():
@@ -123,7 +158,7 @@ def batch_mean_diagonal(layer, inputs, mask):
     return total / count
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("chunk", [4, 64])  # the forward loop adds up the mean chunk by chunk
 def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell, chunk, monkeypatch):
     monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
@@ -154,7 +189,7 @@ def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobi
     assert not layer.update_calibrated_feedback()  # nothing recorded since: nothing moves
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", list(CELLS))
 def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     """The CUDA path's form, run here on CPU: states from torch's fused kernel, gates recomputed batched, then the
     calibration sum over 4-step chunks after the forward (`diagonal_jacobian_sum`) and the diag_jacobian backward."""
@@ -164,25 +199,22 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     initial = torch.zeros(4, layer.state_size, dtype=torch.float64)
     weights = layer_weights(layer)
 
-    def kernel_states():
-        return recurrent_sfrnn.run_recurrence(cell, inputs.detach(), initial, [w.detach() for w in weights], mask,
-                                              all_states=True)[0].transpose(0, 1).contiguous()
-
-    calibration = []
-    fused_sfrnn.fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback, forward_states=kernel_states,
-                                 chunk=4, calibration=calibration)
-    total, count = calibration[0]
+    kernel = recurrent_sfrnn.kernel_states
+    _, (total, count) = fused_sfrnn.fused_dsf_recurrence(
+        cell, inputs, initial, weights, mask, Feedback.constant(layer.feedback, record_statistics=True),
+        state_kernel=kernel, chunk=4)
     assert count == mask.sum()
     torch.testing.assert_close(total / count, batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
                                atol=1e-12)
 
     readout = torch.randn(4, 9, layer.state_size, dtype=torch.float64)
+    names, weights = trained_weights(layer)
     params = [inputs, *weights]
-    states = fused_sfrnn.fused_dsf_states(cell, inputs, initial, weights, mask, fused_sfrnn.DIAG_JACOBIAN,
-                                          forward_states=kernel_states, chunk=4)
+    states, _ = fused_sfrnn.fused_dsf_recurrence(cell, inputs, initial, layer_weights(layer), mask,
+                                                 Feedback.diag_jacobian(), state_kernel=kernel, chunk=4)
     got = torch.autograd.grad((states * readout).sum(), params)
     want = torch.autograd.grad((reference_diag_jacobian_layer(layer, inputs, mask) * readout).sum(), params)
-    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+    for name, g, w in zip(["inputs", *names], got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -230,9 +262,9 @@ def test_invalid_calibration_settings_name_the_field(field, value):
         SfrnnConfig(**{field: value})
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("mask_kind", [None, "right", "arbitrary"])
-def test_recompute_form_runs_diag_jacobian_as_the_reference(cell, mask_kind, monkeypatch):
-    """The recompute form (`dsf_states`): diag(J_t) from gates recomputed batched."""
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", "recompute")
-    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
+@pytest.mark.parametrize("backend", ["reference", "fused_kernel"])
+def test_every_backend_runs_diag_jacobian_as_the_reference(cell, mask_kind, backend):
+    """The reference op (`dsf_states`: diag(J_t) from gates recomputed batched) and the kernel-forward op."""
+    assert_diag_jacobian_layer_is_the_reference(cell, mask_kind, backend)

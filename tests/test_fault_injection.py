@@ -41,7 +41,7 @@ def _config(tmp_path) -> str:
 def processes():
     """Fresh processes forked from a server that has imported torch, transformers and the package once."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["sfrnn_hf.train", "fault_driver"])
+    context.set_forkserver_preload(["sfrnn_hf.training.train", "fault_driver"])
     return context
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from references import padded_batch, reference_exact_layer
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.fidelity import (
+from sfrnn_hf.training.fidelity import (
     feedback_match,
     gradient_fidelity,
     parameter_gradients,

@@ -12,18 +12,13 @@ import torch
 from references import reference_dsf_layer
 from sfrnn_hf import SfrnnConfig
 from sfrnn_hf import recurrent_sfrnn
-from sfrnn_hf.cells_sfrnn import (
-    FOLDS_INPUT_PROJECTION,
-    SAVED_GATES_PER_CELL,
-    cell_step,
-    one_step_grad,
-    recurrent_matmul_target,
-    step_saving_gates,
-)
-from sfrnn_hf.fused_sfrnn import fused_dsf_states, reverse_scan_chunk_
-from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, dsf_states, run_recurrence
+from sfrnn_hf.cells_sfrnn import CELLS as REGISTERED_CELLS
+from sfrnn_hf.cells_sfrnn import cell_step, get_cell
+from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence
+from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, kernel_states
+from sfrnn_hf.scan_sfrnn import Feedback, reverse_scan_
 
-CELLS = ("gru", "lstm", "rnn")
+CELLS = tuple(REGISTERED_CELLS)  # every registered cell, minGRU included
 MASKS = (None, "right", "left", "arbitrary")
 
 
@@ -59,9 +54,25 @@ def layer_weights(layer):
     return (layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh)
 
 
+def as_feedback(feedback):
+    """A `Feedback` from a diagonal `(S,)` (DSF) or None (FT-BPTT)."""
+    return Feedback.none() if feedback is None else Feedback.constant(feedback)
+
+
+def fused_dsf_states(cell, inputs, initial, weights, mask, feedback, **options):
+    """The fused op's states, feedback given as a diagonal or None."""
+    return fused_dsf_recurrence(cell, inputs, initial, weights, mask, as_feedback(feedback), **options)[0]
+
+
+def dsf_states(cell, inputs, initial, weights, mask, feedback):
+    """The reference op's states, feedback given as a diagonal or None."""
+    return recurrent_sfrnn.dsf_states(cell, inputs, initial, weights, mask, as_feedback(feedback))[0]
+
+
 def outputs_and_grads(states_fn, layer, inputs, readout):
-    """Forward, then the gradients of `sum(states * readout)` for the inputs and the four weights."""
-    params = [inputs, *layer_weights(layer)]
+    """Forward, then the gradients of `sum(states * readout)` for the inputs and the weights (those of a cell without
+    recurrent weights, minGRU, are empty and left out)."""
+    params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
     states = states_fn()
     grads = torch.autograd.grad((states * readout).sum(), params)
     return states.detach(), grads
@@ -84,7 +95,9 @@ def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, r
     else:
         want = outputs_and_grads(lambda: reference_dsf_layer(layer, inputs, mask, feedback), layer, inputs, readout)
     torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol, msg="states")
-    for name, g, w in zip(("inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"), got[1], want[1]):
+    names = ["inputs"] + [n for n, w in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), layer_weights(layer))
+                          if w.numel()]
+    for name, g, w in zip(names, got[1], want[1]):
         assert w.abs().max() > 0, name
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=name)
 
@@ -94,23 +107,21 @@ def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, r
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_saving_gates_equals_cell_step(cell):
     layer = make_layer(cell)
-    d = layer.hidden_size
-    x = torch.randn(2, 3, d, dtype=torch.float64)  # any leading shape
+    spec = get_cell(cell)
+    x = torch.randn(2, 3, layer.hidden_size, dtype=torch.float64)  # any leading shape
     state = torch.randn(2, 3, layer.state_size, dtype=torch.float64)
     w_ih, w_hh, b_ih, b_hh = (t.detach() for t in layer_weights(layer))
-    input_projection = x @ w_ih.T + b_ih
-    want = cell_step(cell, input_projection, state, w_hh, b_hh)
-    gates = torch.empty(2, 3, SAVED_GATES_PER_CELL[cell] * d, dtype=torch.float64) if cell != "rnn" else None
+    want = cell_step(cell, x @ w_ih.T + b_ih, state, w_hh, b_hh)
+    gates = torch.empty(2, 3, spec.saved_gates * layer.hidden_size, dtype=torch.float64) if spec.saved_gates else None
     new_state = torch.empty_like(state)
-    folded = input_projection + b_hh if FOLDS_INPUT_PROJECTION[cell] else b_hh
-    recurrent_matmul_target(cell, gates, new_state).copy_(state[..., :d] @ w_hh.T + folded)
-    step_saving_gates(cell, input_projection, state, gates, new_state)
+    spec.step_saving_gates(x @ w_ih.T + spec.input_projection_bias(b_ih, b_hh), state, w_hh, b_hh, gates, new_state)
     torch.testing.assert_close(new_state, want, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_one_step_grad_equals_autograd_of_cell_step(cell):
     layer = make_layer(cell)
+    spec = get_cell(cell)
     d = layer.hidden_size
     w_hh, b_hh = layer.weight_hh.detach(), layer.bias_hh.detach()
     input_projection = torch.randn(4, layer.weight_ih.shape[0], dtype=torch.float64, requires_grad=True)
@@ -120,18 +131,20 @@ def test_one_step_grad_equals_autograd_of_cell_step(cell):
     # cell_step with its matmul made an input: substitute h W_hh^T + b_hh by an independent leaf via the bias.
     zero_weight = torch.zeros_like(w_hh)
     new_state = cell_step(cell, input_projection, state, zero_weight, hidden_projection)
-    want_input, want_hidden = torch.autograd.grad(new_state, [input_projection, hidden_projection], grad)
+    want_input, want_hidden = torch.autograd.grad(new_state, [input_projection, hidden_projection], grad,
+                                                  allow_unused=True)
+    if want_hidden is None:  # a cell without recurrent weights (minGRU)
+        want_hidden = torch.zeros_like(hidden_projection)
     # the same step through the gated form, saving gates
-    gates = torch.empty(4, SAVED_GATES_PER_CELL[cell] * d, dtype=torch.float64) if cell != "rnn" else None
+    gates = torch.empty(4, spec.saved_gates * d, dtype=torch.float64) if spec.saved_gates else None
     out = torch.empty_like(state)
-    folded = hidden_projection.detach() + (input_projection.detach() if FOLDS_INPUT_PROJECTION[cell] else 0)
-    recurrent_matmul_target(cell, gates, out).copy_(folded)
-    step_saving_gates(cell, input_projection.detach(), state, gates, out)
-    grad_input, grad_hidden_candidate = one_step_grad(cell, grad, gates, state, out)
+    folded = input_projection.detach() + (hidden_projection.detach() if spec.folds_hidden_bias else 0)
+    spec.step_saving_gates(folded, state, zero_weight, hidden_projection.detach(), gates, out)
+    grad_input, extra = spec.one_step_grad(grad, gates, state, out)
     torch.testing.assert_close(grad_input, want_input, rtol=1e-12, atol=1e-13)
-    got_hidden = grad_input.clone()
-    if grad_hidden_candidate is not None:
-        got_hidden[:, 2 * d :] = grad_hidden_candidate
+    got_hidden = torch.zeros_like(want_hidden)
+    for rows, block in spec.hidden_projection_grads(grad_input, extra):
+        got_hidden[:, rows] = block
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-12, atol=1e-13)
 
 
@@ -173,7 +186,7 @@ def test_fused_with_initial_state_held_constant(cell):
     initial = torch.randn(3, layer.state_size, dtype=torch.float64, requires_grad=True)
     readout = torch.randn(3, 6, layer.state_size, dtype=torch.float64)
     mask = make_mask("left", 3, 6)
-    params = [inputs, *layer_weights(layer)]
+    params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
     got = torch.autograd.grad((fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, layer.feedback,
                                                 chunk=4) * readout).sum(), params)
     want = torch.autograd.grad((dsf_states(cell, inputs, initial, layer_weights(layer), mask, layer.feedback)
@@ -193,12 +206,8 @@ def test_gates_from_fused_kernel_states_equal_the_loop(cell, mask_kind):
     initial = torch.zeros(3, layer.state_size)
     weights = layer_weights(layer)
 
-    def kernel_states():
-        return run_recurrence(cell, inputs.detach(), initial, [w.detach() for w in weights], mask,
-                              all_states=True)[0].transpose(0, 1).contiguous()
-
     got = outputs_and_grads(lambda: fused_dsf_states(cell, inputs, initial, weights, mask, layer.feedback,
-                                                     forward_states=kernel_states, chunk=4), layer, inputs, readout)
+                                                     state_kernel=kernel_states, chunk=4), layer, inputs, readout)
     want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, weights, mask, layer.feedback),
                              layer, inputs, readout)
     for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
@@ -219,8 +228,9 @@ def test_bf16_large_matmuls_stay_close(cell):
                                                      matmul_dtype=torch.bfloat16, chunk=16), layer, inputs, readout)
     want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, weights, mask, layer.feedback),
                              layer, inputs, readout)
-    for name, g, w in zip(("states", "inputs", "weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                          (got[0], *got[1]), (want[0], *want[1])):
+    names = ["states", "inputs"] + [n for n, w in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                                                      layer_weights(layer)) if w.numel()]
+    for name, g, w in zip(names, (got[0], *got[1]), (want[0], *want[1])):
         assert g.dtype == torch.float32, name
         error = ((g - w).norm() / w.norm()).item()
         assert error < 2e-2, (name, error)
@@ -239,15 +249,15 @@ def test_time_varying_decay_scan_equals_plain_loop():
     carry = None
     for end in range(11, 0, -4):
         start = max(0, end - 4)
-        carry = reverse_scan_chunk_(got[start:end], carry, decay[start:end])
+        carry = reverse_scan_(got[start:end], decay[start:end], carry)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
 
 
 # ----- dispatch ---------------------------------------------------------------------------------------------------
 
-def test_cpu_training_runs_the_fused_path_in_float64_and_float32(monkeypatch):
+def test_cpu_training_runs_the_fused_backend_in_float64_and_float32(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("the recompute path ran although the fused path is the CPU default")
+        raise AssertionError("the reference op ran although the fused backend is the CPU default")
 
     monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
     for dtype in (torch.float64, torch.float32):
@@ -255,23 +265,58 @@ def test_cpu_training_runs_the_fused_path_in_float64_and_float32(monkeypatch):
         out, _ = layer(torch.randn(3, 5, layer.hidden_size, dtype=dtype), mask=make_mask("left", 3, 5))
         out.sum().backward()
         assert layer.weight_hh.grad is not None
+        assert layer.dsf_backend(torch.device("cpu")).name == "fused"
 
 
-def test_forced_path_and_bad_path(monkeypatch):
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("mode", ["dsf", "ft_bptt", "diag_jacobian", "calibrated"])
+def test_every_backend_equals_the_reference_through_the_layer(cell, mode):
+    """`config.dsf_backend` picks the op; every CPU-runnable op gives the reference's states, gradients and
+    calibration statistics (arbitrary mask)."""
+    layer = make_layer(cell)
+    layer.config.gradient_mode = "dsf" if mode == "calibrated" else mode
+    layer.config.feedback_type = "calibrated" if mode == "calibrated" else "linspace"
+    x = torch.randn(3, 7, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    mask = make_mask("arbitrary", 3, 7)
+    results = {}
+    for backend in ("reference", "fused", "fused_kernel"):
+        layer.config.dsf_backend = backend
+        out, _ = layer(x, mask=mask)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer_weights(layer)], allow_unused=True)
+        statistics = layer.pending_calibration
+        layer.pending_calibration = None
+        results[backend] = (out, grads, statistics)
+        assert layer.dsf_backend(x.device).name == backend
+    want_out, want_grads, want_statistics = results["reference"]
+    assert (want_statistics is not None) == (mode == "calibrated")
+    for backend in ("fused", "fused_kernel"):
+        out, grads, statistics = results[backend]
+        torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+        for g, w in zip(grads, want_grads):
+            if w is not None and w.numel():
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        if want_statistics is not None:
+            torch.testing.assert_close(statistics[0], want_statistics[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(statistics[1], want_statistics[1])
+
+
+def test_a_bad_backend_is_refused_when_set():
     layer = make_layer("lstm")
-    x = torch.randn(2, 5, layer.hidden_size, dtype=torch.float64, requires_grad=True)
-    outputs = {}
-    for path in ("recompute", "fused", "fused_cudnn"):
-        monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", path)
-        out, _ = layer(x)
-        outputs[path] = (out, torch.autograd.grad(out.square().sum(), [x, layer.weight_hh]))
-    for path in ("fused", "fused_cudnn"):
-        torch.testing.assert_close(outputs[path][0], outputs["recompute"][0], rtol=1e-10, atol=1e-12)
-        for g, w in zip(outputs[path][1], outputs["recompute"][1]):
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_PATH", "fast")
-    with pytest.raises(ValueError, match="Unknown DSF path"):
-        layer(x)
+    with pytest.raises(ValueError, match="dsf_backend.*'fast'"):
+        layer.config.dsf_backend = "fast"
+    with pytest.raises(ValueError, match="dsf_backend.*'fast'"):
+        SfrnnConfig(dsf_backend="fast")
+
+
+def test_the_backend_is_resolved_once_per_device(monkeypatch):
+    calls = []
+    resolve = recurrent_sfrnn.resolve_dsf_backend
+    monkeypatch.setattr(recurrent_sfrnn, "resolve_dsf_backend", lambda *a: calls.append(a) or resolve(*a))
+    layer = make_layer("gru")
+    x = torch.randn(2, 4, layer.hidden_size, dtype=torch.float64, requires_grad=True)
+    for _ in range(3):
+        layer(x)[0].sum().backward()
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("cell", CELLS)

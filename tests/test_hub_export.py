@@ -14,7 +14,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.export import GRADIENT_MODE_NAMES, export_for_hub
+from sfrnn_hf.training.export import GRADIENT_MODE_NAMES, export_for_hub
 
 REMOTE_USER = textwrap.dedent("""
     import sys
@@ -147,7 +147,7 @@ def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, w
     model.save_pretrained(tmp_path / "ckpt")
     word_tokenizer.save_pretrained(tmp_path / "ckpt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "sfrnn_hf.export", str(tmp_path / "ckpt"), str(tmp_path / "out")]
+    command = [sys.executable, "-m", "sfrnn_hf.training.export", str(tmp_path / "ckpt"), str(tmp_path / "out")]
     done = subprocess.run(command + ["--repo-id", "me/x", "--perplexity", "99.5", "--dataset", "ptb_text_only"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
@@ -161,7 +161,7 @@ def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, w
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
     local_only = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert local_only.returncode == 0 and "not uploaded: no --repo-id given" in local_only.stdout
-    missing = subprocess.run([sys.executable, "-m", "sfrnn_hf.export", str(tmp_path / "nope"), str(tmp_path / "o2")],
+    missing = subprocess.run([sys.executable, "-m", "sfrnn_hf.training.export", str(tmp_path / "nope"), str(tmp_path / "o2")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "not a model folder" in missing.stderr
 

@@ -41,7 +41,8 @@ def _reference_loss(model, input_ids, mask, labels, num_items_in_batch=None):
 def _gradients(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
-    return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    # minGRU's recurrent weights are empty (no recurrent matmul): nothing to compare there.
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.numel()}
 
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])

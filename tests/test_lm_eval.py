@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.data import CausalLMCollator, build_word_tokenizer, ptb_sentences, sentence_dataset, sentence_documents
-from sfrnn_hf.train import token_nll_and_count
+from sfrnn_hf.training.data import CausalLMCollator, build_word_tokenizer, ptb_sentences, sentence_dataset, sentence_documents
+from sfrnn_hf.training.train import token_nll_and_count
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402

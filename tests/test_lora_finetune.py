@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.train import apply_lora, main, run
-from sfrnn_hf.training_config import LoraSection
+from sfrnn_hf.training.train import apply_lora, main, run
+from sfrnn_hf.training.config import LoraSection
 from training_helpers import tiny_experiment
 
 peft = pytest.importorskip("peft")

@@ -82,7 +82,7 @@ def test_packed_gradients_equal_separate_rows_in_every_mode(cell, mode):
     sequences = _sequences()
     batch = DataCollatorWithFlattening()([{"input_ids": s} for s in sequences])
     loss = model(**batch).loss
-    named = list(model.named_parameters())
+    named = [(name, p) for name, p in model.named_parameters() if p.numel()]  # minGRU's weight_hh is empty
     got = torch.autograd.grad(loss, [p for _, p in named])
     total, count = 0.0, 0
     for s in sequences:  # reference: each sequence alone, next-token cross-entropy summed, / all predicted tokens

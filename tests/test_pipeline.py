@@ -9,9 +9,9 @@ import torch
 from transformers import AutoTokenizer, pipeline
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.data import add_word_decoder, build_char_tokenizer, build_word_tokenizer, gpt2_tokenizer, \
+from sfrnn_hf.training.data import add_word_decoder, build_char_tokenizer, build_word_tokenizer, gpt2_tokenizer, \
     ptb_sentences, train_bpe_tokenizer
-from sfrnn_hf.export import export_for_hub
+from sfrnn_hf.training.export import export_for_hub
 
 PROMPT = "the company said"
 

@@ -58,7 +58,7 @@ def test_reproduce_then_fidelity(tmp_path):
     assert other.returncode != 0 and "training.trainer_args.train_sampling_strategy" in other.stderr
     assert "[bptt]" in other.stderr and (report / "results.json").read_text() == table
 
-    fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.fidelity", str(output / "dsf" / "epoch-1"),
+    fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.training.fidelity", str(output / "dsf" / "epoch-1"),
                                "--batches", "2", "--batch-size", "8", "--max-distance", "4",
                                "--out", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")],
                               capture_output=True, text=True, timeout=600)

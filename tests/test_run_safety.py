@@ -13,12 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sfrnn_hf import train as train_module
-from sfrnn_hf.checkpoints import MANIFEST
-from sfrnn_hf.data import DataError
-from sfrnn_hf.run_folder import LOCK_FILE, OutputDirError
-from sfrnn_hf.train import TrainingDiverged, main, run
-from sfrnn_hf.training_config import ConfigError
+from sfrnn_hf.training import train as train_module
+from sfrnn_hf.training.checkpoints import MANIFEST
+from sfrnn_hf.training.data import DataError
+from sfrnn_hf.training.run_folder import LOCK_FILE, OutputDirError
+from sfrnn_hf.training.train import TrainingDiverged, main, run
+from sfrnn_hf.training.config import ConfigError
 from training_helpers import tiny_experiment, write_corpus
 
 SAVE_EVERY_2 = ["training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=2"]
@@ -116,7 +116,7 @@ def test_a_failed_start_does_not_rewrite_the_settings_a_resume_compares_with(tmp
     assert (out / "experiment.yaml").read_text() == started
     # Each checkpoint carries the settings it was trained with; a resume compares against those.
     assert yaml.safe_load((out / "checkpoint-4" / "experiment.yaml").read_text())["training"]["max_steps"] == 4
-    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         run(tiny_experiment(tmp_path, "training.max_steps=6", *SAVE_EVERY_2, "training.resume_from_checkpoint=true"))
     assert any("training.max_steps: 4 -> 6" in record.getMessage() for record in caplog.records)
 
@@ -177,7 +177,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_naming_it(tmp_path, caplog, da
     out = tmp_path / "cut" / "run"
     (out / "results.json").unlink()  # as if killed while writing checkpoint-6
     damage(str(out / "checkpoint-6"))
-    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         _, results = run(tiny_experiment(tmp_path / "cut", *common, "training.resume_from_checkpoint=true"))
     skipped = [record.getMessage() for record in caplog.records if "Skipping the damaged checkpoint" in record.getMessage()]
     assert len(skipped) == 1 and "checkpoint-6" in skipped[0] and reason in skipped[0]
@@ -298,7 +298,7 @@ def test_no_token_is_written_to_the_run_folder(tmp_path):
 
 
 def test_redaction_names_secrets_not_tokenizers():
-    from sfrnn_hf.run_folder import REDACTED, redact_secrets
+    from sfrnn_hf.training.run_folder import REDACTED, redact_secrets
 
     tree = {"data": {"tokenizer": "char"}, "training": {"trainer_args": {
         "hub_token": "x", "HF_TOKEN": "y", "push_to_hub_token": "z", "include_num_input_tokens_seen": True}}}

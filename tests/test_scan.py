@@ -1,9 +1,10 @@
-"""The reverse diagonal scan: every form equals the plain loop and the closed form sum_k a^(k-t) e_k."""
+"""The reverse diagonal scan: the torch form (`reverse_scan_`, chunk by chunk with carries, constant or per-step decay)
+equals the plain loop and the closed form sum_k a^(k-t) e_k."""
 
 import pytest
 import torch
 
-from sfrnn_hf.scan_sfrnn import _scan_chunked, _scan_loop, reverse_diagonal_scan, reverse_diagonal_scan_reference
+from sfrnn_hf.scan_sfrnn import Feedback, reverse_diagonal_scan, reverse_diagonal_scan_reference, reverse_scan_
 
 
 def closed_form(errors, feedback):
@@ -23,14 +24,38 @@ def test_reference_is_the_closed_form(time):
     torch.testing.assert_close(got, closed_form(errors, feedback), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", [_scan_loop, _scan_chunked], ids=["loop", "chunked"])
+@pytest.mark.parametrize("chunk", [1, 4, 16, 1000])
 @pytest.mark.parametrize("time", [1, 7, 16, 33, 100])
-def test_fast_forms_equal_reference(scan, time):
+def test_chunked_in_place_scan_equals_reference(chunk, time):
+    """Each chunk scanned in place from the carry the later chunk returned, as the fused backward runs it."""
     errors = torch.randn(3, time, 64)
-    feedback = torch.linspace(0, 1, 64)  # contains exactly 0 and 1: no log-space NaN allowed
-    got = scan(errors, feedback)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, reverse_diagonal_scan_reference(errors, feedback), rtol=1e-5, atol=1e-5)
+    feedback = torch.linspace(0, 1, 64)  # contains exactly 0 and 1
+    got = errors.transpose(0, 1).contiguous()
+    carry = None
+    for end in range(time, 0, -chunk):
+        carry = reverse_scan_(got[max(0, end - chunk) : end], feedback, carry)
+    torch.testing.assert_close(got.transpose(0, 1), reverse_diagonal_scan_reference(errors, feedback), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(reverse_diagonal_scan(errors, feedback), reverse_diagonal_scan_reference(errors, feedback),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_no_decay_leaves_the_errors():
+    errors = torch.randn(5, 2, 3)
+    got = errors.clone()
+    assert reverse_scan_(got, None) is None
+    assert torch.equal(got, errors)
+
+
+@pytest.mark.parametrize("kind, diagonal, ok", [("constant", torch.ones(3), True), ("constant", None, False),
+                                                ("none", None, True), ("none", torch.ones(3), False),
+                                                ("diag_jacobian", None, True), ("learned", None, False)])
+def test_feedback_kinds_are_checked(kind, diagonal, ok):
+    if ok:
+        assert Feedback(kind, diagonal).kind == kind
+    else:
+        with pytest.raises(ValueError, match=repr(kind)[1:-1]):
+            Feedback(kind, diagonal)
 
 
 def test_feedback_zero_is_identity_and_one_is_reverse_cumsum():
@@ -46,4 +71,3 @@ def test_low_precision_input_accumulates_in_fp32():
     g = reverse_diagonal_scan(errors, torch.ones(1))
     assert g.dtype == torch.bfloat16
     assert g[0, 0, 0].item() == 512.0
-    assert _scan_chunked(errors, torch.ones(1))[0, 0, 0].item() == 512.0

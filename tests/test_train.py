@@ -6,10 +6,18 @@ import math
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sfrnn_hf.train import main, run
-from sfrnn_hf.training_config import ConfigError, changed_settings, load_config, shipped_configs
+from sfrnn_hf.training.config import (
+    ConfigError,
+    TrainingConfig,
+    changed_settings,
+    load_config,
+    passed_to_trainer,
+    shipped_configs,
+)
+from sfrnn_hf.training.train import experiment_yaml, main, run, training_arguments
 from training_helpers import logged_losses, tiny_experiment
 
 
@@ -183,10 +191,132 @@ def test_changed_settings_names_what_a_resume_would_change():
     assert changed_settings(resumed, resumed) == []
 
 
+# What `experiment.yaml` held for the PTB protocol's dsf_calibrated run (examples/run_ptb_protocol.sh) before the
+# config became strict dataclasses: a resume compares it, key by key, with its own settings and refuses a difference.
+PROTOCOL_EXPERIMENT_YAML = """\
+model:
+  cell_type: gru
+  num_hidden_layers: 1
+  hidden_size: 256
+  block_type: residual
+  gradient_mode: dsf
+  feedback_type: calibrated
+data:
+  dataset: ptb
+  sequences: sentence
+  max_length: 65
+  tokenizer: word
+  bpe_vocab_size: 16000
+  train_files: null
+  validation_files: null
+  test_files: null
+  max_train_samples: null
+  max_eval_samples: null
+  num_proc: null
+training:
+  output_dir: runs/ptb_protocol/dsf
+  epochs: 30.0
+  max_steps: -1
+  batch_size: 128
+  gradient_accumulation_steps: 1
+  eval_batch_size: null
+  lr: 0.001
+  weight_decay: 0.0001
+  adam_beta1: 0.9
+  adam_beta2: 0.999
+  adam_eps: 1.0e-08
+  scheduler: step
+  step_every: 0.3333333333333333
+  step_gamma: 0.1
+  warmup_ratio: 0.1
+  min_lr_ratio: 0.1
+  max_grad_norm: 0.0
+  seed: 0
+  bf16: false
+  gradient_checkpointing: false
+  eval_strategy: epoch
+  eval_steps: null
+  save_total_limit: 2
+  logging_steps: 50
+  resume_from_checkpoint: true
+  overwrite_output_dir: false
+  report_to: none
+  dataloader_num_workers: 0
+  evaluate_test: true
+  trainer_args:
+    restore_callback_states_from_checkpoint: true
+    disable_tqdm: true
+lora:
+  enabled: false
+  r: 8
+  alpha: 16
+  target_parameters:
+  - weight_ih
+  - weight_hh
+  target_modules: []
+  merge_at_end: true
+"""
+
+
+def test_experiment_yaml_of_a_long_run_is_written_byte_for_byte_as_before():
+    experiment = load_config("ptb_gru_1x256", [
+        "model.gradient_mode=dsf", "model.feedback_type=calibrated", "training.output_dir=runs/ptb_protocol/dsf",
+        "training.epochs=30", "training.seed=0", "training.save_total_limit=2",
+        "training.trainer_args.restore_callback_states_from_checkpoint=true", "training.report_to=none",
+        "training.trainer_args.disable_tqdm=true", "training.resume_from_checkpoint=true"])
+    assert experiment_yaml(experiment) == PROTOCOL_EXPERIMENT_YAML
+
+
+def test_training_takes_any_other_trainer_argument_by_its_own_name():
+    direct = load_config("ptb_gru_1x256", ["training.save_strategy=no", "training.disable_tqdm=true"])
+    nested = load_config("ptb_gru_1x256", ["training.trainer_args.save_strategy=no",
+                                           "training.trainer_args.disable_tqdm=true"])
+    assert direct.training.trainer_args == {"save_strategy": "no", "disable_tqdm": True}  # YAML reads `no` as false
+    assert direct.to_dict() == nested.to_dict()  # one record: a resume sees no change between the two spellings
+    with pytest.raises(ConfigError, match=r"`training\.num_train_epochs` is set by `training\.epochs`"):
+        load_config(None, ["training.num_train_epochs=3"])
+    with pytest.raises(ConfigError, match=r"`training\.trainer_args\.activation_checkpointing` is set by "
+                                          r"`training\.gradient_checkpointing`"):
+        load_config(None, ["training.trainer_args.activation_checkpointing=true"])
+    with pytest.raises(ConfigError, match="keep one"):
+        load_config(None, ["training.save_steps=3", "training.trainer_args.save_steps=4"])
+    with pytest.raises(ConfigError, match="Did you mean 'save_steps'.*any other transformers.TrainingArguments"):
+        load_config(None, ["training.save_stepz=3"])
+
+
+def test_every_training_key_reaches_training_arguments_under_its_name(tmp_path):
+    experiment = load_config(None, [
+        f"training.output_dir={tmp_path}", "training.epochs=2.5", "training.max_steps=9", "training.batch_size=8",
+        "training.gradient_accumulation_steps=2", "training.lr=0.0123", "training.weight_decay=0.01",
+        "training.adam_beta1=0.8", "training.adam_beta2=0.99", "training.adam_eps=1e-7", "training.max_grad_norm=0.5",
+        "training.seed=7", "training.gradient_checkpointing=true", "training.eval_strategy=steps",
+        "training.eval_steps=4", "training.save_total_limit=5", "training.logging_steps=3",
+        "training.scheduler=warmup_cosine", "training.warmup_ratio=0.2", "training.eval_batch_size=3",
+        "training.report_to=none", "training.save_strategy=steps"])
+    args = training_arguments(experiment, has_validation=True, world_size=1)
+    passed = passed_to_trainer(experiment.training)
+    assert {name for name in passed if name not in TrainingConfig.__dataclass_fields__} >= {
+        "num_train_epochs", "learning_rate", "adam_epsilon", "activation_checkpointing"}
+    for name, value in passed.items():
+        assert getattr(args, name) == value, name
+    assert (args.num_train_epochs, args.learning_rate, args.adam_epsilon, args.seed) == (2.5, 0.0123, 1e-7, 7)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 3)  # 8 = 4 x 2 accumulated
+    assert (args.lr_scheduler_type, args.warmup_steps, args.lr_scheduler_kwargs) == (
+        "cosine_with_min_lr", 0.2, {"min_lr_rate": 0.1})
+    assert (args.eval_strategy, args.load_best_model_at_end, args.metric_for_best_model) == ("steps", True, "perplexity")
+    assert (args.save_strategy, args.save_steps, args.report_to) == ("steps", 4, [])
+
+
+def test_config_sections_check_their_types_after_loading_too():
+    experiment = load_config("ptb_gru_1x256")
+    with pytest.raises(StrictDataclassFieldValidationError, match="lr"):
+        experiment.training.lr = "fast"
+
+
 def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):
     dtypes = []
     experiment = tiny_experiment(tmp_path, "training.bf16=true", "training.max_steps=2")
-    from sfrnn_hf.train import SfrnnTrainer
+    from sfrnn_hf.training.train import SfrnnTrainer
 
     original = SfrnnTrainer.compute_loss
 

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.train import run
+from sfrnn_hf.training.train import run
 from training_helpers import logged_losses, tiny_experiment
 
 
@@ -142,20 +142,20 @@ def test_resuming_with_other_settings_warns_naming_each_one(tmp_path, caplog):
     common = ["training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=2"]
     run(tiny_experiment(tmp_path, *common, "training.max_steps=2"))
     # max_steps and the sampler differ from the run that wrote checkpoint-2; logging_steps may change freely.
-    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         run(tiny_experiment(tmp_path, *common, "training.max_steps=3", "training.resume_from_checkpoint=true",
                             "training.logging_steps=2", "training.trainer_args.train_sampling_strategy=sequential"))
-    warnings = [record.getMessage() for record in caplog.records if record.name == "sfrnn_hf.train"]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "sfrnn_hf.training.train"]
     assert len(warnings) == 1
     assert "training.max_steps: 2 -> 3" in warnings[0]
     assert "training.trainer_args.train_sampling_strategy: '<unset>' -> 'sequential'" in warnings[0]
     assert "logging_steps" not in warnings[0] and "resume_from_checkpoint" not in warnings[0]
     # The settings of the resume it continues: no warning.
     caplog.clear()
-    with caplog.at_level("WARNING", logger="sfrnn_hf.train"):
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         run(tiny_experiment(tmp_path, *common, "training.max_steps=3", "training.resume_from_checkpoint=true",
                             "training.trainer_args.train_sampling_strategy=sequential"))
-    assert not [record for record in caplog.records if record.name == "sfrnn_hf.train"]
+    assert not [record for record in caplog.records if record.name == "sfrnn_hf.training.train"]
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

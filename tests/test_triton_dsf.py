@@ -6,10 +6,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_fused_dsf import CELLS, layer_weights, make_layer, make_mask  # noqa: E402
+from test_fused_dsf import layer_weights, make_layer, make_mask  # noqa: E402
 from sfrnn_hf import triton_sfrnn  # noqa: E402
-from sfrnn_hf.fused_sfrnn import DIAG_JACOBIAN, fused_dsf_states  # noqa: E402
-from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan_reference  # noqa: E402
+from sfrnn_hf.cells_sfrnn import CELLS  # noqa: E402
+from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence  # noqa: E402
+from sfrnn_hf.scan_sfrnn import Feedback  # noqa: E402
+
+TRITON_CELLS = [name for name, cell in CELLS.items() if cell.triton_code is not None]
+DIAG_JACOBIAN = "diag_jacobian"
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +25,7 @@ def _interpret(monkeypatch):
     triton_sfrnn._kernels.cache_clear()
 
 
-def test_triton_scan_equals_reference():
-    errors = torch.randn(2, 9, 40)
-    feedback = torch.linspace(0, 1, 40)
-    got = triton_sfrnn.triton_reverse_scan(errors.transpose(0, 1).contiguous(), feedback, tile=16)
-    torch.testing.assert_close(got.transpose(0, 1), reverse_diagonal_scan_reference(errors, feedback),
-                               rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", TRITON_CELLS)
 @pytest.mark.parametrize("mask_kind, decay", [(None, "feedback"), ("arbitrary", "feedback"), ("left", None),
                                               (None, DIAG_JACOBIAN), ("arbitrary", DIAG_JACOBIAN),
                                               ("left", DIAG_JACOBIAN)])
@@ -41,12 +37,13 @@ def test_triton_backward_equals_torch_backward(cell, mask_kind, decay):
     mask = make_mask(mask_kind, 3, 7)
     readout = torch.randn(3, 7, layer.state_size)
     initial = torch.randn(3, layer.state_size)
-    feedback = layer.feedback if decay == "feedback" else decay
+    feedback = {"feedback": Feedback.constant(layer.feedback), None: Feedback.none(),
+                DIAG_JACOBIAN: Feedback.diag_jacobian()}[decay]
     params = [inputs, *layer_weights(layer)]
     results = []
     for kernel in (None, triton_sfrnn.triton_dsf_pointwise_backward):
-        states = fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=3,
-                                  pointwise_kernel=kernel)
+        states, _ = fused_dsf_recurrence(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=3,
+                                         pointwise_kernel=kernel)
         results.append(torch.autograd.grad((states * readout).sum(), params))
     for got, want in zip(results[1], results[0]):
         assert want.abs().max() > 0

@@ -2,7 +2,7 @@
 
 import random
 
-from sfrnn_hf.training_config import load_config
+from sfrnn_hf.training.config import load_config
 
 WORDS = "the a cat dog sat ran on under mat rug big small red blue and then it was here there".split()
 

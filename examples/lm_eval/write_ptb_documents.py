@@ -7,7 +7,7 @@ checkpoint's perplexity (tasks `sfrnn_ptb_valid`, `sfrnn_ptb_test` in this folde
         --tasks sfrnn_ptb_valid,sfrnn_ptb_test --include_path examples/lm_eval --batch_size 32
 
 Each line of a split is one document: its tokens after `<bos>`, `<eos>` included, cut at `--max-length` tokens with
-the `<bos>` (65 in the paper's protocol), as `sfrnn_hf.data.sentence_dataset` cuts them. lm-eval puts the tokenizer's
+the `<bos>` (65 in the paper's protocol), as `sfrnn_hf.training.data.sentence_dataset` cuts them. lm-eval puts the tokenizer's
 `<bos>` before each document itself; `add_bos_token=False` keeps it from adding a second one.
 """
 
@@ -18,7 +18,7 @@ import os
 from transformers import AutoTokenizer
 
 import sfrnn_hf  # noqa: F401  (registers the sfrnn model type, so the checkpoint's tokenizer loads silently)
-from sfrnn_hf.data import ptb_sentences, sentence_documents
+from sfrnn_hf.training.data import ptb_sentences, sentence_documents
 
 SPLITS = {"validation": "valid", "test": "test"}
 

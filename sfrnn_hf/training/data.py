@@ -338,7 +338,7 @@ def build_tokenizer(data, raw) -> PreTrainedTokenizerFast:
 
 
 def prepare_data(data, tokenizer=None) -> PreparedData:
-    """Tokenizer (built unless given) and the tokenized splits for a `DataConfig` (see `training_config.py`)."""
+    """Tokenizer (built unless given) and the tokenized splits for a `DataConfig` (see `config.py`)."""
     raw = load_raw_text(data)
     if tokenizer is None:
         tokenizer = build_tokenizer(data, raw)

@@ -9,7 +9,7 @@ the same batches. The budget-independent measure of how well DSF approximates BP
   `g_t = sum_k e_{t+k} J_{t+k} ... J_{t+1}` and DSF's is `sum_k a^k e_{t+k}`: compared term by term for each distance
   `k`, and in total.
 
-    python -m sfrnn_hf.fidelity runs/reproduce_ptb/dsf/early --batches 3 --out fidelity-early.json --plot early.png
+    python -m sfrnn_hf.training.fidelity runs/reproduce_ptb/dsf/early --batches 3 --out fidelity-early.json --plot early.png
 """
 
 import argparse
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cells_sfrnn import cell_step
-from .recurrent_sfrnn import SfrnnRecurrentLayer, mean_diagonal_jacobian, run_recurrence
-from .scan_sfrnn import reverse_diagonal_scan
+from ..cells_sfrnn import cell_step
+from ..recurrent_sfrnn import SfrnnRecurrentLayer, mean_diagonal_jacobian, run_recurrence
+from ..scan_sfrnn import reverse_diagonal_scan
 
 
 def cosine_similarity(approximate: torch.Tensor, exact: torch.Tensor) -> float:
@@ -278,8 +278,8 @@ def ptb_batches(tokenizer, count: int, batch_size: int, split: str = "train", se
     """`count` padded batches of PTB sentences (the paper's protocol), drawn at random with `seed`."""
     import torch
 
+    from .config import DataConfig
     from .data import CausalLMCollator, prepare_data
-    from .training_config import DataConfig
 
     sentences = prepare_data(DataConfig(dataset="ptb", sequences="sentence", max_length=65), tokenizer).splits[split]
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))

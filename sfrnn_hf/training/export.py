@@ -21,9 +21,9 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..cells_sfrnn import CELLS
 from .data import add_word_decoder
 
-CELL_NAMES = {"gru": "GRU", "lstm": "LSTM", "rnn": "tanh RNN"}
 GRADIENT_MODE_NAMES = {
     "dsf": "Diagonal State Feedbacks (DSF)",
     "bptt": "exact backpropagation through time (BPTT)",
@@ -66,10 +66,10 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=Non
         library_name="transformers", pipeline_tag="text-generation", license=license, datasets=list(datasets) or None,
         tags=["sfrnn", "rnn", config.cell_type, "dsf", "custom_code"], model_name=model_name, eval_results=eval_results,
     )
-    template = resources.files("sfrnn_hf").joinpath("model_card_template.md")
+    template = resources.files(__package__).joinpath("model_card_template.md")
     return ModelCard.from_template(
         card_data, template_str=template.read_text(), model_name=model_name, repo_id=repo_id,
-        cell_type=config.cell_type, cell_name=CELL_NAMES[config.cell_type], gradient_mode=config.gradient_mode,
+        cell_type=config.cell_type, cell_name=CELLS[config.cell_type].title, gradient_mode=config.gradient_mode,
         gradient_mode_name=GRADIENT_MODE_NAMES[config.gradient_mode], num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size, block_type=config.block_type, vocab_size=config.vocab_size,
         num_parameters=f"{model.num_parameters():,}", feedback=feedback_description(model),
@@ -142,8 +142,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import sfrnn_hf  # noqa: F401  (registers the model type)
 
     args = parse_args(argv)
     if not Path(args.checkpoint, "config.json").exists():

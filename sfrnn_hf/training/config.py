@@ -5,16 +5,24 @@ made before training starts.
 model:      # SfrnnConfig fields (vocab_size and special-token ids come from the tokenizer), or
             # `from_pretrained: <checkpoint>` (then any field given must match the checkpoint; gradient_mode may change)
 data:       # DataConfig
-training:   # TrainingConfig
+training:   # TrainingConfig, and any other `transformers.TrainingArguments` field by its own name
 lora:       # LoraSection (off unless `enabled: true` or `--lora <checkpoint>`)
 ```
 
 Overrides: `section.key=value` (or `--set section.key=value`); the value is read as YAML (`0.001`, `true`, `[a, b]`,
-`null`). A config is a file path or the name of a shipped config (`sfrnn_hf/configs/<name>.yaml`).
+`null`). A config is a file path or the name of a shipped config (`sfrnn_hf/training/configs/<name>.yaml`).
+
+The sections are `huggingface_hub` strict dataclasses, which check each value's type (`HfArgumentParser.parse_dict`
+checks none, and its argparse path reads strings, not YAML). This module adds what YAML needs: section names and a
+"did you mean" in errors, YAML 1.1's readings made what a field means (`1e-3` is a string, a bare `no` is false), and
+the checks that span fields. A `training` key that sets a `TrainingArguments` field says which where it is declared
+(`_passed`, `_derives`); any other `TrainingArguments` field may be set by its own name, recorded in
+`training.trainer_args`.
 """
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import math
 import os
@@ -23,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
-from .configuration_sfrnn import SfrnnConfig
+from ..configuration_sfrnn import SfrnnConfig
+from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
-from .lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .run_folder import REDACTED
 
 
@@ -39,6 +49,17 @@ MODEL_DERIVED_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token
 MODEL_FIELDS = tuple(name for name in SfrnnConfig.__annotations__ if name not in MODEL_DERIVED_FIELDS)
 
 
+def _passed(default, name: str | None = None):
+    """A `training` key that `TrainingArguments` receives unchanged, as its field `name` (default: the same name)."""
+    return field(default=default, metadata={"passed_as": name})
+
+
+def _derives(default, *names: str):
+    """A `training` key from which `train.training_arguments` computes these `TrainingArguments` fields."""
+    return field(default=default, metadata={"derives": names})
+
+
+@strict
 @dataclass
 class DataConfig:
     dataset: str = "ptb"  # ptb | ptb_char | wikitext-103 | wikitext-2 | text (local files)
@@ -54,40 +75,45 @@ class DataConfig:
     num_proc: int | None = None
 
 
+@strict
 @dataclass
 class TrainingConfig:
-    output_dir: str = "runs/sfrnn"
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 128  # GLOBAL batch per optimizer step, whatever the number of devices and accumulation steps
-    gradient_accumulation_steps: int = 1
-    eval_batch_size: int | None = None  # per device; default: the per-device training batch
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # coupled L2 (torch.optim.Adam), on every trainable parameter
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    scheduler: str = "constant"  # step | warmup_cosine | constant
+    output_dir: str = _passed("runs/sfrnn")
+    epochs: float = _passed(1.0, "num_train_epochs")
+    max_steps: int = _passed(-1)  # > 0 overrides epochs
+    # GLOBAL batch per optimizer step, whatever the number of devices and accumulation steps
+    batch_size: int = _derives(128, "per_device_train_batch_size")
+    gradient_accumulation_steps: int = _passed(1)
+    eval_batch_size: int | None = _derives(None, "per_device_eval_batch_size")  # default: the per-device training batch
+    lr: float = _passed(1e-3, "learning_rate")
+    weight_decay: float = _passed(0.0)  # coupled L2 (torch.optim.Adam), on every trainable parameter
+    adam_beta1: float = _passed(0.9)
+    adam_beta2: float = _passed(0.999)
+    adam_eps: float = _passed(1e-8, "adam_epsilon")
+    scheduler: str = _derives("constant", "lr_scheduler_type")  # step | warmup_cosine | constant
     step_every: float = 1 / 3  # step: fraction of the run between decays (the paper: 10 of 30 epochs)
     step_gamma: float = 0.1
-    warmup_ratio: float = 0.1  # warmup_cosine: linear warm-up over this fraction, then cosine to min_lr_ratio * lr
+    # warmup_cosine: linear warm-up over this fraction, then cosine to min_lr_ratio * lr
+    warmup_ratio: float = _derives(0.1, "warmup_steps")
     min_lr_ratio: float = 0.1
-    max_grad_norm: float = 0.0  # 0: no clipping
-    seed: int = 0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    eval_strategy: str = "epoch"  # epoch | steps | no
-    eval_steps: int | None = None
-    save_total_limit: int | None = 2  # the best checkpoint is always kept
-    logging_steps: int = 50
+    max_grad_norm: float = _passed(0.0)  # 0: no clipping
+    seed: int = _passed(0)
+    bf16: bool = _passed(False)
+    gradient_checkpointing: bool = _passed(False, "activation_checkpointing")  # its transformers 5 name
+    eval_strategy: str = _derives(  # epoch | steps | no; the best checkpoint by validation perplexity is kept
+        "epoch", "eval_strategy", "load_best_model_at_end", "metric_for_best_model", "greater_is_better")
+    eval_steps: int | None = _passed(None)
+    save_total_limit: int | None = _passed(2)  # the best checkpoint is always kept
+    logging_steps: int = _passed(50)
     resume_from_checkpoint: Any = None  # null | true (newest intact checkpoint in output_dir) | path
     overwrite_output_dir: bool = False  # a new run into a folder holding an earlier run: delete it first
-    report_to: str | list[str] = "auto"  # auto: tensorboard when installed | none | a list
-    dataloader_num_workers: int = 0
+    report_to: str | list[str] = _derives("auto", "report_to")  # auto: tensorboard when installed | none | a list
+    dataloader_num_workers: int = _passed(0)
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
     trainer_args: dict = field(default_factory=dict)  # any other transformers.TrainingArguments field
 
 
+@strict
 @dataclass
 class LoraSection:
     enabled: bool = False
@@ -96,6 +122,36 @@ class LoraSection:
     target_parameters: list[str] = field(default_factory=lambda: list(RECURRENT_LORA_PARAMETERS))
     target_modules: list[str] = field(default_factory=list)
     merge_at_end: bool = True  # also save the merged model (an ordinary sfrnn checkpoint) in output_dir/merged
+
+
+def passed_to_trainer(training: TrainingConfig) -> dict:
+    """The `training` keys `TrainingArguments` receives unchanged, under its own field names."""
+    return {f.metadata["passed_as"] or f.name: getattr(training, f.name)
+            for f in dataclasses.fields(training) if "passed_as" in f.metadata}
+
+
+def trainer_fields_set_by_training() -> dict[str, str]:
+    """`{TrainingArguments field: the training key that sets it}`, each training key's own name included (so that
+    `trainer_args` cannot hold a second `seed` or `output_dir`)."""
+    owners = {}
+    for f in dataclasses.fields(TrainingConfig):
+        passed = (f.metadata["passed_as"] or f.name,) if "passed_as" in f.metadata else ()
+        owners.update(dict.fromkeys((f.name, *passed, *f.metadata.get("derives", ())), f.name))
+    del owners["trainer_args"]
+    return owners
+
+
+@functools.cache
+def _trainer_fields() -> frozenset[str]:
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+def _check_not_owned(name: str, key: str) -> None:
+    owner = trainer_fields_set_by_training().get(key)
+    if owner is not None:
+        raise ConfigError(f"`{name}` is set by `training.{owner}`; use that instead.")
 
 
 @dataclass
@@ -149,15 +205,15 @@ def changed_settings(started: dict, now: dict) -> list[str]:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configs shipped in `sfrnn_hf/configs/`."""
-    folder = importlib.resources.files("sfrnn_hf") / "configs"
+    """Names of the configs shipped in `sfrnn_hf/training/configs/`."""
+    folder = importlib.resources.files(__package__) / "configs"
     return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> str:
     if os.path.isfile(name_or_path):
         return name_or_path
-    shipped = importlib.resources.files("sfrnn_hf") / "configs" / f"{name_or_path}.yaml"
+    shipped = importlib.resources.files(__package__) / "configs" / f"{name_or_path}.yaml"
     if shipped.is_file():
         return str(shipped)
     close = difflib.get_close_matches(name_or_path, shipped_configs(), n=3)
@@ -165,74 +221,79 @@ def resolve_config_path(name_or_path: str) -> str:
     raise ConfigError(f"Config file {name_or_path!r} not found (neither a file nor a shipped config).{hint}")
 
 
-def _unknown_key(section: str, key: str, allowed) -> ConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
+def _unknown_key(section: str, key: str, allowed, trainer_fields=frozenset()) -> ConfigError:
+    """The error for `section.key`, suggesting the closest of `allowed` and `trainer_fields` (other
+    `TrainingArguments` fields, also accepted, not listed)."""
+    close = difflib.get_close_matches(key, [*allowed, *sorted(trainer_fields)], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"Unknown key {section}.{key}.{hint} Allowed keys of `{section}`: {sorted(allowed)}.")
+    also = ", and any other transformers.TrainingArguments field" if trainer_fields else ""
+    return ConfigError(f"Unknown key {section}.{key}.{hint} Allowed keys of `{section}`: {sorted(allowed)}{also}.")
 
 
-def _coerce(section: str, key: str, value, annotation):
-    """`value` checked (and converted where YAML is ambiguous, e.g. `1e-3` read as a string) against `annotation`."""
+def _yaml_reading(key: str, value, options: tuple):
+    """`value` as a field of these type `options` means it where YAML 1.1 reads it otherwise: `1e-3` (a string) and
+    `30` (an int) are floats, a bare `no` (false) is the string a strategy or `report_to` means, one string is a
+    one-item list."""
+    if float in options and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if value is False and (key.endswith("_strategy") or key == "report_to"):
+        return "none" if key == "report_to" else "no"
+    if isinstance(value, str) and str not in options and any(get_origin(option) is list for option in options):
+        return [value]
+    return value
+
+
+def _set_typed(section_values, section: str, key: str, value, annotation) -> None:
+    """Set `section_values.key` (a strict dataclass: it checks the type) to YAML's `value`, or raise `ConfigError`."""
     name = f"{section}.{key}"
     options = get_args(annotation) if get_origin(annotation) in (types.UnionType, Union) else (annotation,)
-    if value is None:
-        if type(None) in options or annotation is Any:
-            return None
+    if value is None and type(None) not in options and annotation is not Any:
         raise ConfigError(f"`{name}` may not be null.")
-    if annotation is Any:
-        return value
-    for option in options:
-        if option is type(None):
-            continue
-        origin = get_origin(option) or option
-        if origin is bool:
-            if isinstance(value, bool):
-                return value
-        elif origin is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif origin is float:
-            number = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
-            elif isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    pass
-            if number is not None:
-                if not math.isfinite(number):
-                    raise ConfigError(f"`{name}` must be a finite number, got {value!r}.")
-                return number
-        elif origin is str:
-            if isinstance(value, str):
-                return value
-            if value is False and key in ("eval_strategy", "report_to"):
-                return "no" if key == "eval_strategy" else "none"  # YAML 1.1 reads a bare `no` as false
-        elif origin is list:
-            if isinstance(value, str):
-                return [value]
-            if isinstance(value, (list, tuple)):
-                return list(value)
-        elif origin is dict:
-            if isinstance(value, dict):
-                return value
-    expected = " or ".join(getattr(option, "__name__", str(option)) for option in options)
-    raise ConfigError(f"`{name}` must be {expected}, got {value!r}.")
+    typed = _yaml_reading(key, value, options)
+    if isinstance(typed, float) and not math.isfinite(typed):
+        raise ConfigError(f"`{name}` must be a finite number, got {value!r}.")
+    try:
+        setattr(section_values, key, typed)
+    except StrictDataclassFieldValidationError:
+        expected = " or ".join(getattr(option, "__name__", str(option)) for option in options)
+        raise ConfigError(f"`{name}` must be {expected}, got {value!r}.") from None
 
 
-def _fill_section(cls, section: str, values: dict):
+def _fill_section(cls, section: str, values: dict, trainer_fields=frozenset()):
+    """The section's dataclass from its YAML mapping (`trainer_fields`: for the error on an unknown key)."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"Section `{section}` must be a mapping, got {values!r}.")
     hints = get_type_hints(cls)
-    kwargs = {}
+    filled = cls()
     for key, value in values.items():
         if key not in hints:
-            raise _unknown_key(section, key, hints)
-        kwargs[key] = _coerce(section, key, value, hints[key])
-    return cls(**kwargs)
+            raise _unknown_key(section, key, hints, trainer_fields)
+        _set_typed(filled, section, key, value, hints[key])
+    return filled
+
+
+def _fill_training(values: dict) -> TrainingConfig:
+    """`training`: the keys of `TrainingConfig`, and any other `TrainingArguments` field by its own name (as
+    `run_clm.py` users write them), kept in `trainer_args` with the ones given there."""
+    direct = {}
+    if isinstance(values, dict):
+        ours = get_type_hints(TrainingConfig)
+        direct = {key: value for key, value in values.items() if key not in ours and key in _trainer_fields()}
+        values = {key: value for key, value in values.items() if key not in direct}
+    other_fields = _trainer_fields() - set(trainer_fields_set_by_training())
+    training = _fill_section(TrainingConfig, "training", values, other_fields)
+    for key, value in direct.items():
+        _check_not_owned(f"training.{key}", key)
+        if key in training.trainer_args:
+            raise ConfigError(f"`training.{key}` is also given as `training.trainer_args.{key}`: keep one.")
+        training.trainer_args[key] = value
+    training.trainer_args = {key: _yaml_reading(key, value, ()) for key, value in training.trainer_args.items()}
+    return training
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -286,7 +347,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
     config = ExperimentConfig(
         model=dict(model),
         data=_fill_section(DataConfig, "data", raw.get("data")),
-        training=_fill_section(TrainingConfig, "training", raw.get("training")),
+        training=_fill_training(raw.get("training")),
         lora=_fill_section(LoraSection, "lora", raw.get("lora")),
         source=source,
     )
@@ -427,28 +488,11 @@ def check_config(config: ExperimentConfig) -> None:
             raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
 
 
-# TrainingArguments fields the config sets itself: setting them through trainer_args would be ambiguous.
-_OWNED_TRAINER_ARGS = {
-    "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16", "gradient_checkpointing",
-    "activation_checkpointing", "eval_strategy",
-    "eval_steps", "save_total_limit", "logging_steps", "report_to",
-    "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "dataloader_num_workers",
-}
-
-
 def _check_trainer_args(trainer_args: dict):
-    from transformers import TrainingArguments
-
-    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key, value in trainer_args.items():
-        if key.endswith("_strategy") and value is False:
-            trainer_args[key] = "no"  # YAML 1.1 reads a bare `no` as false
-        if key in _OWNED_TRAINER_ARGS:
-            raise ConfigError(f"`training.trainer_args.{key}` is set by a `training` key of its own; use that instead.")
-        if key not in allowed:
-            raise _unknown_key("training.trainer_args", key, allowed)
+    for key in trainer_args:
+        _check_not_owned(f"training.trainer_args.{key}", key)
+        if key not in _trainer_fields():
+            raise _unknown_key("training.trainer_args", key, _trainer_fields() - set(trainer_fields_set_by_training()))
 
 
 __all__ = [
@@ -462,4 +506,6 @@ __all__ = [
     "changed_settings",
     "RESUMABLE_CHANGES",
     "shipped_configs",
+    "passed_to_trainer",
+    "trainer_fields_set_by_training",
 ]

@@ -1,11 +1,11 @@
 """Train (or LoRA-fine-tune) an sfrnn language model with `transformers.Trainer`, from a YAML config.
 
-    sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/configs/)
+    sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/training/configs/)
     sfrnn-train my.yaml model.gradient_mode=bptt training.epochs=3
     sfrnn-train ptb_gru_1x256 --set training.lr=5e-4 --output-dir runs/x
     sfrnn-train ptb_gru_1x256 --lora runs/ptb/ --output-dir runs/ptb-lora
-    torchrun --nproc_per_node 4 -m sfrnn_hf.train ptb_gru_3x1024       # DDP; same global batch
-    accelerate launch --num_processes 4 -m sfrnn_hf.train ptb_gru_3x1024
+    torchrun --nproc_per_node 4 -m sfrnn_hf.training.train ptb_gru_3x1024       # DDP; same global batch
+    accelerate launch --num_processes 4 -m sfrnn_hf.training.train ptb_gru_3x1024
 
 Reads top to bottom: config -> tokenizer and data -> model (-> LoRA) -> Trainer (plain Adam with coupled weight decay,
 StepLR or warm-up + cosine, exact perplexity) -> best checkpoint, curves and results in `training.output_dir`.
@@ -39,13 +39,21 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.utils import logging
 
+from ..configuration_sfrnn import SfrnnConfig
+from ..modeling_sfrnn import SfrnnForCausalLM
+from ..recurrent_sfrnn import SfrnnRecurrentLayer
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
-from .configuration_sfrnn import SfrnnConfig
+from .config import (
+    ConfigError,
+    ExperimentConfig,
+    changed_settings,
+    check_model_section,
+    load_config,
+    passed_to_trainer,
+    shipped_configs,
+)
 from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data
-from .modeling_sfrnn import SfrnnForCausalLM
-from .recurrent_sfrnn import SfrnnRecurrentLayer
 from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
-from .training_config import ConfigError, ExperimentConfig, changed_settings, check_model_section, load_config
 
 EXPERIMENT_FILE = "experiment.yaml"
 
@@ -281,6 +289,8 @@ def _report_to(value):
 
 
 def training_arguments(experiment: ExperimentConfig, has_validation: bool, world_size: int) -> TrainingArguments:
+    """The `TrainingArguments` of a run: this package's defaults, then `training.trainer_args`, then what the
+    `training` keys set (the keys passed unchanged, `passed_to_trainer`, and the ones computed here)."""
     training = experiment.training
     per_step = world_size * training.gradient_accumulation_steps
     if training.batch_size % per_step:
@@ -290,44 +300,29 @@ def training_arguments(experiment: ExperimentConfig, has_validation: bool, world
         )
     per_device = training.batch_size // per_step
     evaluate = has_validation and training.eval_strategy != "no"
-    scheduler = {"step": "constant", "constant": "constant", "warmup_cosine": "cosine_with_min_lr"}[training.scheduler]
-    kwargs = dict(
-        output_dir=training.output_dir,
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps,
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=training.eval_batch_size or per_device,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        learning_rate=training.lr,
-        weight_decay=training.weight_decay,
-        adam_beta1=training.adam_beta1,
-        adam_beta2=training.adam_beta2,
-        adam_epsilon=training.adam_eps,
-        lr_scheduler_type=scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio} if training.scheduler == "warmup_cosine" else {},
-        warmup_steps=training.warmup_ratio if training.scheduler == "warmup_cosine" else 0,
-        max_grad_norm=training.max_grad_norm,
-        seed=training.seed,
-        bf16=training.bf16,
-        # Without CUDA, multi-process (gloo) and bf16 autocast need accelerate's explicit CPU mode.
-        use_cpu=not torch.cuda.is_available() and (training.bf16 or world_size > 1),
-        activation_checkpointing=training.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
-        eval_strategy=training.eval_strategy if evaluate else "no",
-        eval_steps=training.eval_steps,
+    cosine = training.scheduler == "warmup_cosine"
+    defaults = dict(  # `training.trainer_args` may change these
         save_strategy=training.eval_strategy if evaluate else "epoch",
         save_steps=training.eval_steps,
-        save_total_limit=training.save_total_limit,
-        load_best_model_at_end=evaluate,
-        metric_for_best_model="perplexity" if evaluate else None,
-        greater_is_better=False if evaluate else None,
-        logging_steps=training.logging_steps,
-        report_to=_report_to(training.report_to),
-        dataloader_num_workers=training.dataloader_num_workers,
+        lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio} if cosine else {},
+        # Without CUDA, multi-process (gloo) and bf16 autocast need accelerate's explicit CPU mode.
+        use_cpu=not torch.cuda.is_available() and (training.bf16 or world_size > 1),
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every parameter gets a gradient at every step, in every mode
         remove_unused_columns=False,  # the collator builds the model's inputs
     )
-    kwargs.update(training.trainer_args)
+    derived = dict(  # the fields each `_derives` key of TrainingConfig names
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=training.eval_batch_size or per_device,
+        lr_scheduler_type="cosine_with_min_lr" if cosine else "constant",  # `step`: SfrnnTrainer.create_scheduler
+        warmup_steps=training.warmup_ratio if cosine else 0,  # a float below 1: a fraction of the run
+        eval_strategy=training.eval_strategy if evaluate else "no",
+        load_best_model_at_end=evaluate,
+        metric_for_best_model="perplexity" if evaluate else None,
+        greater_is_better=False if evaluate else None,
+        report_to=_report_to(training.report_to),
+    )
+    kwargs = {**defaults, **training.trainer_args, **passed_to_trainer(training), **derived}
     if kwargs.get("save_strategy") == "steps" and kwargs.get("save_steps") is None:
         kwargs["save_steps"] = 500
     return RunTrainingArguments(**kwargs)
@@ -550,8 +545,6 @@ def parse_args(argv=None):
 def main(argv=None):
     parser, cli = parse_args(argv)
     if cli.list_configs:
-        from .training_config import shipped_configs
-
         print("\n".join(shipped_configs()))
         return 0
     overrides = list(cli.overrides) + list(cli.set_overrides)

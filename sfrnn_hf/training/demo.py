@@ -3,7 +3,7 @@ Feedbacks on CPU for a fixed number of steps (a few minutes), report validation 
 tokenizer, load them back through `AutoModelForCausalLM` / `AutoTokenizer` and generate with
 `pipeline("text-generation")`. A fixed step count and seed: the same machine gives the same numbers every run.
 
-    python -m sfrnn_hf.demo [--steps 300] [--output-dir outputs/demo] [--eval-samples N]
+    python -m sfrnn_hf.training.demo [--steps 300] [--output-dir outputs/demo] [--eval-samples N]
 """
 
 import argparse
@@ -13,15 +13,14 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-import sfrnn_hf  # noqa: F401  (registers the sfrnn model type with the Auto classes)
-from sfrnn_hf.train import run
-from sfrnn_hf.training_config import load_config
+from .config import load_config
+from .train import run
 
 PROMPT = "the company said"
 
 
 def main(argv=None) -> dict:
-    """Runs the demo; returns the training results (`sfrnn_hf.train.run`) with the generated `samples`."""
+    """Runs the demo; returns the training results (`sfrnn_hf.training.train.run`) with the generated `samples`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of 64 sentences (default 300)")
     parser.add_argument("--output-dir", default="outputs/demo")
