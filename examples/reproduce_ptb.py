@@ -52,28 +52,51 @@ SAMPLINGS = ("random", "group_by_length")
 
 
 class EpochRecorder(TrainerCallback, ExportableState):
-    """After each epoch's evaluation: appends `{epoch, validation_perplexity, train_seconds, load_average, ...}` to
-    `<folder>/epochs.jsonl` and keeps the model of the epochs in `keep_epochs` in `<folder>/epoch-<e>/`.
+    """Once each epoch's evaluation is in a checkpoint: appends `{epoch, validation_perplexity, train_seconds,
+    load_average, ...}` to `<folder>/epochs.jsonl`, and keeps the model of the epochs in `keep_epochs` in
+    `<folder>/epoch-<e>/`.
 
-    The seconds spent in the current epoch travel in each checkpoint (an `ExportableState`), so an epoch interrupted
-    and resumed counts the steps it kept plus the ones it redid, not the lost ones.
+    An epoch is recorded only after the checkpoint that ends it is written (`on_save`), so a resume never redoes a
+    recorded epoch: a stop between the evaluation and that checkpoint redoes the epoch's last steps and records it
+    once, then. The record waiting for its checkpoint travels in it, as do the seconds spent in the current epoch
+    (an `ExportableState`), so an epoch interrupted and resumed counts the steps it kept plus the ones it redid, not
+    the lost ones.
     """
 
-    def __init__(self, folder: str, keep_epochs: list[int] | None = None, carried_seconds: float = 0.0):
+    def __init__(self, folder: str, keep_epochs: list[int] | None = None, carried_seconds: float = 0.0,
+                 pending: dict | None = None):
         self.folder = Path(folder)
         self.keep_epochs = list(keep_epochs or [])
         self.carried_seconds = carried_seconds  # of the current epoch, before this process started it
+        self.pending = pending  # the last evaluated epoch's record, until its checkpoint is written
         self.started = None
         self.epoch_seconds = None
 
     def state(self) -> dict:
         return {"args": {"folder": str(self.folder), "keep_epochs": self.keep_epochs},
-                "attributes": {"carried_seconds": self._elapsed()}}
+                "attributes": {"carried_seconds": self._elapsed(), "pending": self.pending}}
+
+    def _append_pending(self):
+        """Appends the pending record unless `epochs.jsonl` holds its epoch already."""
+        if self.pending is not None and self.pending["epoch"] not in {e["epoch"] for e in epoch_records(self.folder)}:
+            with open(self.folder / "epochs.jsonl", "a") as handle:
+                handle.write(json.dumps(self.pending) + "\n")
+        self.pending = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._append_pending()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # resumed from the last checkpoint, the stop having come before its on_save
+            self._append_pending()
 
     def _elapsed(self) -> float:
         return self.carried_seconds + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # resumed from a checkpoint whose on_save never came (callback states are
+            self._append_pending()  # restored after on_train_begin, before the first epoch begins)
         self.started = time.perf_counter()
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
@@ -95,12 +118,11 @@ class EpochRecorder(TrainerCallback, ExportableState):
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         self.epoch_seconds = None
-        with open(self.folder / "epochs.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.pending = record
 
 
 def epoch_records(folder: Path) -> list[dict]:
-    """The records of `epochs.jsonl`, one per epoch (an epoch redone after an interruption: the last one wins)."""
+    """The records of `epochs.jsonl`, one per epoch (should an epoch appear twice, the last one wins)."""
     by_epoch = {}
     path = folder / "epochs.jsonl"
     if path.exists():
@@ -147,12 +169,16 @@ def write_record(args, mode: str) -> None:
 
 
 class RecordWriter(TrainerCallback):
-    """Rewrites `<record>/<mode>.json` after each evaluation (after `EpochRecorder` appended the epoch)."""
+    """Rewrites `<record>/<mode>.json` after each checkpoint (after `EpochRecorder` appended an epoch it ended)."""
 
     def __init__(self, args, mode: str):
         self.args, self.mode = args, mode
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_record(self.args, self.mode)
+
+    def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             write_record(self.args, self.mode)
 

@@ -101,3 +101,38 @@ def test_per_epoch_record_survives_a_kill_and_the_resume_ends_like_an_uninterrup
     assert final["epochs"][0] == kept[0]  # the recorded epoch is kept as it was
     for got, expected in zip(final["epochs"], want):  # the resumed run made the uninterrupted run's updates
         assert got["validation_perplexity"] == expected["validation_perplexity"]
+
+
+def test_an_epoch_is_recorded_once_its_checkpoint_is_written_even_across_a_stop(tmp_path):
+    """The callback sequence of one epoch's end (evaluate, checkpoint with the callback's state, on_save) cut after
+    the checkpoint: the record is not in `epochs.jsonl` yet, travels in the checkpoint's callback state, and the
+    resumed process appends it exactly once; cut before the checkpoint, nothing is recorded (the resume redoes it)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("reproduce_ptb", ROOT / "examples" / "reproduce_ptb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    state = SimpleNamespace(is_world_process_zero=True, epoch=1.0, global_step=7)
+    recorder = module.EpochRecorder(str(tmp_path))
+    recorder.on_epoch_begin(None, state, None)
+    recorder.on_epoch_end(None, state, None)
+    recorder.on_evaluate(None, state, None, metrics={"eval_perplexity": 123.0})
+    assert module.epoch_records(tmp_path) == []  # evaluated, not yet in a checkpoint
+    checkpoint = recorder.state()  # what `_save_checkpoint` stores; the process stops before on_save
+
+    resumed = module.EpochRecorder(**checkpoint["args"])  # how the Trainer restores a callback
+    for name, value in checkpoint["attributes"].items():
+        setattr(resumed, name, value)
+    resumed.on_epoch_begin(None, SimpleNamespace(is_world_process_zero=True, epoch=1.0), None)
+    resumed.on_save(None, state, None)
+    records = module.epoch_records(tmp_path)
+    assert [(r["epoch"], r["step"], r["validation_perplexity"]) for r in records] == [(1, 7, 123.0)]
+    assert len((tmp_path / "epochs.jsonl").read_text().splitlines()) == 1
+
+    fresh = module.EpochRecorder(str(tmp_path / "other"))
+    (tmp_path / "other").mkdir()
+    fresh.on_epoch_begin(None, state, None)
+    fresh.on_epoch_end(None, state, None)
+    fresh.on_evaluate(None, state, None, metrics={"eval_perplexity": 1.0})
+    assert not (tmp_path / "other" / "epochs.jsonl").exists()  # stopped before the checkpoint: a resume redoes it
