@@ -39,7 +39,7 @@ def worker(cell, threads):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("trees", nargs=2, help="name=path of a checkout with its own .venv")
+    parser.add_argument("trees", nargs="*", help="two name=path, each a checkout with its own .venv")
     parser.add_argument("--cell", default="gru")
     parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=6)
@@ -48,8 +48,10 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.cell, args.threads)
+    if len(args.trees) != 2 or not all("=" in tree for tree in args.trees):
+        parser.error(f"expected two name=path trees, got {args.trees}")
     trees = dict(tree.split("=", 1) for tree in args.trees)
-    workers = {name: subprocess.Popen([f"{path}/.venv/bin/python", __file__, "a=a", "b=b", "--worker", "--cell",
+    workers = {name: subprocess.Popen([f"{path}/.venv/bin/python", __file__, "--worker", "--cell",
                                        args.cell, "--threads", str(args.threads)],
                                       cwd=path, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                for name, path in trees.items()}

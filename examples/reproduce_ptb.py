@@ -174,10 +174,6 @@ class RecordWriter(TrainerCallback):
     def __init__(self, args, mode: str):
         self.args, self.mode = args, mode
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            write_record(self.args, self.mode)
-
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             write_record(self.args, self.mode)
