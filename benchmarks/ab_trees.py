@@ -7,6 +7,7 @@ BPTT/DSF ratio. BPTT runs torch's own kernel in both trees, so its difference be
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -51,9 +52,11 @@ def main():
     if len(args.trees) != 2 or not all("=" in tree for tree in args.trees):
         parser.error(f"expected two name=path trees, got {args.trees}")
     trees = dict(tree.split("=", 1) for tree in args.trees)
+    # PYTHONPATH: each worker imports its own tree's package, even where two trees share one venv.
     workers = {name: subprocess.Popen([f"{path}/.venv/bin/python", __file__, "--worker", "--cell",
                                        args.cell, "--threads", str(args.threads)],
-                                      cwd=path, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                      cwd=path, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env={**os.environ, "PYTHONPATH": path})
                for name, path in trees.items()}
 
     def run(tree, mode, length):

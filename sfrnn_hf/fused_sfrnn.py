@@ -35,17 +35,16 @@ def _matmul(a, b, matmul_dtype):
     return (a.to(matmul_dtype) @ b.to(matmul_dtype)).to(a.dtype)
 
 
-def _input_projection(cell, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype):
-    """`x W_ih^T` plus the cell's `input_projection_bias`, every position: inputs `(time, batch, d)` contiguous ->
+def _input_projection(step_weights, inputs, matmul_dtype):
+    """`x W_ih^T + bias` (`step_weights.input`) at every position: inputs `(time, batch, d)` contiguous ->
     `(time, batch, G*d)`."""
     time, batch, d = inputs.shape
-    bias = cell.input_projection_bias(bias_ih, bias_hh)
-    flat = inputs.reshape(time * batch, d)
+    flat, projection = inputs.reshape(time * batch, d), step_weights.input
     if matmul_dtype is None or matmul_dtype == inputs.dtype:
-        projection = torch.addmm(bias, flat, weight_ih.t())
+        out = projection(flat)
     else:
-        projection = _matmul(flat, weight_ih.t(), matmul_dtype).add_(bias)
-    return projection.view(time, batch, -1)
+        out = _matmul(flat, projection.weight.t(), matmul_dtype).add_(projection.bias)
+    return out.view(time, batch, -1)
 
 
 def _accumulate_matmul_(out, a, b, matmul_dtype):
@@ -105,7 +104,8 @@ def jacobian_statistics(cell, gates, initial_state, states, weight_hh, mask=None
     return JacobianStatistics(total, _real_positions(mask, time, batch))
 
 
-def recurrence_saving_gates(cell, inputs, initial_state, weights, mask=None, matmul_dtype=None, statistics=False):
+def recurrence_saving_gates(cell, inputs, initial_state, weights, mask=None, matmul_dtype=None, statistics=False,
+                            step_matmul=None):
     """The gated recurrence, no graph, saving every state and gate activation.
 
     Args:
@@ -114,13 +114,14 @@ def recurrence_saving_gates(cell, inputs, initial_state, weights, mask=None, mat
         mask: `(time, batch, 1)` bool or None; a False position holds the previous state.
         matmul_dtype: dtype of the input-projection matmul's operands (None: the inputs' dtype).
         statistics: also sum diag(J_t) over the real positions, chunk by chunk while the gates are in cache.
+        step_matmul: the per-step `cells_sfrnn.StepMatmul` kind (None: `default_step_matmul`).
     Returns:
         states `(time, batch, S)`, gates `(time, batch, saved_gates * d)` (None if the cell saves none), and the
         `JacobianStatistics` (None unless asked).
     """
     cell = get_cell(cell)
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
     time, batch, d = inputs.shape
+    step_weights = cell.step_weights(weights, batch, min(DSF_CHUNK, time) * batch, step_matmul)
     states = inputs.new_empty(time, batch, cell.state_vectors * d)
     gates = _empty_gates(cell, inputs, time, batch, d)
     total = inputs.new_zeros(states.shape[-1]) if statistics else None
@@ -129,15 +130,14 @@ def recurrence_saving_gates(cell, inputs, initial_state, weights, mask=None, mat
     state = initial_state
     for t in range(time):
         if t % DSF_CHUNK == 0:  # the input projection chunk by chunk: a cache-sized buffer, not a fresh large one
-            input_projection = _input_projection(cell, inputs[t : t + DSF_CHUNK], weight_ih, bias_ih, bias_hh,
-                                                 matmul_dtype)
-        cell.step_saving_gates(input_projection[t % DSF_CHUNK], state, weight_hh, bias_hh,
+            input_projection = _input_projection(step_weights, inputs[t : t + DSF_CHUNK], matmul_dtype)
+        cell.step_saving_gates(input_projection[t % DSF_CHUNK], state, step_weights,
                                None if gates is None else gates[t], states[t])
         if mask is not None:
             states[t] = torch.where(mask[t], states[t], state)
         state = states[t]
         if statistics and (t % DSF_CHUNK == DSF_CHUNK - 1 or t == time - 1):
-            _add_jacobian_sum_(total, cell, gates, initial_state, states, weight_hh, mask, t - t % DSF_CHUNK, t + 1,
+            _add_jacobian_sum_(total, cell, gates, initial_state, states, weights[1], mask, t - t % DSF_CHUNK, t + 1,
                                first_previous)
     return states, gates, JacobianStatistics(total, _real_positions(mask, time, batch)) if statistics else None
 
@@ -150,12 +150,12 @@ def gates_from_states(cell, inputs, initial_state, states, weights, matmul_dtype
     cell = get_cell(cell)
     if not cell.saved_gates:
         return None
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
     time, batch, d = inputs.shape
+    step_weights = cell.step_weights(weights, time * batch, time * batch)
     previous = torch.cat([initial_state.unsqueeze(0), states[:-1]], dim=0)
-    input_projection = _input_projection(cell, inputs, weight_ih, bias_ih, bias_hh, matmul_dtype)
     gates = _empty_gates(cell, inputs, time, batch, d)
-    cell.step_saving_gates(input_projection, previous, weight_hh, bias_hh, gates, torch.empty_like(previous))
+    input_projection = _input_projection(step_weights, inputs, matmul_dtype)
+    cell.step_saving_gates(input_projection, previous, step_weights, gates, torch.empty_like(previous))
     return gates
 
 
@@ -238,14 +238,15 @@ class FusedDsfRecurrence(torch.autograd.Function):
 
     Tensor inputs `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
     mask (batch, time) or None)` in one floating dtype (fp32 or fp64); then `cell`, `feedback` (a `Feedback`) and
-    `options` (`state_kernel`, `matmul_dtype`, `chunk`, `pointwise_kernel`, as `fused_dsf_recurrence`). The initial
+    `options` (`state_kernel`, `matmul_dtype`, `chunk`, `pointwise_kernel`, `step_matmul`, as
+    `fused_dsf_recurrence`). The initial
     state is held constant (no gradient), as in every DSF layer of this package. The statistics (empty when not
     asked) are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, cell, feedback, options):
-        state_kernel, matmul_dtype, chunk, pointwise_kernel = options
+        state_kernel, matmul_dtype, chunk, pointwise_kernel, step_matmul = options
         weights = (weight_ih, weight_hh, bias_ih, bias_hh)
         with torch.autocast(inputs.device.type, enabled=False):
             inputs_tm = inputs.transpose(0, 1).contiguous()
@@ -253,7 +254,8 @@ class FusedDsfRecurrence(torch.autograd.Function):
             initial_state = initial_state.detach()
             if state_kernel is None:
                 states, gates, statistics = recurrence_saving_gates(cell, inputs_tm, initial_state, weights, mask_tm,
-                                                                    matmul_dtype, feedback.record_statistics)
+                                                                    matmul_dtype, feedback.record_statistics,
+                                                                    step_matmul)
             else:
                 states = state_kernel(cell, inputs, initial_state, weights, mask).transpose(0, 1).contiguous()
                 gates = gates_from_states(cell, inputs_tm, initial_state, states, weights, matmul_dtype)
@@ -286,7 +288,7 @@ class FusedDsfRecurrence(torch.autograd.Function):
 
 
 def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *, matmul_dtype=None, state_kernel=None,
-                         chunk=DSF_CHUNK, pointwise_kernel=None):
+                         chunk=DSF_CHUNK, pointwise_kernel=None, step_matmul=None):
     """States `(batch, time, S)` with the recurrence's values and the DSF backward, and the `JacobianStatistics`
     of the forward (None unless `feedback.record_statistics`).
 
@@ -299,6 +301,8 @@ def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *
         state_kernel: None (the loop forward), or `(cell, inputs, initial_state, weights, mask) -> (batch, time, S)`,
             torch's fused kernel; the gates are then recomputed batched.
         chunk: steps per backward chunk. pointwise_kernel: None or `triton_sfrnn.triton_dsf_pointwise_backward`.
+        step_matmul: the loop forward's per-step matmul (`cells_sfrnn.STEP_MATMULS`; None: the default for the
+            weights' device and dtype, `cells_sfrnn.default_step_matmul`).
     Example:
         >>> states, _ = fused_dsf_recurrence("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None,
         ...                                  Feedback.constant(torch.linspace(0, 1, d)))
@@ -306,7 +310,7 @@ def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *
     """
     cell = get_cell(cell)
     states, total, count = FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, cell, feedback,
-                                                    (state_kernel, matmul_dtype, chunk, pointwise_kernel))
+                                                    (state_kernel, matmul_dtype, chunk, pointwise_kernel, step_matmul))
     return states, JacobianStatistics(total, count) if feedback.record_statistics else None
 
 

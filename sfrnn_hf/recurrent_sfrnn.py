@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .cells_sfrnn import cell_step, get_cell
+from .cells_sfrnn import cell_step, default_step_matmul, get_cell
 from .configuration_sfrnn import DSF_BACKENDS, calibration_without_effect
 from .fused_sfrnn import DSF_CHUNK, chunk_diagonal_jacobian, fused_dsf_recurrence, gates_from_states, \
     jacobian_statistics, recurrence_saving_gates
@@ -409,10 +409,15 @@ class SfrnnRecurrentLayer(nn.Module):
         key = (self.config.dsf_backend, device.type)
         if key not in self._backends:
             backend = self._backends[key] = resolve_dsf_backend(self.config.dsf_backend, device)
-            if key not in _logged_backends:
+            if key not in _logged_backends and not torch.compiler.is_compiling():  # dynamo refuses logger calls
                 _logged_backends.add(key)
+                step_matmul = ""
+                if backend.name == "fused":
+                    compute_dtype = torch.promote_types(self.weight_hh.dtype, torch.float32)
+                    kind = default_step_matmul(self.weight_hh.new_empty(0, device=device, dtype=compute_dtype))
+                    step_matmul = f", per-step matmul {kind} for {compute_dtype}"
                 logger.info(f"sfrnn DSF backend: {backend.name} on {device.type} (config.dsf_backend="
-                            f"{self.config.dsf_backend!r})")
+                            f"{self.config.dsf_backend!r}){step_matmul}")
         return self._backends[key]
 
     @property

@@ -56,6 +56,15 @@ def test_layer_benchmark_reports_every_mode_and_ratio(cell):
         assert f"{label} time:" in out and "(paired)" in out
 
 
+def test_dsf_forward_profile_reports_every_piece_of_every_cell():
+    out = _run("dsf_forward.py", "--cells", "lstm", "gru", "rnn", "--lengths", "8", "--hidden", "16", "--batch", "2",
+               "--warmup", "1", "--repeats", "1")
+    for cell in ("lstm", "gru", "rnn"):
+        section = out.split(f"{cell} T=8")[1].split(" T=")[0]
+        for piece in ("step matmul addmm", "dsf forward addmm", "dsf backward", "torch BPTT total", "BPTT / DSF"):
+            assert piece in section, (cell, piece)
+
+
 def test_train_step_benchmark_reports_every_mode():
     out = _run("train_step.py", "--hidden", "16", "--layers", "1", "--batch", "2", "--length", "8", "--vocab", "32",
                "--repeats", "2")

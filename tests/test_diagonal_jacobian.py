@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sfrnn_hf.cells_sfrnn import CELLS, cell_step
-from test_fused_dsf import layer_weights, make_layer
+from test_fused_dsf import layer_weights, make_layer, saved_step
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -18,9 +18,7 @@ def test_diagonal_jacobian_equals_autograd(cell):
     state = torch.randn(4, size, dtype=torch.float64)
     input_projection = x @ w_ih.T + b_ih
 
-    gates = torch.empty(4, spec.saved_gates * d, dtype=torch.float64) if spec.saved_gates else None
-    new_state = torch.empty_like(state)
-    spec.step_saving_gates(x @ w_ih.T + spec.input_projection_bias(b_ih, b_hh), state, w_hh, b_hh, gates, new_state)
+    gates, new_state = saved_step(cell, input_projection, state, w_hh, b_hh)
     got = spec.diagonal_jacobian(gates, state, new_state, w_hh)
 
     for row in range(4):

@@ -13,7 +13,8 @@ from references import reference_dsf_layer
 from sfrnn_hf import SfrnnConfig
 from sfrnn_hf import recurrent_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS as REGISTERED_CELLS
-from sfrnn_hf.cells_sfrnn import cell_step, get_cell
+from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, cell_step, default_step_matmul, get_cell, \
+    onednn_packed_matmul_serves, tanh_from_sigmoid_
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence
 from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, kernel_states
 from sfrnn_hf.scan_sfrnn import Feedback, reverse_scan_
@@ -79,7 +80,7 @@ def outputs_and_grads(states_fn, layer, inputs, readout):
 
 
 def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, rtol=1e-10, atol=1e-12,
-          reference="recompute"):
+          reference="recompute", step_matmul=None):
     layer = make_layer(cell, dtype=dtype)
     inputs = torch.randn(batch, time, layer.hidden_size, dtype=dtype, requires_grad=True)
     mask = make_mask(mask_kind, batch, time)
@@ -87,7 +88,8 @@ def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, r
     feedback = layer.feedback if feedback_on else None
     initial = torch.zeros(batch, layer.state_size, dtype=dtype)
     got = outputs_and_grads(
-        lambda: fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=chunk),
+        lambda: fused_dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback, chunk=chunk,
+                                 step_matmul=step_matmul),
         layer, inputs, readout)
     if reference == "recompute":
         want = outputs_and_grads(lambda: dsf_states(cell, inputs, initial, layer_weights(layer), mask, feedback),
@@ -104,17 +106,30 @@ def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, r
 
 # ----- the cell math written gate by gate equals cell_step and its autograd --------------------------------------
 
+def saved_step(cell, input_projection, state, weight_hh, bias_hh, step_matmul="addmm"):
+    """`(gates, new_state)` of the cell's `step_saving_gates` for a given input projection `x W_ih^T + b_ih`
+    `(rows, G*d)`: it goes through `step_weights` as the input of an identity `weight_ih` (exact), so that whatever
+    the cell folds or rescales is applied to it as to a real one."""
+    spec = get_cell(cell)
+    rows, width = input_projection.shape
+    d = state.shape[-1] // spec.state_vectors
+    identity, zero = torch.eye(width, dtype=state.dtype), torch.zeros(width, dtype=state.dtype)
+    step_weights = spec.step_weights((identity, weight_hh, zero, bias_hh), rows, rows, step_matmul)
+    projection = step_weights.input(input_projection)
+    gates = state.new_empty(rows, spec.saved_gates * d) if spec.saved_gates else None
+    new_state = torch.empty_like(state)
+    spec.step_saving_gates(projection, state, step_weights, gates, new_state)
+    return gates, new_state
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_saving_gates_equals_cell_step(cell):
     layer = make_layer(cell)
-    spec = get_cell(cell)
-    x = torch.randn(2, 3, layer.hidden_size, dtype=torch.float64)  # any leading shape
-    state = torch.randn(2, 3, layer.state_size, dtype=torch.float64)
+    x = torch.randn(6, layer.hidden_size, dtype=torch.float64)
+    state = torch.randn(6, layer.state_size, dtype=torch.float64)
     w_ih, w_hh, b_ih, b_hh = (t.detach() for t in layer_weights(layer))
     want = cell_step(cell, x @ w_ih.T + b_ih, state, w_hh, b_hh)
-    gates = torch.empty(2, 3, spec.saved_gates * layer.hidden_size, dtype=torch.float64) if spec.saved_gates else None
-    new_state = torch.empty_like(state)
-    spec.step_saving_gates(x @ w_ih.T + spec.input_projection_bias(b_ih, b_hh), state, w_hh, b_hh, gates, new_state)
+    _, new_state = saved_step(cell, x @ w_ih.T + b_ih, state, w_hh, b_hh)
     torch.testing.assert_close(new_state, want, rtol=1e-13, atol=1e-14)
 
 
@@ -136,10 +151,7 @@ def test_one_step_grad_equals_autograd_of_cell_step(cell):
     if want_hidden is None:  # a cell without recurrent weights (minGRU)
         want_hidden = torch.zeros_like(hidden_projection)
     # the same step through the gated form, saving gates
-    gates = torch.empty(4, spec.saved_gates * d, dtype=torch.float64) if spec.saved_gates else None
-    out = torch.empty_like(state)
-    folded = input_projection.detach() + (hidden_projection.detach() if spec.folds_hidden_bias else 0)
-    spec.step_saving_gates(folded, state, zero_weight, hidden_projection.detach(), gates, out)
+    gates, out = saved_step(cell, input_projection.detach(), state, zero_weight, hidden_projection.detach())
     grad_input, extra = spec.one_step_grad(grad, gates, state, out)
     torch.testing.assert_close(grad_input, want_input, rtol=1e-12, atol=1e-13)
     got_hidden = torch.zeros_like(want_hidden)
@@ -148,7 +160,41 @@ def test_one_step_grad_equals_autograd_of_cell_step(cell):
     torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-12, atol=1e-13)
 
 
-# ----- the fused op against the references ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tanh_from_sigmoid_is_within_two_ulp_of_one(dtype):
+    x = torch.cat([torch.linspace(-20, 20, 100_001, dtype=dtype), torch.tensor([0.0, 1e-30, -1e-30], dtype=dtype)])
+    got = tanh_from_sigmoid_(torch.sigmoid(2 * x))
+    error = (got.double() - torch.tanh(x.double())).abs().max().item()
+    assert error <= 2 * torch.finfo(dtype).eps, error
+    assert got.min() >= -1 and got.max() <= 1
+
+
+@pytest.mark.parametrize("kind", STEP_MATMULS)
+def test_step_matmul_kinds_equal_the_plain_matmul(kind):
+    if kind == "onednn_packed" and not onednn_packed_matmul_serves(torch.ones(1)):
+        pytest.skip("torch without oneDNN")
+    weight, bias = torch.randn(48, 16), torch.randn(48)
+    x, add = torch.randn(3, 5, 16), torch.randn(3, 5, 48)
+    matmul = StepMatmul(weight, bias, rows=15, kind=kind)
+    assert matmul.kind == kind
+    torch.testing.assert_close(matmul(x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul(x[..., :16], add=add), x @ weight.T + bias + add, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(15, 32)[:, :16]  # the LSTM's h is a strided view of its [h, c] state
+    torch.testing.assert_close(StepMatmul(weight, None, 15, kind)(strided), strided @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_step_matmul_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="'blas'"):
+        StepMatmul(torch.ones(4, 4), kind="blas")
+    with pytest.raises(ValueError, match="torch.float64"):
+        StepMatmul(torch.ones(4, 4, dtype=torch.float64), kind="onednn_packed")
+
+
+def test_the_default_step_matmul_is_onednn_for_fp32_cpu_weights_only():
+    assert default_step_matmul(torch.ones(2, 2, dtype=torch.float64)) == "addmm"
+    want = "onednn_packed" if torch.backends.mkldnn.is_available() else "addmm"
+    assert default_step_matmul(torch.ones(2, 2)) == want
+
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("mask_kind", MASKS)
@@ -170,8 +216,11 @@ def test_fused_ft_bptt_equals_recompute(cell, mask_kind):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_fused_equals_recompute_float32(cell, mask_kind):
-    check(cell, mask_kind, torch.float32, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("step_matmul", STEP_MATMULS)
+def test_fused_equals_recompute_float32(cell, mask_kind, step_matmul):
+    if step_matmul == "onednn_packed" and not onednn_packed_matmul_serves(torch.ones(1)):
+        pytest.skip("torch without oneDNN")
+    check(cell, mask_kind, torch.float32, rtol=1e-5, atol=1e-5, step_matmul=step_matmul)
 
 
 @pytest.mark.parametrize("chunk, time", [(1, 5), (3, 9), (4, 2), (64, 11), (5, 70)])
@@ -317,6 +366,18 @@ def test_the_backend_is_resolved_once_per_device(monkeypatch):
     for _ in range(3):
         layer(x)[0].sum().backward()
     assert len(calls) == 1
+
+
+def test_the_backend_and_its_step_matmul_are_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(recurrent_sfrnn, "_logged_backends", set())
+    layer = make_layer("lstm", dtype=torch.float32)
+    x = torch.randn(2, 4, layer.hidden_size, requires_grad=True)
+    with caplog.at_level("INFO", logger="sfrnn_hf.recurrent_sfrnn"):
+        for _ in range(2):
+            layer(x)[0].sum().backward()
+    logged = [record.getMessage() for record in caplog.records if "DSF backend" in record.getMessage()]
+    assert logged == [f"sfrnn DSF backend: fused on cpu (config.dsf_backend='auto'), per-step matmul "
+                      f"{default_step_matmul(layer.weight_hh)} for torch.float32"]
 
 
 @pytest.mark.parametrize("cell", CELLS)
