@@ -239,9 +239,8 @@ class FusedDsfRecurrence(torch.autograd.Function):
     Tensor inputs `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
     mask (batch, time) or None)` in one floating dtype (fp32 or fp64); then `cell`, `feedback` (a `Feedback`) and
     `options` (`state_kernel`, `matmul_dtype`, `chunk`, `pointwise_kernel`, `step_matmul`, as
-    `fused_dsf_recurrence`). The initial
-    state is held constant (no gradient), as in every DSF layer of this package. The statistics (empty when not
-    asked) are not differentiable.
+    `fused_dsf_recurrence`). The initial state is held constant (no gradient), as in every DSF layer of this package.
+    The statistics (empty when not asked) are not differentiable.
     """
 
     @staticmethod
