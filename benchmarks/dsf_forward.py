@@ -45,7 +45,7 @@ def pieces(cell_name, d, batch, length, dtype):
     inputs = torch.randn(length, batch, d, dtype=dtype)
     initial = torch.zeros(batch, cell.state_vectors * d, dtype=dtype)
     feedback = Feedback.constant(torch.linspace(0, 1, cell.state_vectors * d, dtype=dtype))
-    kinds = [kind for kind in STEP_MATMULS if kind == "addmm" or onednn_packed_matmul_serves(weights[1])]
+    kinds = [kind for kind in STEP_MATMULS if kind == "addmm" or onednn_packed_matmul_serves(inputs.device, dtype)]
     out = {}
     h = torch.randn(batch, d, dtype=dtype)
     add = torch.randn(batch, cell.recurrent_gates * d, dtype=dtype)
@@ -69,31 +69,29 @@ def pieces(cell_name, d, batch, length, dtype):
         states = kernel_states(cell, batch_first, initial, weights, None).transpose(0, 1).contiguous()
         gates_from_states(cell, inputs, initial, states, weights)
 
-    if cell.fused_sequence(batch_first[:, :1], initial, weights, train=False) is not None:
+    has_kernel = cell.fused_sequence(batch_first[:, :1], initial, weights, train=False) is not None
+    if has_kernel:
         out["dsf forward kernel+gates"] = (kernel_and_gates, length)
     states, gates, _ = recurrence_saving_gates(cell, inputs, initial, weights)
     grad_states = torch.randn_like(states)
     out["dsf backward"] = (lambda: dsf_backward(cell, grad_states, inputs, initial, states, gates, weights, None,
                                                 feedback, (True,) * 5), length)
-    if cell.fused_sequence(batch_first[:, :1], initial, weights, train=False) is not None:
+    if has_kernel:
         params = [w.clone().requires_grad_() for w in weights]
         x = batch_first.clone().requires_grad_()
-        held = {}
 
         def torch_forward():
-            held["outputs"] = cell.fused_sequence(x, initial, params, train=True)[0]
+            return cell.fused_sequence(x, initial, params, train=True)[0]
 
-        def torch_backward():
-            if "outputs" not in held:
-                torch_forward()
-            torch.autograd.grad(held.pop("outputs"), [x, *params], torch.ones(batch, length, d, dtype=dtype))
+        def torch_forward_backward():
+            torch.autograd.grad(torch_forward(), [x, *params], torch.ones(batch, length, d, dtype=dtype))
 
         def torch_no_grad():
             with torch.no_grad():
                 cell.fused_sequence(batch_first, initial, weights, train=False)
 
         out["torch forward (train)"] = (torch_forward, length)
-        out["torch backward"] = (lambda: (torch_forward(), torch_backward()), length)  # minus the forward, below
+        out["torch backward"] = (torch_forward_backward, length)  # forward + backward here; the forward is subtracted
         out["torch forward (no grad)"] = (torch_no_grad, length)
     return out
 
@@ -113,7 +111,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     print(machine_description(torch.device("cpu")))
     print(f"one layer, d = {args.hidden}, batch {args.batch}, {args.dtype}; default step matmul: "
-          f"{default_step_matmul(torch.empty(1, dtype=dtype))}; median of {args.repeats} after {args.warmup} warm-up")
+          f"{default_step_matmul(torch.device('cpu'), dtype)}; median of {args.repeats} after {args.warmup} warm-up")
     print(load_line())
     for cell in args.cells:
         for length in args.lengths:

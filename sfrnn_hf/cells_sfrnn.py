@@ -59,16 +59,17 @@ STEP_MATMULS = ("addmm", "onednn_packed")
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def onednn_packed_matmul_serves(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's linear on a prepacked weight runs `x W^T` for `weight`: fp32 on CPU, torch built with oneDNN."""
-    return _ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32
+def onednn_packed_matmul_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear on a prepacked weight runs `x W^T` for a weight on `device` in `dtype`: fp32 on CPU,
+    torch built with oneDNN."""
+    return _ONEDNN_LINEAR and device.type == "cpu" and dtype == torch.float32
 
 
-def default_step_matmul(weight: torch.Tensor) -> str:
-    """The per-step matmul the loop forward uses for `weight` (the one place this is chosen): oneDNN on a prepacked
-    weight where it serves (on this project's CPU the LSTM's per-step matmul took 784 us against addmm's 1159:
-    docs/performance.md), else `addmm`."""
-    return "onednn_packed" if onednn_packed_matmul_serves(weight) else "addmm"
+def default_step_matmul(device: torch.device, dtype: torch.dtype) -> str:
+    """The matmul kind the loop forward uses for weights on `device` in `dtype` (the one place this is chosen):
+    oneDNN on a prepacked weight where it serves (on this project's CPU the LSTM's per-step matmul took 784 us against
+    addmm's 1159: docs/performance.md), else `addmm`."""
+    return "onednn_packed" if onednn_packed_matmul_serves(device, dtype) else "addmm"
 
 
 class StepMatmul:
@@ -78,16 +79,17 @@ class StepMatmul:
     Args:
         weight: `(n, k)`; bias: `(n,)` or None.
         rows: the rows `x` will have (oneDNN packs the weight for it).
-        kind: one of `STEP_MATMULS`, or None for `default_step_matmul(weight)`. "onednn_packed" is oneDNN's linear
-            on the weight reordered once into its blocked layout, what inductor's CPU fusion uses.
+        kind: one of `STEP_MATMULS`, or None for `default_step_matmul` of the weight's device and dtype.
+            "onednn_packed" is oneDNN's linear on the weight reordered once into its blocked layout, what inductor's
+            CPU fusion uses.
     Call: `x (..., k)`, `add` broadcastable to `(..., n)` or None -> a new tensor `(..., n)`.
     """
 
     def __init__(self, weight, bias=None, rows: int = 1, kind: str | None = None):
-        kind = default_step_matmul(weight) if kind is None else kind
+        kind = default_step_matmul(weight.device, weight.dtype) if kind is None else kind
         if kind not in STEP_MATMULS:
             raise ValueError(f"Unknown step matmul {kind!r}; expected one of {list(STEP_MATMULS)}.")
-        if kind == "onednn_packed" and not onednn_packed_matmul_serves(weight):
+        if kind == "onednn_packed" and not onednn_packed_matmul_serves(weight.device, weight.dtype):
             raise ValueError(f"Step matmul 'onednn_packed' needs an fp32 CPU weight and torch built with oneDNN; "
                              f"got a {weight.dtype} weight on {weight.device.type}. Use 'addmm'.")
         self.kind, self.weight, self.bias = kind, weight, bias

@@ -414,7 +414,7 @@ class SfrnnRecurrentLayer(nn.Module):
                 step_matmul = ""
                 if backend.name == "fused":
                     compute_dtype = torch.promote_types(self.weight_hh.dtype, torch.float32)
-                    kind = default_step_matmul(self.weight_hh.new_empty(0, device=device, dtype=compute_dtype))
+                    kind = default_step_matmul(device, compute_dtype)
                     step_matmul = f", per-step matmul {kind} for {compute_dtype}"
                 logger.info(f"sfrnn DSF backend: {backend.name} on {device.type} (config.dsf_backend="
                             f"{self.config.dsf_backend!r}){step_matmul}")

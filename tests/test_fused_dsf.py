@@ -171,7 +171,7 @@ def test_tanh_from_sigmoid_is_within_two_ulp_of_one(dtype):
 
 @pytest.mark.parametrize("kind", STEP_MATMULS)
 def test_step_matmul_kinds_equal_the_plain_matmul(kind):
-    if kind == "onednn_packed" and not onednn_packed_matmul_serves(torch.ones(1)):
+    if kind == "onednn_packed" and not onednn_packed_matmul_serves(torch.device("cpu"), torch.float32):
         pytest.skip("torch without oneDNN")
     weight, bias = torch.randn(48, 16), torch.randn(48)
     x, add = torch.randn(3, 5, 16), torch.randn(3, 5, 48)
@@ -191,9 +191,11 @@ def test_step_matmul_refuses_what_it_cannot_run():
 
 
 def test_the_default_step_matmul_is_onednn_for_fp32_cpu_weights_only():
-    assert default_step_matmul(torch.ones(2, 2, dtype=torch.float64)) == "addmm"
+    cpu = torch.device("cpu")
+    assert default_step_matmul(cpu, torch.float64) == "addmm"
+    assert default_step_matmul(torch.device("cuda"), torch.float32) == "addmm"
     want = "onednn_packed" if torch.backends.mkldnn.is_available() else "addmm"
-    assert default_step_matmul(torch.ones(2, 2)) == want
+    assert default_step_matmul(cpu, torch.float32) == want
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -218,7 +220,7 @@ def test_fused_ft_bptt_equals_recompute(cell, mask_kind):
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("step_matmul", STEP_MATMULS)
 def test_fused_equals_recompute_float32(cell, mask_kind, step_matmul):
-    if step_matmul == "onednn_packed" and not onednn_packed_matmul_serves(torch.ones(1)):
+    if step_matmul == "onednn_packed" and not onednn_packed_matmul_serves(torch.device("cpu"), torch.float32):
         pytest.skip("torch without oneDNN")
     check(cell, mask_kind, torch.float32, rtol=1e-5, atol=1e-5, step_matmul=step_matmul)
 
@@ -377,7 +379,7 @@ def test_the_backend_and_its_step_matmul_are_logged_once(caplog, monkeypatch):
             layer(x)[0].sum().backward()
     logged = [record.getMessage() for record in caplog.records if "DSF backend" in record.getMessage()]
     assert logged == [f"sfrnn DSF backend: fused on cpu (config.dsf_backend='auto'), per-step matmul "
-                      f"{default_step_matmul(layer.weight_hh)} for torch.float32"]
+                      f"{default_step_matmul(torch.device('cpu'), torch.float32)} for torch.float32"]
 
 
 @pytest.mark.parametrize("cell", CELLS)
