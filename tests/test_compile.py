@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 from references import padded_batch
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, recurrent_sfrnn
 
 VOCAB = 23
 
@@ -30,7 +30,10 @@ def recurrent_grads(model, batch):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(monkeypatch):
+    """Each test starts as a fresh process: dynamo's caches empty, and no DSF backend logged yet (the first training
+    forward logs it, which dynamo must not trace)."""
+    monkeypatch.setattr(recurrent_sfrnn, "_logged_backends", set())
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

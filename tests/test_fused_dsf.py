@@ -108,15 +108,15 @@ def check(cell, mask_kind, dtype, feedback_on=True, chunk=4, batch=4, time=11, r
 
 def saved_step(cell, input_projection, state, weight_hh, bias_hh, step_matmul="addmm"):
     """`(gates, new_state)` of the cell's `step_saving_gates` for a given input projection `x W_ih^T + b_ih`
-    `(rows, G*d)`: it goes through `step_weights` as the input of an identity `weight_ih` (exact), so that whatever
+    `(..., G*d)`: it goes through `step_weights` as the input of an identity `weight_ih` (exact), so that whatever
     the cell folds or rescales is applied to it as to a real one."""
     spec = get_cell(cell)
-    rows, width = input_projection.shape
-    d = state.shape[-1] // spec.state_vectors
+    *lead, width = input_projection.shape
+    rows, d = input_projection[..., 0].numel(), state.shape[-1] // spec.state_vectors
     identity, zero = torch.eye(width, dtype=state.dtype), torch.zeros(width, dtype=state.dtype)
     step_weights = spec.step_weights((identity, weight_hh, zero, bias_hh), rows, rows, step_matmul)
     projection = step_weights.input(input_projection)
-    gates = state.new_empty(rows, spec.saved_gates * d) if spec.saved_gates else None
+    gates = state.new_empty(*lead, spec.saved_gates * d) if spec.saved_gates else None
     new_state = torch.empty_like(state)
     spec.step_saving_gates(projection, state, step_weights, gates, new_state)
     return gates, new_state
@@ -125,8 +125,8 @@ def saved_step(cell, input_projection, state, weight_hh, bias_hh, step_matmul="a
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_saving_gates_equals_cell_step(cell):
     layer = make_layer(cell)
-    x = torch.randn(6, layer.hidden_size, dtype=torch.float64)
-    state = torch.randn(6, layer.state_size, dtype=torch.float64)
+    x = torch.randn(2, 3, layer.hidden_size, dtype=torch.float64)  # any leading shape
+    state = torch.randn(2, 3, layer.state_size, dtype=torch.float64)
     w_ih, w_hh, b_ih, b_hh = (t.detach() for t in layer_weights(layer))
     want = cell_step(cell, x @ w_ih.T + b_ih, state, w_hh, b_hh)
     _, new_state = saved_step(cell, x @ w_ih.T + b_ih, state, w_hh, b_hh)
@@ -197,6 +197,8 @@ def test_the_default_step_matmul_is_onednn_for_fp32_cpu_weights_only():
     want = "onednn_packed" if torch.backends.mkldnn.is_available() else "addmm"
     assert default_step_matmul(cpu, torch.float32) == want
 
+
+# ----- the fused op against the references ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("mask_kind", MASKS)
