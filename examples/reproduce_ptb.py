@@ -6,6 +6,7 @@ same seed, initial weights and data order; validation perplexity per epoch and w
     python examples/reproduce_ptb.py --epochs 6 --sampling group_by_length                     # a quick side run
     python examples/reproduce_ptb.py --modes bptt dsf ft_bptt dsf_calibrated diag_jacobian      # and the diag(J) runs
     python examples/reproduce_ptb.py --report-only --record docs/figures/ptb_protocol          # table + figure only
+    python examples/reproduce_ptb.py --report-only --export-to hub --cards model_cards         # publish finished modes
 
 Each mode trains in `<output>/<mode>/` through `sfrnn_hf.training.train.run` (the Trainer, plain Adam lr 1e-3 with coupled
 weight decay 1e-4, batch 128, StepLR x0.1 after 1/3 and 2/3 of the run). Batches are 128 sentences drawn uniformly
@@ -16,7 +17,10 @@ Run it again, with the same flags, to continue: a finished mode is skipped, an i
 its newest intact checkpoint (one every `--save-steps` steps and at each epoch's end); a flag that differs from the
 run's start is refused, by name. After every epoch `<record>/<mode>.json` is rewritten with all finished epochs
 (validation perplexity, training seconds, load average). The models after the `--keep-epochs` are kept in
-`<mode>/epoch-<e>/` and the best in `<mode>/` for `python -m sfrnn_hf.training.fidelity`. Measured results: docs/results.md.
+`<mode>/epoch-<e>/` and the best in `<mode>/` for `python -m sfrnn_hf.training.fidelity`, whose JSON files
+(`<record>/fidelity/<mode>_epoch<e>.json`) `--results-doc` turns into a table too. `--export-to` writes each finished
+mode's best model as a Hub folder (`sfrnn-export`'s) with its measured validation and test perplexity, and `--cards`
+keeps a copy of each card. Measured results: docs/results.md.
 """
 
 import argparse
@@ -136,15 +140,22 @@ def epoch_records(folder: Path) -> list[dict]:
 def mode_record(args, mode: str) -> dict:
     """Everything finished so far in one mode: its settings, every epoch's record, and (once finished) the test
     perplexity of its best epoch. Epochs come from the run folder's `epochs.jsonl`, and from `<record>/<mode>.json`
-    for any epoch the run folder no longer holds."""
+    for any epoch the run folder no longer holds; so does the test perplexity once the folder has lost its
+    `results.json`."""
     folder = Path(args.output) / mode
-    by_epoch = {}
+    earlier = {}
     if args.record and (Path(args.record) / f"{mode}.json").exists():
-        by_epoch = {e["epoch"]: e for e in json.loads((Path(args.record) / f"{mode}.json").read_text())["epochs"]}
+        earlier = json.loads((Path(args.record) / f"{mode}.json").read_text())
+    by_epoch = {e["epoch"]: e for e in earlier.get("epochs", [])}
     by_epoch |= {record["epoch"]: record for record in epoch_records(folder)}
     epochs = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     results_path = folder / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+    elif earlier.get("finished"):  # the run folder is gone: its final measurement lives on in the record
+        results = {"test_perplexity": earlier["test_perplexity_of_best"]}
+    else:
+        results = {}
     best = min(epochs, key=lambda record: record["validation_perplexity"]) if epochs else None
     return {
         "mode": mode,
@@ -295,6 +306,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 RESULTS_BLOCK = ("<!-- reproduce_ptb: per-epoch tables, written by --report-only --results-doc -->",
                  "<!-- reproduce_ptb: end -->")
+FIDELITY_BLOCK = ("<!-- reproduce_ptb: fidelity table, written by --report-only --results-doc -->",
+                  "<!-- reproduce_ptb: fidelity end -->")
+# The fidelity table's columns: the gradients compared with the exact one, in the fidelity command's names.
+FIDELITY_COLUMNS = {"ft_bptt": "FT-BPTT", "dsf": "DSF (paper's a)", "dsf_calibrated": "DSF, calibrated a",
+                    "diag_jacobian": "diag_jacobian"}
 
 
 def epoch_tables(args) -> str:
@@ -314,13 +330,96 @@ def epoch_tables(args) -> str:
             + "\n".join(seconds) + "\n")
 
 
+def fidelity_files(folder: Path, modes: list[str]) -> list[tuple[str, int, Path]]:
+    """`(mode, epoch, path)` of each `<folder>/<mode>_epoch<e>.json`, by mode (in `modes` order), then epoch."""
+    found = []
+    for mode in modes:
+        for path in folder.glob(f"{mode}_epoch*.json"):
+            epoch = path.stem[len(f"{mode}_epoch"):]
+            if epoch.isdigit():
+                found.append((mode, int(epoch), path))
+    return sorted(found, key=lambda item: (modes.index(item[0]), item[1]))
+
+
+def fidelity_table(folder: Path, modes: list[str]) -> str:
+    """One row per fidelity JSON (a model, after an epoch): for each approximate gradient, its cosine to the exact
+    one on `weight_ih` / `weight_hh` and the norm ratio of layer 0's whole gradient; then the correlation between the
+    model's feedback `a` and the units' measured memory."""
+    head = ("| model trained with | epoch | " + " | ".join(FIDELITY_COLUMNS.values()) + " | corr(a, memory) |\n"
+            "|---|---|" + "---|" * (len(FIDELITY_COLUMNS) + 1))
+    rows = [head]
+    for mode, epoch, path in fidelity_files(folder, modes):
+        report = json.loads(path.read_text())
+        cells = []
+        for gradient in FIDELITY_COLUMNS:
+            parameters = report["parameters"].get(gradient)
+            if parameters is None:
+                cells.append("")
+                continue
+            ih, hh = (parameters[f"model.layers.0.recurrent.{name}"]["cosine"] for name in ("weight_ih", "weight_hh"))
+            cells.append(f"{ih:.3f} / {hh:.3f} ({report['layers'][gradient]['layers.0']['norm_ratio']:.2f})")
+        correlation = report["feedback_match"]["layers.0"]["correlation"]
+        rows.append(f"| {mode} | {epoch} | " + " | ".join(cells) + f" | {correlation:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_block(text: str, markers: tuple[str, str], content: str) -> str:
+    start, end = (text.index(marker) for marker in markers)
+    return text[:start] + f"{markers[0]}\n{content}" + text[end:]
+
+
 def write_results_doc(args, rows: list[dict]) -> None:
-    """Replace the block between the `RESULTS_BLOCK` markers of `args.results_doc` by the tables of this run."""
+    """Replace the blocks between the `RESULTS_BLOCK` (and, if present, `FIDELITY_BLOCK`) markers of
+    `args.results_doc` by the tables of this run."""
     path = Path(args.results_doc)
-    text = path.read_text()
-    start, end = (text.index(marker) for marker in RESULTS_BLOCK)
-    block = f"{RESULTS_BLOCK[0]}\n{write_table(args, rows)}\n{epoch_tables(args)}"
-    write_atomically(str(path), text[:start] + block + text[end:])
+    text = replace_block(path.read_text(), RESULTS_BLOCK, f"{write_table(args, rows)}\n{epoch_tables(args)}")
+    if FIDELITY_BLOCK[0] in text:
+        text = replace_block(text, FIDELITY_BLOCK, fidelity_table(Path(args.record or args.output) / "fidelity",
+                                                                  list(RUNS)))
+    write_atomically(str(path), text)
+
+
+def export_mode(args, mode: str) -> Path:
+    """The best model of a finished `mode` as a Hub folder `<export_to>/<name>` (`sfrnn_hf.training.export`), its
+    card stating the protocol and the validation and test perplexity `sfrnn_hf.training.train.run` measured on it;
+    a copy of the card in `<cards>/<name>.md`. Returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfrnn_hf.training.export import export_for_hub, recorded_perplexities
+
+    folder, record = Path(args.output) / mode, mode_record(args, mode)
+    if not record["finished"]:
+        raise SystemExit(f"[{mode}] not finished (no {folder / 'results.json'}): nothing to export.")
+    experiment, model = load_config(str(folder / "experiment.yaml")), AutoModelForCausalLM.from_pretrained(folder)
+    training, config = experiment.training, model.config
+    name = f"sfrnn-{config.cell_type}-{config.num_hidden_layers}x{config.hidden_size}-ptb-{mode}"
+    measured = recorded_perplexities(folder)
+    sampling = {"random": "drawn uniformly at random (the paper's protocol)",
+                "group_by_length": "grouped by length (not the paper's protocol)"}[record["sampling"]]
+    details = {
+        "training run": f"`{mode}`: {', '.join(f'`{o}`' for o in RUNS[mode])}",
+        "batches": f"{training.batch_size} sentences {sampling}, one sentence a sequence (`<bos> ... <eos>`, at most "
+                   f"{experiment.data.max_length} tokens)",
+        "optimizer": f"Adam, lr {training.lr:g}, coupled weight decay {training.weight_decay:g}, no clipping"
+                     if training.max_grad_norm == 0 else f"Adam, lr {training.lr:g}, clipping {training.max_grad_norm}",
+        "schedule": f"{training.epochs:g} epochs, StepLR x{training.step_gamma:g} every "
+                    f"{training.step_every * training.epochs:.3g} epochs",
+        "seed": str(record["seed"]),
+        "model kept": f"the best validation epoch, {record['best_epoch']} of {training.epochs:g}",
+    }
+    command = (f"python examples/reproduce_ptb.py --epochs {training.epochs:g} --modes {mode} --seed {record['seed']}"
+               + (f" --sampling {record['sampling']}" if record["sampling"] != "random" else ""))
+    exported = export_for_hub(
+        model, AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        Path(args.export_to) / name, datasets=["ptb_text_only"], perplexity=measured.get("validation"),
+        test_perplexity=measured.get("test"), eval_command=command,
+        data_description="Penn Treebank, word level (its standard 10,000-type vocabulary), the standard train split",
+        training_details=details)
+    if args.cards:
+        Path(args.cards).mkdir(parents=True, exist_ok=True)
+        write_atomically(str(Path(args.cards) / f"{name}.md"), (exported / "README.md").read_text())
+    print(f"[{mode}] exported to {exported}")
+    return exported
 
 
 def report(args) -> None:
@@ -335,6 +434,9 @@ def report(args) -> None:
     plot(rows, output / "perplexity.png")
     if args.results_doc:
         write_results_doc(args, rows)
+    if args.export_to:
+        for mode in args.modes:
+            export_mode(args, mode)
     print(table)
     print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'perplexity.png'}")
 
@@ -362,7 +464,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="modes trained at once, each in its own process")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     parser.add_argument("--report-only", action="store_true", help="write the table and figure from what exists")
-    parser.add_argument("--results-doc", help="a Markdown file whose reproduce_ptb block gets the tables")
+    parser.add_argument("--results-doc", help="a Markdown file whose reproduce_ptb blocks get the tables")
+    parser.add_argument("--export-to", help="write each mode's best model as a Hub folder here (modes must be finished)")
+    parser.add_argument("--cards", help="with --export-to: keep a copy of each model card here (`<name>.md`)")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:

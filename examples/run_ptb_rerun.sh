@@ -1,28 +1,51 @@
 #!/usr/bin/env bash
-# Rerun of the protocol's paper modes (bptt, dsf, ft_bptt) from seed 0, with the flags of run_ptb_protocol.sh, on the
-# code of commit c8a2de2, to regenerate the kept epoch-10 and epoch-30 models (lost with a machine change) for the
-# gradient-fidelity measurements of docs/results.md. The code runs from a worktree beside this checkout; the run
-# folder stays in this checkout (runs/ptb_rerun, untracked). Run it again to continue: it resumes from each mode's
-# newest intact checkpoint (one every 50 steps).
-#   examples/run_ptb_rerun.sh &         # train (nice 19), log runs/ptb_rerun/rerun.log
-#   examples/run_ptb_rerun.sh record    # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ (to commit)
+# Rerun of the protocol (examples/run_ptb_protocol.sh's flags) from seed 0, on the code of commit c8a2de2, to
+# regenerate the kept epoch-10 and epoch-30 models (lost with a machine change) for the gradient-fidelity measurements
+# of docs/results.md and the published checkpoints: the paper's modes (bptt, dsf, ft_bptt) three at a time, then the
+# two diag(J) modes. The code runs from a worktree beside this checkout; the run folder stays in this checkout
+# (runs/ptb_rerun, untracked). Run it again to continue: it resumes from each mode's newest intact checkpoint (one
+# every 50 steps).
+#   examples/run_ptb_rerun.sh &           # train (nice 19), log runs/ptb_rerun/rerun.log
+#   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ (to commit)
+#   examples/run_ptb_rerun.sh fidelity 10 # fidelity of each kept epoch-10 model -> docs/figures/ptb_protocol/fidelity/
+#   examples/run_ptb_rerun.sh publish     # each finished paper mode's best model -> runs/ptb_rerun/hub/, cards -> model_cards/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 main=$PWD
 out=$main/runs/ptb_rerun
-if [ "${1:-}" = record ]; then
-    mkdir -p docs/figures/ptb_protocol/rerun
-    cp "$out"/rerun_record/{bptt,dsf,ft_bptt}.json docs/figures/ptb_protocol/rerun/
-    exit 0
-fi
+modes=(bptt dsf ft_bptt dsf_calibrated diag_jacobian)
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+case "${1:-}" in
+    record)
+        mkdir -p docs/figures/ptb_protocol/rerun
+        for mode in "${modes[@]}"; do
+            [ ! -e "$out/rerun_record/$mode.json" ] || cp "$out/rerun_record/$mode.json" docs/figures/ptb_protocol/rerun/
+        done
+        exit 0;;
+    fidelity)  # this checkout's fidelity command on the rerun's kept models of epoch $2
+        epoch=${2:?usage: $0 fidelity EPOCH}
+        for mode in "${modes[@]}"; do
+            model=runs/ptb_rerun/ptb_protocol/$mode/epoch-$epoch
+            [ -d "$model" ] || { echo "no $model (not reached yet)"; continue; }
+            .venv/bin/python -m sfrnn_hf.training.fidelity "$model" --batches 3 --batch-size 64 \
+                --out "docs/figures/ptb_protocol/fidelity/${mode}_epoch$epoch.json"
+        done
+        exit 0;;
+    publish)  # this checkout's export of every finished paper mode
+        exec .venv/bin/python examples/reproduce_ptb.py --epochs 30 --modes bptt dsf ft_bptt \
+            --output runs/ptb_rerun/ptb_protocol --record runs/ptb_rerun/rerun_record --report-only \
+            --export-to runs/ptb_rerun/hub --cards model_cards;;
+    "") ;;
+    *) echo "usage: $0 [record | fidelity EPOCH | publish]" >&2; exit 2;;
+esac
 tree=$main/../sfrnn_rerun_c8a2de2
 [ -d "$tree" ] || git worktree add --detach "$tree" c8a2de2
 [ -e "$tree/.venv" ] || ln -s "$main/.venv" "$tree/.venv"
 mkdir -p "$out"
 [ -e "$tree/runs" ] || ln -s "$out" "$tree/runs"
 cd "$tree"
-export PYTHONPATH=$tree HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$tree
 export MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
-exec nice -n 19 .venv/bin/python examples/reproduce_ptb.py --epochs 30 --jobs 3 --threads 1 --modes bptt dsf ft_bptt \
+exec nice -n 19 .venv/bin/python examples/reproduce_ptb.py --epochs 30 --jobs 3 --threads 1 --modes "${modes[@]}" \
     --output runs/ptb_protocol --record runs/rerun_record \
     --set training.report_to=none --set training.trainer_args.disable_tqdm=true >> runs/rerun.log 2>&1

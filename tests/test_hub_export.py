@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.training.export import GRADIENT_MODE_NAMES, export_for_hub
+from sfrnn_hf.training.export import GRADIENT_MODE_NAMES, export_for_hub, recorded_perplexities
 
 REMOTE_USER = textwrap.dedent("""
     import sys
@@ -164,6 +165,71 @@ def test_export_command_writes_the_folder_and_says_it_did_not_upload(tmp_path, w
     missing = subprocess.run([sys.executable, "-m", "sfrnn_hf.training.export", str(tmp_path / "nope"), str(tmp_path / "o2")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "not a model folder" in missing.stderr
+
+
+def test_the_card_gives_validation_and_test_perplexity_as_hub_metadata_and_in_a_table(tmp_path, word_tokenizer):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8))
+    folder = export_for_hub(model, word_tokenizer, tmp_path / "hub", repo_id="someone/x", datasets=["ptb_text_only"],
+                            perplexity=137.14, test_perplexity=133.5, eval_command="sfrnn-train ptb_gru_1x256",
+                            training_details={"optimizer": "Adam, lr 1e-3"})
+    card = ModelCard.load(folder / "README.md")
+    splits = {result.dataset_split: result.metric_value for result in card.data.eval_results}
+    assert splits == {"validation": 137.14, "test": 133.5}
+    assert {result.dataset_name for result in card.data.eval_results} == {"Penn Treebank"}
+    assert "| validation | **137.14** |" in card.text and "| test | **133.50** |" in card.text
+    assert "by `sfrnn-train ptb_gru_1x256`" in card.text and "| optimizer | Adam, lr 1e-3 |" in card.text
+    # A test perplexity alone is stated too; a perplexity without the data it was measured on is refused.
+    alone = export_for_hub(model, None, tmp_path / "alone", datasets=["ptb_text_only"], test_perplexity=99.0)
+    assert [r.dataset_split for r in ModelCard.load(alone / "README.md").data.eval_results] == ["test"]
+    with pytest.raises(ValueError, match="dataset it was measured on"):
+        export_for_hub(model, None, tmp_path / "nodata", test_perplexity=99.0)
+
+
+def test_recorded_perplexities_are_the_ones_measured_on_the_folders_weights(tmp_path):
+    # sfrnn-train's output folder: results.json describes the final (best) model saved beside it.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(
+        {"global_step": 90, "validation_perplexity": 140.5, "test_perplexity": 135.25, "best_checkpoint": "x"}))
+    assert recorded_perplexities(tmp_path / "run") == {"validation": 140.5, "test": 135.25}
+    # A Trainer checkpoint: the evaluation at its own step, not the best of its history.
+    state = {"global_step": 60, "log_history": [
+        {"step": 30, "eval_loss": 4.0, "eval_perplexity": 54.6}, {"step": 60, "loss": 4.2},
+        {"step": 60, "eval_loss": 4.5, "eval_perplexity": 90.0}]}
+    (tmp_path / "checkpoint-60").mkdir()
+    (tmp_path / "checkpoint-60" / "trainer_state.json").write_text(json.dumps(state))
+    assert recorded_perplexities(tmp_path / "checkpoint-60") == {"validation": 90.0}
+    # A checkpoint saved between evaluations has none of its own: nothing is claimed for it.
+    state = {"global_step": 50, "log_history": [{"step": 30, "eval_loss": 4.0, "eval_perplexity": 54.6}]}
+    (tmp_path / "checkpoint-50").mkdir()
+    (tmp_path / "checkpoint-50" / "trainer_state.json").write_text(json.dumps(state))
+    assert recorded_perplexities(tmp_path / "checkpoint-50") == {}
+    assert recorded_perplexities(tmp_path) == {}
+
+
+def test_export_command_takes_the_perplexities_sfrnn_train_measured(tmp_path, word_tokenizer):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8))
+    model.save_pretrained(tmp_path / "run")
+    word_tokenizer.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"validation_perplexity": 217.34,
+                                                                "test_perplexity": 205.0}))
+    command = [sys.executable, "-m", "sfrnn_hf.training.export", str(tmp_path / "run"), str(tmp_path / "out"),
+               "--dataset", "ptb_text_only", "--detail", "epochs=30", "--detail", "batches=128 sentences, random"]
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {r.dataset_split: r.metric_value for r in card.data.eval_results} == {"validation": 217.34, "test": 205.0}
+    assert "| epochs | 30 |" in card.text and "| batches | 128 sentences, random |" in card.text
+    bad = subprocess.run(command[:5] + ["--detail", "epochs"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "expected KEY=VALUE, got 'epochs'" in bad.stderr
+
+
+def test_model_cards_template_is_the_template_the_package_installs():
+    from importlib import resources
+
+    link = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+    installed = resources.files("sfrnn_hf.training").joinpath("model_card_template.md")
+    assert link.read_text() == installed.read_text()
 
 
 NO_PACKAGE = 'import sys\nsys.modules["sfrnn_hf"] = None  # the package is not installed for this user\n'

@@ -39,6 +39,13 @@ def test_reproduce_then_fidelity(tmp_path):
     assert max(first_losses) - min(first_losses) < 1e-4 * first_losses[0]
     assert (report / "perplexity.png").stat().st_size > 1000
     assert "| dsf |" in (report / "results.md").read_text()
+    # The run folders lost (a change of machine): a report from the records alone keeps every number, the test
+    # perplexity of each finished mode included.
+    assert all(run["test_perplexity_of_best"] > 1 for run in results["runs"])
+    alone = subprocess.run(command[:-4] + ["--output", str(tmp_path / "gone"), "--record", str(report),
+                                           "--report-only"], capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert json.loads((report / "results.json").read_text())["runs"] == results["runs"]
 
     # Again with the two diag(J) runs added: the finished modes are read back, the new ones train with their settings.
     modes = ["bptt", "dsf", "ft_bptt", "dsf_calibrated", "diag_jacobian"]
@@ -58,17 +65,59 @@ def test_reproduce_then_fidelity(tmp_path):
     assert other.returncode != 0 and "training.trainer_args.train_sampling_strategy" in other.stderr
     assert "[bptt]" in other.stderr and (report / "results.json").read_text() == table
 
+    fidelity_json = report / "fidelity" / "dsf_epoch1.json"
+    fidelity_json.parent.mkdir()
     fidelity = subprocess.run([sys.executable, "-m", "sfrnn_hf.training.fidelity", str(output / "dsf" / "epoch-1"),
                                "--batches", "2", "--batch-size", "8", "--max-distance", "4",
-                               "--out", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")],
+                               "--out", str(fidelity_json), "--plot", str(tmp_path / "f.png")],
                               capture_output=True, text=True, timeout=600)
     assert fidelity.returncode == 0, fidelity.stderr[-3000:]
-    report = json.loads((tmp_path / "f.json").read_text())
+    measured = json.loads(fidelity_json.read_text())
     weight_hh = "model.layers.0.recurrent.weight_hh"
     for mode in ("dsf", "ft_bptt", "dsf_calibrated", "diag_jacobian"):  # the command's default comparisons
-        assert -1 <= report["parameters"][mode][weight_hh]["cosine"] <= 1
-    assert report["state_gradients"]["layers.0"]["distance"] == [0, 1, 2, 3, 4]
+        assert -1 <= measured["parameters"][mode][weight_hh]["cosine"] <= 1
+    assert measured["state_gradients"]["layers.0"]["distance"] == [0, 1, 2, 3, 4]
     assert (tmp_path / "f.png").exists()
+
+    # The report puts the fidelity JSON into the results document's fidelity table, and publishes every finished
+    # mode's best model with the perplexities measured on it.
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- reproduce_ptb: per-epoch tables, written by --report-only --results-doc -->\nold\n"
+                   "<!-- reproduce_ptb: end -->\nmiddle\n"
+                   "<!-- reproduce_ptb: fidelity table, written by --report-only --results-doc -->\nold\n"
+                   "<!-- reproduce_ptb: fidelity end -->\nend\n")
+    published = subprocess.run(command + ["--modes", *modes, "--report-only", "--results-doc", str(doc),
+                                          "--export-to", str(tmp_path / "hub"), "--cards", str(tmp_path / "cards")],
+                               capture_output=True, text=True, timeout=900)
+    assert published.returncode == 0, published.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n") and "old" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| dsf | 1 |")]
+    dsf, ft = measured["parameters"]["dsf"], measured["parameters"]["ft_bptt"]
+    expected_dsf = (f"{dsf['model.layers.0.recurrent.weight_ih']['cosine']:.3f} / {dsf[weight_hh]['cosine']:.3f} "
+                    f"({measured['layers']['dsf']['layers.0']['norm_ratio']:.2f})")
+    expected_ft = (f"{ft['model.layers.0.recurrent.weight_ih']['cosine']:.3f} / {ft[weight_hh]['cosine']:.3f} "
+                   f"({measured['layers']['ft_bptt']['layers.0']['norm_ratio']:.2f})")
+    assert rows == [f"| dsf | 1 | {expected_ft} | {expected_dsf} | " + " | ".join(
+        f"{measured['parameters'][g]['model.layers.0.recurrent.weight_ih']['cosine']:.3f} / "
+        f"{measured['parameters'][g][weight_hh]['cosine']:.3f} ({measured['layers'][g]['layers.0']['norm_ratio']:.2f})"
+        for g in ("dsf_calibrated", "diag_jacobian"))
+        + f" | {measured['feedback_match']['layers.0']['correlation']:.2f} |"]
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    for mode in modes:
+        name = f"sfrnn-gru-1x16-ptb-{mode}"
+        card = ModelCard.load(tmp_path / "hub" / name / "README.md")
+        results = json.loads((output / mode / "results.json").read_text())
+        assert {r.dataset_split: r.metric_value for r in card.data.eval_results} == {
+            "validation": results["validation_perplexity"], "test": results["test_perplexity"]}
+        record = json.loads((report / f"{mode}.json").read_text())
+        assert f"the best validation epoch, {record['best_epoch']} of 2" in card.text
+        assert "drawn uniformly at random" in card.text and f"--modes {mode}" in card.text
+        assert (tmp_path / "cards" / f"{name}.md").read_text() == (tmp_path / "hub" / name / "README.md").read_text()
+        exported, best = (load_file(folder / "model.safetensors") for folder in (tmp_path / "hub" / name, output / mode))
+        assert exported.keys() == best.keys() and all(exported[k].equal(best[k]) for k in best)
 
 
 def test_per_epoch_record_survives_a_kill_and_the_resume_ends_like_an_uninterrupted_run(tmp_path):

@@ -5,8 +5,12 @@ The folder holds: `model.safetensors`, `config.json` with the full `auto_map`, t
 (`configuration_sfrnn.py`, `modeling_sfrnn.py` and their siblings), `generation_config.json`, the tokenizer files,
 and a model card `README.md` with Hub metadata. It loads with `trust_remote_code=True` without this package.
 
-    sfrnn-export runs/ptb-demo/best hub/sfrnn-gru-ptb --perplexity 141.2 --dataset ptb_text_only
-    sfrnn-export runs/ptb-demo/best hub/sfrnn-gru-ptb --repo-id me/sfrnn-gru-ptb     # also uploads
+    sfrnn-export outputs/demo hub/sfrnn-gru-ptb --dataset ptb_text_only     # perplexities from its results.json
+    sfrnn-export outputs/demo hub/sfrnn-gru-ptb --repo-id me/sfrnn-gru-ptb   # also uploads
+
+The card's perplexities are the ones measured on the exported weights: `--perplexity` / `--test-perplexity`, else
+the `results.json` that `sfrnn-train` writes beside its final model, else the evaluation a Trainer checkpoint's
+`trainer_state.json` holds for its own step.
 """
 
 import argparse
@@ -49,19 +53,23 @@ def feedback_description(model) -> str:
             f"to [0, 1], starting from {paper}); now {values}")
 
 
-def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=None, eval_command=None,
-               license="apache-2.0", data_description=None, training_details=None, example_prompt="the company said"):
-    """The model card (`huggingface_hub.ModelCard`): Hub YAML metadata and a body from the package's template."""
+def model_card(model, *, repo_id, datasets=(), perplexity=None, test_perplexity=None, eval_dataset=None,
+               eval_command=None, license="apache-2.0", data_description=None, training_details=None,
+               example_prompt="the company said"):
+    """The model card (`huggingface_hub.ModelCard`): Hub YAML metadata and a body from the package's template.
+    `perplexity` and `test_perplexity` are the validation and test perplexity measured on `eval_dataset` (default:
+    the first of `datasets`)."""
     config = model.config
     model_name = repo_id.split("/")[-1]
     eval_dataset = eval_dataset or (datasets[0] if datasets else None)
-    eval_results = None
-    if perplexity is not None:
-        if eval_dataset is None:
-            raise ValueError("A perplexity needs the dataset it was measured on (`eval_dataset` or `datasets`).")
-        eval_results = [EvalResult(task_type="text-generation", dataset_type=eval_dataset,
-                                   dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset),
-                                   dataset_split="validation", metric_type="perplexity", metric_value=perplexity)]
+    perplexities = {split: value for split, value in (("validation", perplexity), ("test", test_perplexity))
+                    if value is not None}
+    if perplexities and eval_dataset is None:
+        raise ValueError("A perplexity needs the dataset it was measured on (`eval_dataset` or `datasets`).")
+    eval_results = [EvalResult(task_type="text-generation", dataset_type=eval_dataset,
+                               dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset), dataset_split=split,
+                               metric_type="perplexity", metric_value=value)
+                    for split, value in perplexities.items()] or None
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation", license=license, datasets=list(datasets) or None,
         tags=["sfrnn", "rnn", config.cell_type, "dsf", "custom_code"], model_name=model_name, eval_results=eval_results,
@@ -74,7 +82,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, eval_dataset=Non
         hidden_size=config.hidden_size, block_type=config.block_type, vocab_size=config.vocab_size,
         num_parameters=f"{model.num_parameters():,}", feedback=feedback_description(model),
         data_description=data_description or ", ".join(DATASET_NAMES.get(d, d) for d in datasets) or "not recorded",
-        training_details=training_details or {}, perplexity=perplexity,
+        training_details=training_details or {}, perplexities=perplexities,
         eval_dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset), eval_command=eval_command,
         example_prompt=example_prompt,
     )
@@ -84,8 +92,8 @@ def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> 
     """Write the complete Hub repository folder for `model` and `tokenizer` (either may come from any checkpoint). A
     word-level tokenizer without a decoder (saved before `data.word_decoder` existed) is written with it.
 
-    `card_kwargs` go to `model_card` (datasets, perplexity, eval_dataset, eval_command, license, data_description,
-    training_details). Returns the folder.
+    `card_kwargs` go to `model_card` (datasets, perplexity, test_perplexity, eval_dataset, eval_command, license,
+    data_description, training_details). Returns the folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,16 +120,30 @@ def upload_command(repo_id, folder, private=False) -> str:
     return f"hf upload {repo_id} {folder} .{' --private' if private else ''}"
 
 
-def best_perplexity_from_trainer_state(checkpoint) -> float | None:
-    """The best validation perplexity recorded by the Trainer next to (or above) a checkpoint, if any."""
-    for candidate in (Path(checkpoint), Path(checkpoint).parent):
-        state_file = candidate / "trainer_state.json"
-        if state_file.exists():
-            history = json.loads(state_file.read_text()).get("log_history", [])
-            values = [e["eval_perplexity"] if "eval_perplexity" in e else math.exp(e["eval_loss"])
-                      for e in history if "eval_perplexity" in e or "eval_loss" in e]
-            return min(values) if values else None
-    return None
+def recorded_perplexities(folder) -> dict[str, float]:
+    """The perplexities measured on the weights in `folder`, by split (`validation`, `test`): from `results.json`
+    (`sfrnn-train` writes it beside the final model it evaluated), else, for a Trainer checkpoint, from
+    `trainer_state.json`'s evaluation at the checkpoint's own step. Empty if neither records one; a checkpoint's
+    best-so-far or a later epoch's evaluation is not this model's, so neither is taken."""
+    folder = Path(folder)
+    results_file, state_file = folder / "results.json", folder / "trainer_state.json"
+    if results_file.exists():
+        results = json.loads(results_file.read_text())
+        return {split: results[f"{split}_perplexity"] for split in ("validation", "test")
+                if results.get(f"{split}_perplexity") is not None}
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        for entry in state.get("log_history", []):
+            if entry.get("step") == state.get("global_step") and ("eval_perplexity" in entry or "eval_loss" in entry):
+                return {"validation": entry.get("eval_perplexity", math.exp(entry["eval_loss"]))}
+    return {}
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def parse_args(argv=None):
@@ -134,8 +156,14 @@ def parse_args(argv=None):
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id(s) used for training")
-    parser.add_argument("--perplexity", type=float, help="measured validation perplexity (default: trainer_state.json)")
+    parser.add_argument("--perplexity", type=float,
+                        help="measured validation perplexity (default: the checkpoint's results.json or trainer_state.json)")
+    parser.add_argument("--test-perplexity", type=float,
+                        help="measured test perplexity (default: the checkpoint's results.json)")
     parser.add_argument("--eval-command", help="the command that measured the perplexity, quoted in the card")
+    parser.add_argument("--data-description", help="what the model was trained on, for the card's training table")
+    parser.add_argument("--detail", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="a row of the card's training table (repeat for more)")
     parser.add_argument("--license", default="apache-2.0")
     return parser.parse_args(argv)
 
@@ -151,9 +179,13 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if Path(tokenizer_path, "tokenizer_config.json").exists() else None
     if tokenizer is None:
         print(f"sfrnn-export: no tokenizer in {tokenizer_path!r}; the folder will have none.", file=sys.stderr)
-    perplexity = args.perplexity if args.perplexity is not None else best_perplexity_from_trainer_state(args.checkpoint)
+    recorded = recorded_perplexities(args.checkpoint)
+    perplexity = args.perplexity if args.perplexity is not None else recorded.get("validation")
+    test_perplexity = args.test_perplexity if args.test_perplexity is not None else recorded.get("test")
     folder = export_for_hub(model, tokenizer, args.output, repo_id=args.repo_id, datasets=args.dataset,
-                            perplexity=perplexity, eval_command=args.eval_command, license=args.license)
+                            perplexity=perplexity, test_perplexity=test_perplexity, eval_command=args.eval_command,
+                            license=args.license, data_description=args.data_description,
+                            training_details=dict(args.detail))
     print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
     if not args.repo_id:
         print("not uploaded: no --repo-id given.")
