@@ -201,7 +201,9 @@ class SaveEvery(TrainerCallback):
             control.should_save = True
 
 
-def train_mode(args, mode: str) -> dict:
+def mode_experiment(args, mode: str):
+    """The experiment config that `args` describe for `mode`, checked against the run its folder holds: a run
+    continued, put in the table or published must be the run these flags describe (refused by name otherwise)."""
     folder = Path(args.output) / mode
     overrides = [*RUNS[mode], f"training.output_dir={folder}", f"training.epochs={args.epochs}",
                  f"training.seed={args.seed}", "training.save_total_limit=2",
@@ -215,11 +217,27 @@ def train_mode(args, mode: str) -> dict:
     if earlier_run(str(folder)):  # continue it: from its newest intact checkpoint, or from step 0 if it has none
         overrides.append("training.resume_from_checkpoint=true")
     experiment = load_config(args.config, overrides)
-    # A run continued, or a finished one put in the table, must be the run these flags describe.
     changes = settings_changed_since_start(experiment, folder)
     if changes:
         raise SystemExit(f"[{mode}] {folder} holds a run started with other settings: {'; '.join(changes)}. Run "
                          f"again with the flags it started with, or choose another --output.")
+    return experiment
+
+
+def mode_command(args, mode: str) -> str:
+    """The command line that trains `mode` as `args` describe (what a model card quotes)."""
+    flags = [f"--config {args.config}", f"--epochs {args.epochs}", f"--modes {mode}", f"--seed {args.seed}"]
+    flags += [f"--sampling {args.sampling}"] if args.sampling != "random" else []
+    flags += [f"--hidden {args.hidden}"] if args.hidden else []
+    flags += [f"--max-train-samples {args.max_train_samples}"] if args.max_train_samples else []
+    flags += [f"--threads {args.threads}"] if args.threads else []
+    flags += [f"--set {override}" for override in args.set]
+    return "python examples/reproduce_ptb.py " + " ".join(flags)
+
+
+def train_mode(args, mode: str) -> dict:
+    folder = Path(args.output) / mode
+    experiment = mode_experiment(args, mode)
     if (folder / "results.json").exists():
         print(f"[{mode}] finished earlier: {folder / 'results.json'}")
         write_record(args, mode)
@@ -388,9 +406,9 @@ def export_mode(args, mode: str) -> Path:
     from sfrnn_hf.training.export import export_for_hub, recorded_perplexities
 
     folder, record = Path(args.output) / mode, mode_record(args, mode)
-    if not record["finished"]:
+    if not (folder / "results.json").exists():
         raise SystemExit(f"[{mode}] not finished (no {folder / 'results.json'}): nothing to export.")
-    experiment, model = load_config(str(folder / "experiment.yaml")), AutoModelForCausalLM.from_pretrained(folder)
+    experiment, model = mode_experiment(args, mode), AutoModelForCausalLM.from_pretrained(folder)
     training, config = experiment.training, model.config
     name = f"sfrnn-{config.cell_type}-{config.num_hidden_layers}x{config.hidden_size}-ptb-{mode}"
     measured = recorded_perplexities(folder)
@@ -400,19 +418,17 @@ def export_mode(args, mode: str) -> Path:
         "training run": f"`{mode}`: {', '.join(f'`{o}`' for o in RUNS[mode])}",
         "batches": f"{training.batch_size} sentences {sampling}, one sentence a sequence (`<bos> ... <eos>`, at most "
                    f"{experiment.data.max_length} tokens)",
-        "optimizer": f"Adam, lr {training.lr:g}, coupled weight decay {training.weight_decay:g}, no clipping"
-                     if training.max_grad_norm == 0 else f"Adam, lr {training.lr:g}, clipping {training.max_grad_norm}",
+        "optimizer": f"Adam, lr {training.lr:g}, coupled weight decay {training.weight_decay:g}, "
+                     + ("no clipping" if training.max_grad_norm == 0 else f"gradient norm clipped at {training.max_grad_norm:g}"),
         "schedule": f"{training.epochs:g} epochs, StepLR x{training.step_gamma:g} every "
                     f"{training.step_every * training.epochs:.3g} epochs",
         "seed": str(record["seed"]),
         "model kept": f"the best validation epoch, {record['best_epoch']} of {training.epochs:g}",
     }
-    command = (f"python examples/reproduce_ptb.py --epochs {training.epochs:g} --modes {mode} --seed {record['seed']}"
-               + (f" --sampling {record['sampling']}" if record["sampling"] != "random" else ""))
     exported = export_for_hub(
         model, AutoTokenizer.from_pretrained(folder / "tokenizer"),
         Path(args.export_to) / name, datasets=["ptb_text_only"], perplexity=measured.get("validation"),
-        test_perplexity=measured.get("test"), eval_command=command,
+        test_perplexity=measured.get("test"), eval_command=mode_command(args, mode),
         data_description="Penn Treebank, word level (its standard 10,000-type vocabulary), the standard train split",
         training_details=details)
     if args.cards:
@@ -423,6 +439,8 @@ def export_mode(args, mode: str) -> Path:
 
 
 def report(args) -> None:
+    for mode in args.modes:  # flags that describe another run than a folder holds: refused before anything is written
+        mode_experiment(args, mode)
     rows = [collect(args, mode) for mode in args.modes]
     output = Path(args.record or args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 main=$PWD
 out=$main/runs/ptb_rerun
 modes=(bptt dsf ft_bptt dsf_calibrated diag_jacobian)
+run_flags=(--epochs 30 --threads 1 --set training.report_to=none --set training.trainer_args.disable_tqdm=true)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
     record)
@@ -32,7 +33,7 @@ case "${1:-}" in
         done
         exit 0;;
     publish)  # this checkout's export of every finished paper mode
-        exec .venv/bin/python examples/reproduce_ptb.py --epochs 30 --modes bptt dsf ft_bptt \
+        exec .venv/bin/python examples/reproduce_ptb.py "${run_flags[@]}" --modes bptt dsf ft_bptt \
             --output runs/ptb_rerun/ptb_protocol --record runs/ptb_rerun/rerun_record --report-only \
             --export-to runs/ptb_rerun/hub --cards model_cards;;
     "") ;;
@@ -46,6 +47,5 @@ mkdir -p "$out"
 cd "$tree"
 export PYTHONPATH=$tree
 export MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
-exec nice -n 19 .venv/bin/python examples/reproduce_ptb.py --epochs 30 --jobs 3 --threads 1 --modes "${modes[@]}" \
-    --output runs/ptb_protocol --record runs/rerun_record \
-    --set training.report_to=none --set training.trainer_args.disable_tqdm=true >> runs/rerun.log 2>&1
+exec nice -n 19 .venv/bin/python examples/reproduce_ptb.py "${run_flags[@]}" --jobs 3 --modes "${modes[@]}" \
+    --output runs/ptb_protocol --record runs/rerun_record >> runs/rerun.log 2>&1

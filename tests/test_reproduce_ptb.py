@@ -103,6 +103,12 @@ def test_reproduce_then_fidelity(tmp_path):
         f"{measured['parameters'][g][weight_hh]['cosine']:.3f} ({measured['layers'][g]['layers.0']['norm_ratio']:.2f})"
         for g in ("dsf_calibrated", "diag_jacobian"))
         + f" | {measured['feedback_match']['layers.0']['correlation']:.2f} |"]
+    # Publishing with flags that describe another run is refused by name, before anything is written.
+    table = (report / "results.json").read_text()
+    other = subprocess.run(command + ["--hidden", "24", "--modes", "dsf", "--report-only", "--export-to",
+                                      str(tmp_path / "hub2")], capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "model.hidden_size: 16 -> 24" in other.stderr
+    assert not (tmp_path / "hub2").exists() and (report / "results.json").read_text() == table
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
 
@@ -114,7 +120,9 @@ def test_reproduce_then_fidelity(tmp_path):
             "validation": results["validation_perplexity"], "test": results["test_perplexity"]}
         record = json.loads((report / f"{mode}.json").read_text())
         assert f"the best validation epoch, {record['best_epoch']} of 2" in card.text
-        assert "drawn uniformly at random" in card.text and f"--modes {mode}" in card.text
+        assert "drawn uniformly at random" in card.text
+        assert (f"`python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 2 --modes {mode} --seed 0 --hidden 16 "
+                "--max-train-samples 256 --set data.max_eval_samples=128 --set training.logging_steps=1`") in card.text
         assert (tmp_path / "cards" / f"{name}.md").read_text() == (tmp_path / "hub" / name / "README.md").read_text()
         exported, best = (load_file(folder / "model.safetensors") for folder in (tmp_path / "hub" / name, output / mode))
         assert exported.keys() == best.keys() and all(exported[k].equal(best[k]) for k in best)
