@@ -7,6 +7,7 @@
 # every 50 steps).
 #   examples/run_ptb_rerun.sh &           # train (nice 19), log runs/ptb_rerun/rerun.log
 #   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ (to commit)
+#   examples/run_ptb_rerun.sh compare     # each epoch's validation perplexity: the protocol's record against the rerun's
 #   examples/run_ptb_rerun.sh fidelity 10 # fidelity of each kept epoch-10 model -> docs/figures/ptb_protocol/fidelity/
 #   examples/run_ptb_rerun.sh publish     # each finished paper mode's best model -> runs/ptb_rerun/hub/, cards -> model_cards/
 set -euo pipefail
@@ -23,6 +24,23 @@ case "${1:-}" in
             [ ! -e "$out/rerun_record/$mode.json" ] || cp "$out/rerun_record/$mode.json" docs/figures/ptb_protocol/rerun/
         done
         exit 0;;
+    compare)
+        exec .venv/bin/python - "${modes[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+for mode in sys.argv[1:]:
+    record, rerun = (Path("docs/figures/ptb_protocol", folder, f"{mode}.json") for folder in ("", "rerun"))
+    if not rerun.exists():
+        continue
+    before, after = ({e["epoch"]: e["validation_perplexity"] for e in json.loads(path.read_text())["epochs"]}
+                     for path in (record, rerun))
+    for epoch in sorted(after):
+        if epoch in before:
+            change = after[epoch] / before[epoch] - 1
+            print(f"{mode:14s} epoch {epoch:2d}: record {before[epoch]!r:20} rerun {after[epoch]!r:20} "
+                  + ("identical" if change == 0 else f"relative {change:+.2e}"))
+PY
+        ;;
     fidelity)  # this checkout's fidelity command on the rerun's kept models of epoch $2
         epoch=${2:?usage: $0 fidelity EPOCH}
         for mode in "${modes[@]}"; do
@@ -37,7 +55,7 @@ case "${1:-}" in
             --output runs/ptb_rerun/ptb_protocol --record runs/ptb_rerun/rerun_record --report-only \
             --export-to runs/ptb_rerun/hub --cards model_cards;;
     "") ;;
-    *) echo "usage: $0 [record | fidelity EPOCH | publish]" >&2; exit 2;;
+    *) echo "usage: $0 [record | compare | fidelity EPOCH | publish]" >&2; exit 2;;
 esac
 tree=$main/../sfrnn_rerun_c8a2de2
 [ -d "$tree" ] || git worktree add --detach "$tree" c8a2de2
