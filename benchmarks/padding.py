@@ -2,12 +2,14 @@
 `<bos> ... <eos>`, cut at 65, padded to the longest) against a batch holding the same real tokens without padding
 (the sentences packed end to end into 128 equal rows). Full steps (forward, backward, Adam), interleaved; the padded
 batch also with logits at every position (`return_logits=True`: the training step before the output layer ran at
-labelled positions only).
+labelled positions only), and with the `<pad>` and `<eos>` embedding rows subnormal (1e-39), the state that weight decay
+and Adam leave them in when the loss never reaches them (the protocol run after epoch 4; `flush_subnormals`).
 
     python benchmarks/padding.py                          # GRU 1 x 256, PTB vocabulary, dsf and bptt
 """
 
 import argparse
+import copy
 import random
 
 import torch
@@ -20,7 +22,7 @@ from sfrnn_hf.training.data import build_word_tokenizer, ptb_sentences
 
 
 def ptb_batches(batch: int, max_length: int, seed: int):
-    """`(padded, dense, packed, vocabulary size)`: a random batch of PTB sentences as model inputs padded on the
+    """`(padded, dense, packed, tokenizer)`: a random batch of PTB sentences as model inputs padded on the
     right; the same tokens cut into `batch` rows of equal length, every position labelled (no boundaries: the cost
     floor); and the same sentences flattened into one row by `DataCollatorWithFlattening` (`position_ids` restart at
     each sentence, the state restarts with them)."""
@@ -40,7 +42,7 @@ def ptb_batches(batch: int, max_length: int, seed: int):
     dense_ids = stream[: len(stream) // batch * batch].view(batch, -1)
     dense = {"input_ids": dense_ids, "labels": dense_ids}
     packed = DataCollatorWithFlattening()([{"input_ids": sentence} for sentence in ids])
-    return padded, dense, packed, len(tokenizer)
+    return padded, dense, packed, tokenizer
 
 
 def main():
@@ -59,16 +61,22 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    padded, dense, packed, vocab = ptb_batches(args.batch, args.max_length, args.seed)
+    padded, dense, packed, tokenizer = ptb_batches(args.batch, args.max_length, args.seed)
+    vocab = len(tokenizer)
     model = SfrnnForCausalLM(SfrnnConfig(vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                          cell_type=args.cell)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    subnormal_model = copy.deepcopy(model)
+    with torch.no_grad():  # the rows the loss never reaches, as weight decay and Adam leave them
+        subnormal_model.get_input_embeddings().weight[[tokenizer.pad_token_id, tokenizer.eos_token_id]] = 1e-39
+    optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-4) for m in (model, subnormal_model)}
 
-    def step_on(mode, batch, full_logits=False):
+    def step_on(mode, batch, full_logits=False, on=model):
+        optimizer = optimizers[id(on)]
+
         def step():
-            model.config.gradient_mode = mode
+            on.config.gradient_mode = mode
             optimizer.zero_grad(set_to_none=True)
-            model(**batch, return_logits=full_logits).loss.backward()
+            on(**batch, return_logits=full_logits).loss.backward()
             optimizer.step()
         return step
 
@@ -83,10 +91,11 @@ def main():
     for mode in args.modes:
         steps[f"{mode} padded"] = step_on(mode, padded)
         steps[f"{mode} padded, full logits"] = step_on(mode, padded, full_logits=True)
+        steps[f"{mode} padded, subnormal rows"] = step_on(mode, padded, on=subnormal_model)
         steps[f"{mode} packed"] = step_on(mode, packed)
         steps[f"{mode} dense"] = step_on(mode, dense)
     timings = interleaved_timings(steps, torch.device("cpu"), args.warmup, args.repeats)
-    variants = ("padded", "padded, full logits", "packed")
+    variants = ("padded", "padded, full logits", "padded, subnormal rows", "packed")
     print("  ms per step (ratio to dense: medians, paired)")
     print(f"  {'mode':14s} {'dense':>9s}   " + "   ".join(f"{name:>27s}" for name in variants))
     for mode in args.modes:

@@ -79,4 +79,4 @@ def test_padding_benchmark_compares_a_random_ptb_batch_with_the_same_tokens_dens
     assert "random PTB batch (6, " in out and "dense (6, " in out
     for mode in ("dsf", "bptt"):
         row = next(line for line in out.splitlines() if line.strip().startswith(mode))
-        assert row.count("x, ") == 3  # padded, padded with full logits, packed: each against dense
+        assert row.count("x, ") == 4  # padded, with full logits, with subnormal rows, packed: each against dense
