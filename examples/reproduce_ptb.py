@@ -397,10 +397,11 @@ def write_results_doc(args, rows: list[dict]) -> None:
     write_atomically(str(path), text)
 
 
-def export_mode(args, mode: str) -> Path:
-    """The best model of a finished `mode` as a Hub folder `<export_to>/<name>` (`sfrnn_hf.training.export`), its
-    card stating the protocol and the validation and test perplexity `sfrnn_hf.training.train.run` measured on it;
-    a copy of the card in `<cards>/<name>.md`. Returns the folder."""
+def export_mode(args, mode: str, experiment) -> Path:
+    """The best model of a finished `mode` (trained as `experiment`, `mode_experiment`) as a Hub folder
+    `<export_to>/<name>` (`sfrnn_hf.training.export`), its card stating the protocol and the validation and test
+    perplexity `sfrnn_hf.training.train.run` measured on it; a copy of the card in `<cards>/<name>.md`. Returns the
+    folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sfrnn_hf.training.export import export_for_hub, recorded_perplexities
@@ -408,7 +409,7 @@ def export_mode(args, mode: str) -> Path:
     folder, record = Path(args.output) / mode, mode_record(args, mode)
     if not (folder / "results.json").exists():
         raise SystemExit(f"[{mode}] not finished (no {folder / 'results.json'}): nothing to export.")
-    experiment, model = mode_experiment(args, mode), AutoModelForCausalLM.from_pretrained(folder)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder / "tokenizer")
     training, config = experiment.training, model.config
     name = f"sfrnn-{config.cell_type}-{config.num_hidden_layers}x{config.hidden_size}-ptb-{mode}"
     measured = recorded_perplexities(folder)
@@ -426,10 +427,10 @@ def export_mode(args, mode: str) -> Path:
         "model kept": f"the best validation epoch, {record['best_epoch']} of {training.epochs:g}",
     }
     exported = export_for_hub(
-        model, AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        Path(args.export_to) / name, datasets=["ptb_text_only"], perplexity=measured.get("validation"),
+        model, tokenizer, Path(args.export_to) / name, datasets=["ptb_text_only"], perplexity=measured.get("validation"),
         test_perplexity=measured.get("test"), eval_command=mode_command(args, mode),
-        data_description="Penn Treebank, word level (its standard 10,000-type vocabulary), the standard train split",
+        data_description=f"Penn Treebank, word level ({len(tokenizer):,} tokens, the special ones included), the "
+                         "standard train split",
         training_details=details)
     if args.cards:
         Path(args.cards).mkdir(parents=True, exist_ok=True)
@@ -439,8 +440,8 @@ def export_mode(args, mode: str) -> Path:
 
 
 def report(args) -> None:
-    for mode in args.modes:  # flags that describe another run than a folder holds: refused before anything is written
-        mode_experiment(args, mode)
+    # flags that describe another run than a folder holds: refused before anything is written
+    experiments = {mode: mode_experiment(args, mode) for mode in args.modes}
     rows = [collect(args, mode) for mode in args.modes]
     output = Path(args.record or args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -454,7 +455,7 @@ def report(args) -> None:
         write_results_doc(args, rows)
     if args.export_to:
         for mode in args.modes:
-            export_mode(args, mode)
+            export_mode(args, mode, experiments[mode])
     print(table)
     print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'perplexity.png'}")
 

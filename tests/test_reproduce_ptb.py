@@ -111,6 +111,7 @@ def test_reproduce_then_fidelity(tmp_path):
     assert not (tmp_path / "hub2").exists() and (report / "results.json").read_text() == table
     from huggingface_hub import ModelCard
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     for mode in modes:
         name = f"sfrnn-gru-1x16-ptb-{mode}"
@@ -121,6 +122,8 @@ def test_reproduce_then_fidelity(tmp_path):
         record = json.loads((report / f"{mode}.json").read_text())
         assert f"the best validation epoch, {record['best_epoch']} of 2" in card.text
         assert "drawn uniformly at random" in card.text
+        vocabulary = len(AutoTokenizer.from_pretrained(output / mode / "tokenizer"))
+        assert f"Penn Treebank, word level ({vocabulary:,} tokens, the special ones included)" in card.text
         assert (f"`python examples/reproduce_ptb.py --config ptb_gru_1x256 --epochs 2 --modes {mode} --seed 0 --hidden 16 "
                 "--max-train-samples 256 --set data.max_eval_samples=128 --set training.logging_steps=1`") in card.text
         assert (tmp_path / "cards" / f"{name}.md").read_text() == (tmp_path / "hub" / name / "README.md").read_text()
