@@ -275,28 +275,30 @@ class PackedSequences:
         return sequence_states[self.last_of_row]
 
 
-class _FlushSubnormals(torch.autograd.Function):
-    """Forward: subnormal values -> 0. Backward: the gradient unchanged (straight through)."""
+class _FlushTinyValues(torch.autograd.Function):
+    """Forward: values below `threshold` in magnitude -> 0. Backward: the gradient unchanged (straight through)."""
 
     @staticmethod
-    def forward(ctx, inputs):
-        return inputs.masked_fill(inputs.abs() < torch.finfo(inputs.dtype).tiny, 0.0)
+    def forward(ctx, inputs, threshold):
+        return inputs.masked_fill(inputs.abs() < threshold, 0.0)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output
+        return grad_output, None
 
 
-def flush_subnormals(inputs: torch.Tensor) -> torch.Tensor:
-    """`inputs` (any shape) with its subnormal floats (`|x| < finfo.tiny`, 1.2e-38 in float32) set to 0, on CPU; the
-    gradient passes through unchanged. Why: embedding rows that the loss never reaches (`<pad>`, and `<eos>` when
-    nothing follows it) only feel weight decay, which leaves them subnormal under Adam, and x86 CPUs run a matmul with
-    subnormal operands about 120x slower: the recurrence's input projection of a random PTB batch (56% padding) took
-    2033 ms instead of 17 ms, an epoch 4x longer (docs/results.md). Dropping values below 1.2e-38 from sums of normal
-    floats changes nothing at float32 precision. GPUs run subnormals at full speed: left alone there."""
+def flush_tiny_values(inputs: torch.Tensor) -> torch.Tensor:
+    """`inputs` (any shape) with its values below `sqrt(finfo.tiny)` in magnitude (1.1e-19 in float32) set to 0, on
+    CPU; the gradient passes through unchanged. Why: embedding rows that the loss never reaches (`<pad>`, and `<eos>`
+    when nothing follows it) only feel weight decay, and Adam leaves them at 1e-42 to 7e-38 (the protocol run, step
+    6400). x86 CPUs run a matmul about 100x slower when its operands or its products are subnormal (below `tiny`,
+    1.2e-38): the recurrence's input projection of a random PTB batch (56% padding) took 2024 ms instead of 21 ms, an
+    epoch 4x longer (docs/results.md). Zeroing only the subnormal inputs is not enough (794 ms): tiny normal ones times
+    a weight still underflow. Below `sqrt(tiny)`, no product with a weight above it does. Values that small change no
+    sum of normal float32 terms. GPUs run subnormals at full speed: left alone there."""
     if inputs.device.type != "cpu" or not inputs.dtype.is_floating_point:
         return inputs
-    return _FlushSubnormals.apply(inputs)
+    return _FlushTinyValues.apply(inputs, torch.finfo(inputs.dtype).tiny ** 0.5)
 
 
 class SfrnnModel(SfrnnPreTrainedModel):
@@ -352,7 +354,7 @@ class SfrnnModel(SfrnnPreTrainedModel):
         if past_key_values is not None:
             _check_cache(past_key_values, self.config, batch)
 
-        hidden_states = flush_subnormals(self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds)
+        hidden_states = flush_tiny_values(self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds)
         mask = None if attention_mask is None else attention_mask[:, -time:].to(hidden_states.device)
         if position_ids is not None and cu_seq_lens_q is None:
             position_ids = position_ids[:, -time:].to(hidden_states.device)
