@@ -57,12 +57,13 @@ PY
     "") ;;
     *) echo "usage: $0 [record | compare | fidelity EPOCH | publish]" >&2; exit 2;;
 esac
-# The code: c8a2de2, plus (from step 4100 of bptt, 4200 of dsf and ft_bptt: after epoch 12) the model file's subnormal
-# flush of 78a306e, which drops only values below 1.2e-38 (the <pad>/<eos> rows) and gives back the 4x speed.
+# The code: c8a2de2, plus the model file's flush of tiny inputs (the decayed <pad>/<eos> rows, at positions the loss
+# never reaches), which gives back the 4x speed: below 1.2e-38 (78a306e) from bptt's step 4150 and dsf's and ft_bptt's
+# step 4200 (epoch 12), below 1.1e-19 (69ada96) from bptt's step 6251 and dsf's and ft_bptt's step 6450 (epoch 19).
 tree=$main/../sfrnn_rerun_c8a2de2_flush
 if [ ! -d "$tree" ]; then
     git worktree add --detach "$tree" c8a2de2
-    git diff 78a306e~1 78a306e -- sfrnn_hf/modeling_sfrnn.py | git -C "$tree" apply
+    git diff 78a306e~1 69ada96 -- sfrnn_hf/modeling_sfrnn.py | git -C "$tree" apply
 fi
 [ -e "$tree/.venv" ] || ln -s "$main/.venv" "$tree/.venv"
 mkdir -p "$out"
