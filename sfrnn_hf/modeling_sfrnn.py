@@ -294,8 +294,9 @@ def flush_tiny_values(inputs: torch.Tensor) -> torch.Tensor:
     6400). x86 CPUs run a matmul about 100x slower when its operands or its products are subnormal (below `tiny`,
     1.2e-38): the recurrence's input projection of a random PTB batch (56% padding) took 2024 ms instead of 21 ms, an
     epoch 4x longer (docs/results.md). Zeroing only the subnormal inputs is not enough (794 ms): tiny normal ones times
-    a weight still underflow. Below `sqrt(tiny)`, no product with a weight above it does. Values that small change no
-    sum of normal float32 terms. GPUs run subnormals at full speed: left alone there."""
+    a weight still underflow. Below `sqrt(tiny)`, no product with a weight above it does. Such a value times a weight
+    below 1 is under half an ulp of any term of 1e-11 or more, so no such sum changes. GPUs run subnormals at full
+    speed: left alone there."""
     if inputs.device.type != "cpu" or not inputs.dtype.is_floating_point:
         return inputs
     return _FlushTinyValues.apply(inputs, torch.finfo(inputs.dtype).tiny ** 0.5)
