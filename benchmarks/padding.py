@@ -69,10 +69,11 @@ def main():
     with torch.no_grad():  # the rows the loss never reaches, as weight decay and Adam leave them
         decayed = torch.where(torch.arange(args.hidden) % 3 == 0, -1.0, 1.0) * torch.logspace(-42, -37.15, args.hidden)
         decayed_model.get_input_embeddings().weight[[tokenizer.pad_token_id, tokenizer.eos_token_id]] = decayed
-    optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=1e-4) for m in (model, decayed_model)}
+    trained = {name: (m, torch.optim.Adam(m.parameters(), lr=1e-4))
+               for name, m in (("normal", model), ("decayed", decayed_model))}
 
-    def step_on(mode, batch, full_logits=False, on=model):
-        optimizer = optimizers[id(on)]
+    def step_on(mode, batch, full_logits=False, rows="normal"):
+        on, optimizer = trained[rows]
 
         def step():
             on.config.gradient_mode = mode
@@ -92,7 +93,7 @@ def main():
     for mode in args.modes:
         steps[f"{mode} padded"] = step_on(mode, padded)
         steps[f"{mode} padded, full logits"] = step_on(mode, padded, full_logits=True)
-        steps[f"{mode} padded, decayed rows"] = step_on(mode, padded, on=decayed_model)
+        steps[f"{mode} padded, decayed rows"] = step_on(mode, padded, rows="decayed")
         steps[f"{mode} packed"] = step_on(mode, packed)
         steps[f"{mode} dense"] = step_on(mode, dense)
     timings = interleaved_timings(steps, torch.device("cpu"), args.warmup, args.repeats)
