@@ -60,7 +60,8 @@ def test_ptb_word_vocabulary(ptb):
     assert len(words) == PTB_VOCABULARY and "<unk>" in words
     assert len(tokenizer) == PTB_VOCABULARY + 3  # + <bos>, <eos>, <pad>
     assert set(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))) == words | {"<bos>", "<eos>", "<pad>"}
-    assert tokenizer.unk_token_id == tokenizer.convert_tokens_to_ids("<unk>")
+    assert tokenizer.unk_token is None  # PTB's <unk> is a word of the text, not a special token
+    assert "<unk>" not in tokenizer.all_special_tokens
 
 
 def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, ptb):
@@ -70,10 +71,10 @@ def test_word_tokenizer_round_trips_through_auto_tokenizer(tmp_path, ptb):
     assert loaded(sentence)["input_ids"] == ptb.tokenizer(sentence)["input_ids"]
     ids = loaded(sentence)["input_ids"]
     assert ids[0] == loaded.bos_token_id  # a prompt starts like a training sentence
-    # Every word decodes with its leading space (so generated text joins a prompt); skip_special_tokens would drop
-    # PTB's <unk>: it is the unk token.
-    assert loaded.decode(ids[1:]) == " " + sentence
-    assert loaded("zyzzyva the")["input_ids"][1:] == [loaded.unk_token_id, loaded.convert_tokens_to_ids("the")]
+    # Every word decodes with its leading space (so generated text joins a prompt), PTB's <unk> included.
+    assert "<unk>" in sentence.split()
+    assert loaded.decode(ids[1:]) == loaded.decode(ids, skip_special_tokens=True) == " " + sentence
+    assert loaded("zyzzyva the")["input_ids"][1:] == loaded.convert_tokens_to_ids(["<unk>", "the"])
     assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("<pad>", "<bos>", "<eos>")
 
 

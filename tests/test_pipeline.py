@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer, pipeline
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.training.data import add_word_decoder, build_char_tokenizer, build_word_tokenizer, gpt2_tokenizer, \
-    ptb_sentences, train_bpe_tokenizer
+from sfrnn_hf.training.data import build_char_tokenizer, build_word_tokenizer, gpt2_tokenizer, \
+    ptb_sentences, train_bpe_tokenizer, update_saved_tokenizer
 from sfrnn_hf.training.export import export_for_hub
 
 PROMPT = "the company said"
@@ -81,19 +81,40 @@ def test_demo_like_folder_through_the_pipeline(tmp_path, lines):
     assert text.startswith(PROMPT + " ")
 
 
-def test_a_word_tokenizer_saved_without_decoder_gets_it(tmp_path, lines):
-    tokenizer = build_word_tokenizer(lines)
-    tokenizer.backend_tokenizer.decoder = None  # as saved by earlier versions
-    tokenizer.save_pretrained(tmp_path)
-    old = AutoTokenizer.from_pretrained(tmp_path)
-    ids = old("it has been")["input_ids"][1:]
-    assert old.decode(ids) == "it has been"  # the glued continuation of the issue
-    assert add_word_decoder(old) and old.decode(ids) == " it has been"
-    assert not add_word_decoder(old)  # once
-    assert not add_word_decoder(build_char_tokenizer(lines))  # other kinds are left as they are
+@pytest.mark.parametrize("build", [build_word_tokenizer, build_char_tokenizer])
+def test_ptb_unk_is_a_word_the_pipeline_keeps(lines, build):
+    """PTB's `<unk>` stands for a rare word of the text: the pipeline (which decodes with skip_special_tokens) shows
+    it, as it shows any other generated word."""
+    tokenizer = build(lines)
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    generator = pipeline("text-generation", model=random_model(tokenizer), tokenizer=tokenizer)
+    text = generator(PROMPT, max_new_tokens=2, do_sample=False, sequence_bias={(unk,): 100.0})[0]["generated_text"]
+    assert text == PROMPT + (" <unk> <unk>" if build is build_word_tokenizer else "<unk><unk>")
+    assert tokenizer(f"{PROMPT} <unk>")["input_ids"][-1] == unk  # still one symbol on the way in
 
-    # sfrnn-export writes such a tokenizer with the decoder (and leaves the caller's object alone).
-    before = AutoTokenizer.from_pretrained(tmp_path)
+
+def old_word_tokenizer(lines, folder):
+    """A word tokenizer as earlier versions saved it: no decoder, `<unk>` as the special unk token."""
+    tokenizer = build_word_tokenizer(lines)
+    tokenizer.backend_tokenizer.decoder = None
+    tokenizer.unk_token = "<unk>"
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_word_tokenizer_saved_by_an_older_version_is_exported_as_today(tmp_path, lines):
+    old = old_word_tokenizer(lines, tmp_path)
+    ids = old("it has <unk> been")["input_ids"][1:]
+    assert old.decode(ids, skip_special_tokens=True) == "it has been"  # glued to a prompt, and <unk> lost
+    assert update_saved_tokenizer(old) == ["word decoder added", "<unk> kept on decoding"]
+    assert update_saved_tokenizer(old) == []  # once
+    assert update_saved_tokenizer(build_char_tokenizer(lines)) == []  # today's are left as they are
+    assert update_saved_tokenizer(train_bpe_tokenizer([lines], vocab_size=400)) == []
+
+    # sfrnn-export writes such a tokenizer as today's (and leaves the caller's object alone).
+    before = old_word_tokenizer(lines, tmp_path)
     export_for_hub(random_model(before), before, tmp_path / "hub", repo_id="someone/old-tokenizer")
-    assert before.decode(ids) == "it has been"
-    assert AutoTokenizer.from_pretrained(tmp_path / "hub").decode(ids) == " it has been"
+    assert before.decode(ids, skip_special_tokens=True) == "it has been"
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hub")
+    assert exported.decode(ids, skip_special_tokens=True) == " it has <unk> been"
+    assert exported("it has <unk> been")["input_ids"][1:] == ids

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -83,16 +83,32 @@ def word_decoder() -> decoders.Decoder:
     return decoders.Replace(Regex("^"), " ")
 
 
-def add_word_decoder(tokenizer) -> bool:
-    """A word tokenizer saved before `word_decoder` existed (WordLevel, whitespace split, no decoder) gets it, so that
-    the text-generation pipeline keeps the space between a prompt and its continuation. Returns whether it changed."""
+def _add_specials(tokenizer: Tokenizer) -> None:
+    """`<pad>`, `<bos>`, `<eos>` as special tokens, and PTB's `<unk>` as an added token that is not special: `<unk>` is
+    a word of the corpus (PTB replaced its rare words by it), so decoding with `skip_special_tokens=True` (as
+    `pipeline("text-generation")` does) keeps it. The tokenizer therefore has no transformers `unk_token`; the
+    WordLevel model still maps unknown input to `<unk>`."""
+    tokenizer.add_special_tokens([PAD, BOS, EOS])
+    tokenizer.add_tokens([AddedToken(UNK, special=False, normalized=False)])
+
+
+def update_saved_tokenizer(tokenizer) -> list[str]:
+    """Bring a word or character tokenizer saved by an older version of this package to today's conventions, in what
+    it saves next: a word tokenizer without a decoder gets `word_decoder` (so the text-generation pipeline keeps the
+    space between a prompt and its continuation), and a `<unk>` saved as the special unk token becomes a plain word
+    (`_add_specials`). Returns what changed; other tokenizers are left alone."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.decoder is not None or not isinstance(backend.model, models.WordLevel):
-        return False
-    if not isinstance(backend.pre_tokenizer, pre_tokenizers.WhitespaceSplit):
-        return False
-    backend.decoder = word_decoder()
-    return True
+    if backend is None or not isinstance(backend.model, models.WordLevel):
+        return []
+    changes = []
+    if backend.decoder is None and isinstance(backend.pre_tokenizer, pre_tokenizers.WhitespaceSplit):
+        backend.decoder = word_decoder()
+        changes.append("word decoder added")
+    if tokenizer.unk_token == UNK:  # the backend's flag and the wrapper's unk token decide what is saved as special
+        backend.add_tokens([AddedToken(UNK, special=False, normalized=False)])
+        tokenizer.unk_token = None
+        changes.append("<unk> kept on decoding")
+    return changes
 
 
 def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
@@ -100,8 +116,8 @@ def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
 
     Ids: `<pad>` 0, `<bos>` 1, `<eos>` 2, `<unk>` 3 (PTB's own `<unk>`), then words by decreasing frequency (ties
     alphabetical). Encoding prepends `<bos>` (so a prompt looks like the start of a training sentence); `<eos>` is
-    added by the data preparation, not by the tokenizer. Unknown words map to `<unk>`. Decoding puts a space before
-    every word (`word_decoder`).
+    added by the data preparation, not by the tokenizer. Unknown words map to `<unk>`, a plain word (`_add_specials`).
+    Decoding puts a space before every word (`word_decoder`).
     """
     counts = collections.Counter(word for line in lines for word in line.split())
     specials = [PAD, BOS, EOS, UNK]
@@ -113,14 +129,14 @@ def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    tokenizer.add_special_tokens(specials)
-    return _wrap(tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    _add_specials(tokenizer)
+    return _wrap(tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 def build_char_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     """One token per character of `lines` (the space included), plus `<pad>`, `<bos>`, `<eos>`, `<unk>`.
 
-    PTB's word-level `<unk>` stays one symbol (special tokens are matched before characters are split). Decoding
+    PTB's word-level `<unk>` stays one symbol (added tokens are matched before characters are split). Decoding
     concatenates characters. Encoding prepends `<bos>`, as the word tokenizer does.
     """
     specials = [PAD, BOS, EOS, UNK]
@@ -132,8 +148,8 @@ def build_char_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    tokenizer.add_special_tokens(specials)
-    return _wrap(tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    _add_specials(tokenizer)
+    return _wrap(tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 16000) -> PreTrainedTokenizerFast:
@@ -369,7 +385,7 @@ __all__ = [
     "ptb_text",
     "ptb_sentences",
     "build_word_tokenizer",
-    "add_word_decoder",
+    "update_saved_tokenizer",
     "build_char_tokenizer",
     "train_bpe_tokenizer",
     "gpt2_tokenizer",

@@ -26,7 +26,7 @@ import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..cells_sfrnn import CELLS
-from .data import add_word_decoder
+from .data import update_saved_tokenizer
 
 GRADIENT_MODE_NAMES = {
     "dsf": "Diagonal State Feedbacks (DSF)",
@@ -90,7 +90,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, test_perplexity=
 
 def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> Path:
     """Write the complete Hub repository folder for `model` and `tokenizer` (either may come from any checkpoint). A
-    word-level tokenizer without a decoder (saved before `data.word_decoder` existed) is written with it.
+    tokenizer saved by an older version of this package is written as today's (`data.update_saved_tokenizer`).
 
     `card_kwargs` go to `model_card` (datasets, perplexity, test_perplexity, eval_dataset, eval_command, license,
     data_description, training_details). Returns the folder.
@@ -100,7 +100,7 @@ def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> 
     model.save_pretrained(folder)  # weights, config with auto_map, code files, generation_config.json
     if tokenizer is not None:
         tokenizer = copy.deepcopy(tokenizer)
-        add_word_decoder(tokenizer)  # a word tokenizer saved by an older version: the pipeline keeps its spaces
+        update_saved_tokenizer(tokenizer)  # one saved by an older version: the pipeline keeps its spaces and <unk>
         tokenizer.save_pretrained(folder)
     card = model_card(model, repo_id=repo_id or folder.name, **card_kwargs)
     card.save(folder / "README.md")
