@@ -6,7 +6,8 @@
 # (runs/ptb_rerun, untracked). Run it again to continue: it resumes from each mode's newest intact checkpoint (one
 # every 50 steps).
 #   examples/run_ptb_rerun.sh &           # train (nice 19), log runs/ptb_rerun/rerun.log
-#   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ (to commit)
+#   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ and extend the
+#                                         # protocol's diag(J) records (stopped at epoch 8) with the rerun's later epochs
 #   examples/run_ptb_rerun.sh compare     # each epoch's validation perplexity: the protocol's record against the rerun's
 #   examples/run_ptb_rerun.sh fidelity 10 # fidelity of each kept epoch-10 model -> docs/figures/ptb_protocol/fidelity/
 #   examples/run_ptb_rerun.sh publish     # each finished paper mode's best model -> runs/ptb_rerun/hub/, cards -> model_cards/
@@ -18,12 +19,29 @@ modes=(bptt dsf ft_bptt dsf_calibrated diag_jacobian)
 run_flags=(--epochs 30 --threads 1 --set training.report_to=none --set training.trainer_args.disable_tqdm=true)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
-    record)
+    record)  # then: the protocol's records of the diag(J) modes (stopped at epoch 8) continue with the rerun's epochs
         mkdir -p docs/figures/ptb_protocol/rerun
         for mode in "${modes[@]}"; do
             [ ! -e "$out/rerun_record/$mode.json" ] || cp "$out/rerun_record/$mode.json" docs/figures/ptb_protocol/rerun/
         done
-        exit 0;;
+        exec .venv/bin/python - dsf_calibrated diag_jacobian <<'PY'
+import json, sys
+from pathlib import Path
+for mode in sys.argv[1:]:
+    record, rerun = (Path("docs/figures/ptb_protocol", folder, f"{mode}.json") for folder in ("", "rerun"))
+    if not rerun.exists():
+        continue
+    kept, later = json.loads(record.read_text()), json.loads(rerun.read_text())
+    last = max(e["epoch"] for e in kept["epochs"] if e.get("run") != "rerun")
+    added = [dict(e, run="rerun") for e in later["epochs"] if e["epoch"] > last]
+    kept["epochs"] = [e for e in kept["epochs"] if e.get("run") != "rerun"] + added
+    best = min(kept["epochs"], key=lambda e: e["validation_perplexity"])
+    kept |= {"best_epoch": best["epoch"], "best_validation_perplexity": best["validation_perplexity"],
+             "finished": later["finished"], "test_perplexity_of_best": later["test_perplexity_of_best"]}
+    record.write_text(json.dumps(kept, indent=1))
+    print(f"{record}: epochs {last + 1}-{added[-1]['epoch'] if added else last} from the rerun")
+PY
+        ;;
     compare)
         exec .venv/bin/python - "${modes[@]}" <<'PY'
 import json, sys
