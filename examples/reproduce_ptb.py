@@ -327,7 +327,7 @@ RESULTS_BLOCK = ("<!-- reproduce_ptb: per-epoch tables, written by --report-only
 FIDELITY_BLOCK = ("<!-- reproduce_ptb: fidelity table, written by --report-only --results-doc -->",
                   "<!-- reproduce_ptb: fidelity end -->")
 # The fidelity table's columns: the gradients compared with the exact one, in the fidelity command's names.
-FIDELITY_COLUMNS = {"ft_bptt": "FT-BPTT", "dsf": "DSF (paper's a)", "dsf_calibrated": "DSF, calibrated a",
+FIDELITY_COLUMNS = {"ft_bptt": "FT-BPTT", "dsf": "DSF (model's a)", "dsf_calibrated": "DSF, calibrated a",
                     "diag_jacobian": "diag_jacobian"}
 
 
