@@ -32,9 +32,10 @@ for mode in sys.argv[1:]:
     if not rerun.exists():
         continue
     kept, later = json.loads(record.read_text()), json.loads(rerun.read_text())
-    last = max(e["epoch"] for e in kept["epochs"] if e.get("run") != "rerun")
+    own = [e for e in kept["epochs"] if e.get("run") != "rerun"]  # the protocol run's epochs; the rest is redone
+    last = max(e["epoch"] for e in own)
     added = [dict(e, run="rerun") for e in later["epochs"] if e["epoch"] > last]
-    kept["epochs"] = [e for e in kept["epochs"] if e.get("run") != "rerun"] + added
+    kept["epochs"] = own + added
     best = min(kept["epochs"], key=lambda e: e["validation_perplexity"])
     kept |= {"best_epoch": best["epoch"], "best_validation_perplexity": best["validation_perplexity"],
              "finished": later["finished"], "test_perplexity_of_best": later["test_perplexity_of_best"]}
