@@ -6,6 +6,8 @@
 # (runs/ptb_rerun, untracked). Run it again to continue: it resumes from each mode's newest intact checkpoint (one
 # every 50 steps).
 #   examples/run_ptb_rerun.sh &           # train (nice 19), log runs/ptb_rerun/rerun.log
+#   RERUN_MODES=dsf examples/run_ptb_rerun.sh &   # only DSF (the published checkpoint; its epoch-10 checkpoint is
+#                                         # copied whole to runs/ptb_rerun/dsf_epoch10/ for the DSF-then-BPTT schedule)
 #   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ and extend the
 #                                         # protocol's diag(J) records (stopped at epoch 8) with the rerun's later epochs
 #   examples/run_ptb_rerun.sh compare     # each epoch's validation perplexity: the protocol's record against the rerun's
@@ -15,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 main=$PWD
 out=$main/runs/ptb_rerun
-modes=(bptt dsf ft_bptt dsf_calibrated diag_jacobian)
+modes=(${RERUN_MODES:-bptt dsf ft_bptt dsf_calibrated diag_jacobian})  # RERUN_MODES="dsf": only those
 run_flags=(--epochs 30 --threads 1 --set training.report_to=none --set training.trainer_args.disable_tqdm=true)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
@@ -90,5 +92,14 @@ mkdir -p "$out"
 cd "$tree"
 export PYTHONPATH=$tree
 export MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=1073741824
-exec nice -n 19 .venv/bin/python examples/reproduce_ptb.py "${run_flags[@]}" --jobs 3 --modes "${modes[@]}" \
+# DSF's whole checkpoint (optimizer, scheduler, RNG) after epoch 10 (329 steps an epoch) is where the DSF-then-BPTT
+# schedule of examples/run_ptb_schedule.sh branches off: copied before the rotation deletes it.
+branch=$out/dsf_epoch10
+( while [ ! -e "$branch/manifest.json" ]; do
+      source=$out/ptb_protocol/dsf/checkpoint-3290
+      if [ -e "$source/manifest.json" ]; then rm -rf "$branch.tmp"; cp -r "$source" "$branch.tmp" && mv "$branch.tmp" "$branch"; fi
+      sleep 20
+  done ) &
+nice -n 19 .venv/bin/python examples/reproduce_ptb.py "${run_flags[@]}" --jobs 3 --modes "${modes[@]}" \
     --output runs/ptb_protocol --record runs/rerun_record >> runs/rerun.log 2>&1
+kill %1 2>/dev/null || true
