@@ -50,8 +50,21 @@ RUNS = {
     "ft_bptt": ["model.gradient_mode=ft_bptt"],
     "dsf_calibrated": ["model.gradient_mode=dsf", "model.feedback_type=calibrated"],
     "diag_jacobian": ["model.gradient_mode=diag_jacobian"],
+    "dsf_then_bptt": ["model.gradient_mode=dsf"],  # then exact BPTT after --switch-epoch epochs (mode_overrides)
 }
 PAPER_RUNS = ("bptt", "dsf", "ft_bptt")
+SCHEDULED_RUNS = {"dsf_then_bptt": "bptt"}  # a run that starts in its RUNS mode and switches to this one
+
+
+def mode_overrides(args, mode: str) -> list[str]:
+    """The config overrides that define `mode`: RUNS's, and for a scheduled run its switch after `--switch-epoch`."""
+    if mode not in SCHEDULED_RUNS:
+        return list(RUNS[mode])
+    if not args.switch_epoch:
+        raise SystemExit(f"[{mode}] needs --switch-epoch (the epochs trained before it switches to "
+                         f"{SCHEDULED_RUNS[mode]}).")
+    switch = f"{{after_epochs: {args.switch_epoch}, gradient_mode: {SCHEDULED_RUNS[mode]}}}"
+    return RUNS[mode] + [f"training.gradient_mode_schedule=[{switch}]"]
 SAMPLINGS = ("random", "group_by_length")
 
 
@@ -110,13 +123,16 @@ class EpochRecorder(TrainerCallback, ExportableState):
         if state.is_world_process_zero and epoch in self.keep_epochs and model is not None:
             model.save_pretrained(self.folder / f"epoch-{epoch}")
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # kwargs: model, as every event's
         if not state.is_world_process_zero or self.epoch_seconds is None or "eval_perplexity" not in metrics:
             return
         record = {
             "epoch": round(state.epoch),
             "step": state.global_step,
             "validation_perplexity": metrics["eval_perplexity"],
+            **({"validation_bits_per_character": metrics["eval_bits_per_character"]}
+               if "eval_bits_per_character" in metrics else {}),
+            "gradient_mode": kwargs["model"].config.gradient_mode,  # of the epoch's last step
             "train_seconds": self.epoch_seconds,
             "load_average": [round(value, 2) for value in os.getloadavg()],  # 1, 5, 15 min, at the epoch's end
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -160,7 +176,7 @@ def mode_record(args, mode: str) -> dict:
     return {
         "mode": mode,
         "config": args.config,
-        "overrides": RUNS[mode] + list(args.set) + ([f"model.hidden_size={args.hidden}"] if args.hidden else []),
+        "overrides": mode_overrides(args, mode) + list(args.set) + ([f"model.hidden_size={args.hidden}"] if args.hidden else []),
         "sampling": args.sampling,
         "seed": args.seed,
         "epochs_planned": args.epochs,
@@ -170,6 +186,8 @@ def mode_record(args, mode: str) -> dict:
         "best_validation_perplexity": best["validation_perplexity"] if best else None,
         "finished": bool(results),
         "test_perplexity_of_best": results.get("test_perplexity"),
+        **({"test_bits_per_character_of_best": results["test_bits_per_character"]}
+           if "test_bits_per_character" in results else {}),
     }
 
 
@@ -205,7 +223,7 @@ def mode_experiment(args, mode: str):
     """The experiment config that `args` describe for `mode`, checked against the run its folder holds: a run
     continued, put in the table or published must be the run these flags describe (refused by name otherwise)."""
     folder = Path(args.output) / mode
-    overrides = [*RUNS[mode], f"training.output_dir={folder}", f"training.epochs={args.epochs}",
+    overrides = [*mode_overrides(args, mode), f"training.output_dir={folder}", f"training.epochs={args.epochs}",
                  f"training.seed={args.seed}", "training.save_total_limit=2",
                  "training.trainer_args.restore_callback_states_from_checkpoint=true", *args.set]
     if args.sampling != "random":
@@ -231,6 +249,7 @@ def mode_command(args, mode: str) -> str:
     flags += [f"--hidden {args.hidden}"] if args.hidden else []
     flags += [f"--max-train-samples {args.max_train_samples}"] if args.max_train_samples else []
     flags += [f"--threads {args.threads}"] if args.threads else []
+    flags += [f"--switch-epoch {args.switch_epoch}"] if mode in SCHEDULED_RUNS else []
     flags += [f"--set {override}" for override in args.set]
     return "python examples/reproduce_ptb.py " + " ".join(flags)
 
@@ -469,6 +488,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=list(PAPER_RUNS), choices=list(RUNS),
                         help="runs to train (default: the paper's three; add dsf_calibrated and diag_jacobian)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--switch-epoch", type=int,
+                        help="dsf_then_bptt: the epochs trained with DSF before exact BPTT takes over")
     parser.add_argument("--sampling", choices=SAMPLINGS, default="random",
                         help="random: 128 sentences drawn uniformly (the paper's protocol); group_by_length: "
                              "sentences of similar length together (transformers' LengthGroupedSampler; PTB: 3%% "

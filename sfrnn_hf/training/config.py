@@ -37,6 +37,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from ..configuration_sfrnn import SfrnnConfig
 from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
+from .gradient_schedule import parse_schedule
 from .run_folder import REDACTED
 
 
@@ -62,7 +63,7 @@ def _derives(default, *names: str):
 @strict
 @dataclass
 class DataConfig:
-    dataset: str = "ptb"  # ptb | ptb_char | wikitext-103 | wikitext-2 | text (local files)
+    dataset: str = "ptb"  # ptb | ptb_char (standard character-level PTB) | wikitext-103 | wikitext-2 | text (local files)
     sequences: str = "sentence"  # sentence (one line a sequence, padded) | stream (concatenated, fixed chunks)
     max_length: int = 65  # sentence: truncation length incl. <bos>/<eos>; stream: chunk length
     tokenizer: str = "auto"  # auto | word | char | bpe | gpt2 | path of a saved tokenizer
@@ -110,6 +111,8 @@ class TrainingConfig:
     report_to: str | list[str] = _derives("auto", "report_to")  # auto: tensorboard when installed | none | a list
     dataloader_num_workers: int = _passed(0)
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
+    # the model's gradient_mode from a point on, e.g. [{after_epochs: 20, gradient_mode: bptt}] (gradient_schedule.py)
+    gradient_mode_schedule: list[dict] = field(default_factory=list)
     trainer_args: dict = field(default_factory=dict)  # any other transformers.TrainingArguments field
 
 
@@ -415,6 +418,9 @@ def check_config(config: ExperimentConfig) -> None:
                 f"`data.tokenizer` must be one of {list(TOKENIZERS)} or a saved tokenizer folder; "
                 f"{data.tokenizer!r} is neither (no such folder)."
             )
+    if data.dataset == "ptb_char" and data.tokenizer == "char":
+        raise ConfigError("`data.dataset: ptb_char` separates its characters by spaces (`a e r _ b a n k`): its tokens "
+                          "are the space-separated symbols, so use `data.tokenizer: auto` (word), not 'char'.")
     if data.dataset == "text":
         if not data.train_files:
             raise ConfigError("`data.dataset: text` needs `data.train_files` (local text files).")
@@ -474,6 +480,10 @@ def check_config(config: ExperimentConfig) -> None:
         if not isinstance(resume, str) or not os.path.isdir(resume):
             raise ConfigError(f"`training.resume_from_checkpoint`: {resume!r} is not a checkpoint folder.")
     _check_trainer_args(training.trainer_args)
+    try:
+        parse_schedule(training.gradient_mode_schedule)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
     if lora.enabled:
         if config.model.get("from_pretrained") is None:

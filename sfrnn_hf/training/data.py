@@ -1,6 +1,13 @@
 """Data for language-model training: Penn Treebank (word and character level), WikiText-103 / WikiText-2 or any local
 text files, the tokenizers the paper uses, and a collator that pads per batch.
 
+`ptb_char` is the standard character-level PTB (the layout of Mikolov's `ptb.char.*.txt`), derived from the word-level
+text: a sentence's characters separated by spaces, `_` between words, PTB's `<unk>` spelled out. Its symbols are
+space-separated, so its tokenizer (`auto`: `word`) has one token per symbol: 49 symbols, plus `<eos>` ending each
+sentence. With that `<eos>` the splits hold 5,017,482 / 393,042 / 442,423 predicted symbols (train / valid / test):
+the 5.01M / 393K / 442K characters the literature reports for those files. Bits per character is the mean NLL over
+these symbols in bits.
+
 Two sequence layouts:
 
 - `sentence`: one line a sequence, `<bos> w_1 ... w_n <eos>`, truncated to `max_length` tokens (the paper's PTB
@@ -38,7 +45,7 @@ DATASETS = ("ptb", "ptb_char", "wikitext-103", "wikitext-2", "text")
 TOKENIZERS = ("auto", "word", "char", "bpe", "gpt2")
 SEQUENCE_LAYOUTS = ("sentence", "stream")
 HUB_WIKITEXT = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
-DEFAULT_TOKENIZER = {"ptb": "word", "ptb_char": "char", "wikitext-103": "bpe", "wikitext-2": "bpe", "text": "bpe"}
+DEFAULT_TOKENIZER = {"ptb": "word", "ptb_char": "word", "wikitext-103": "bpe", "wikitext-2": "bpe", "text": "bpe"}
 # Our split names -> the names datasets and the treebank package use.
 SPLITS = ("train", "validation", "test")
 _PTB_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
@@ -65,6 +72,17 @@ def ptb_text(split: str) -> str:
 def ptb_sentences(split: str) -> list[str]:
     """The sentences of a PTB split: its non-empty lines, surrounding spaces stripped."""
     return [line.strip() for line in ptb_text(split).split("\n") if line.strip()]
+
+
+def ptb_char_sentences(split: str) -> list[str]:
+    """The sentences of a PTB split at character level, in the standard layout: `"a e r _ b a n k n o t e"` for the
+    words `aer banknote` (characters separated by spaces, `_` between words, `<unk>` as `< u n k >`)."""
+    return [" ".join("_".join(line.split())) for line in ptb_sentences(split)]
+
+
+def is_character_level(data) -> bool:
+    """Whether a token of `data` (a DataConfig) is one character, so that bits per token is bits per character."""
+    return data.dataset == "ptb_char" or data.tokenizer == "char"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -321,7 +339,8 @@ def load_raw_text(data) -> DatasetDict | dict[str, list[str]]:
     """The raw splits of `data.dataset`: PTB as lists of lines; WikiText (from the Hub) and local files as a
     `DatasetDict` with a `text` column, one row per line, line breaks kept (the Hub's WikiText rows keep theirs)."""
     if data.dataset in ("ptb", "ptb_char"):
-        return {split: ptb_sentences(_PTB_SPLIT[split]) for split in SPLITS}
+        sentences = ptb_sentences if data.dataset == "ptb" else ptb_char_sentences
+        return {split: sentences(_PTB_SPLIT[split]) for split in SPLITS}
     if data.dataset in HUB_WIKITEXT:
         return load_dataset("Salesforce/wikitext", HUB_WIKITEXT[data.dataset])
     files = _text_files(data)
@@ -384,6 +403,8 @@ def prepare_data(data, tokenizer=None) -> PreparedData:
 __all__ = [
     "ptb_text",
     "ptb_sentences",
+    "ptb_char_sentences",
+    "is_character_level",
     "build_word_tokenizer",
     "update_saved_tokenizer",
     "build_char_tokenizer",

@@ -18,6 +18,7 @@ point of the curves), `results.json` (best validation and test perplexity), `exp
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -52,7 +53,8 @@ from .config import (
     passed_to_trainer,
     shipped_configs,
 )
-from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data
+from .data import CausalLMCollator, DataError, build_tokenizer, is_character_level, load_raw_text, prepare_data
+from .gradient_schedule import GradientModeSchedule, parse_schedule
 from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
 
 EXPERIMENT_FILE = "experiment.yaml"
@@ -170,11 +172,16 @@ def token_nll_and_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return torch.stack([nll.sum(dim=1), (labels != -100).sum(dim=1).to(nll.dtype)], dim=1)
 
 
-def perplexity_metrics(eval_prediction) -> dict:
-    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities)."""
+def perplexity_metrics(eval_prediction, character_level: bool = False) -> dict:
+    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities); with
+    `character_level` (a token is a character) also bits per character, `total NLL / total tokens / ln 2`."""
     stats = eval_prediction.predictions
     total_nll, total_tokens = float(stats[:, 0].sum()), float(stats[:, 1].sum())
-    return {"perplexity": math.exp(total_nll / max(total_tokens, 1.0)), "tokens": total_tokens}
+    mean_nll = total_nll / max(total_tokens, 1.0)
+    metrics = {"perplexity": math.exp(mean_nll), "tokens": total_tokens}
+    if character_level:
+        metrics["bits_per_character"] = mean_nll / math.log(2)
+    return metrics
 
 
 class SfrnnTrainer(Trainer):
@@ -472,6 +479,10 @@ def run(experiment: ExperimentConfig, callbacks=None):
             check_bf16_autocast(model.config, device)
         if experiment.lora.enabled:
             model = apply_lora(model, experiment.lora)
+        schedule = []
+        if training.gradient_mode_schedule:
+            base = model.get_base_model() if experiment.lora.enabled else model
+            schedule = [GradientModeSchedule(base.config.gradient_mode, parse_schedule(training.gradient_mode_schedule))]
         if main_process:  # the run really starts: its settings and vocabulary go beside its checkpoints
             tokenizer.save_pretrained(os.path.join(args.output_dir, "tokenizer"))
             write_atomically(os.path.join(args.output_dir, EXPERIMENT_FILE), experiment_yaml(experiment))
@@ -483,9 +494,10 @@ def run(experiment: ExperimentConfig, callbacks=None):
             eval_dataset=data.splits.get("validation") if args.eval_strategy != "no" else None,
             data_collator=CausalLMCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
-            compute_metrics=perplexity_metrics,
+            compute_metrics=functools.partial(perplexity_metrics, character_level=is_character_level(experiment.data)),
             preprocess_logits_for_metrics=token_nll_and_count,
-            callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
+            callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + schedule
+            + list(callbacks or []),
             experiment=experiment,
         )
         if finished:  # killed after its last checkpoint: finish without another step
@@ -500,10 +512,14 @@ def run(experiment: ExperimentConfig, callbacks=None):
             }
         trainer.save_model(args.output_dir)  # the best model when validation ran (load_best_model_at_end)
         results["best_checkpoint"] = trainer.state.best_model_checkpoint
+        if schedule and schedule[0].steps_per_epoch is not None:  # (None: a finished run, no step taken here)
+            results["gradient_mode_schedule"] = schedule[0].resolved()
         for split in ("validation", "test"):
             if split in data.splits and (split == "validation" or training.evaluate_test):
                 metrics = trainer.evaluate(eval_dataset=data.splits[split], metric_key_prefix=split)
-                results[f"{split}_perplexity"] = metrics[f"{split}_perplexity"]
+                for name in ("perplexity", "bits_per_character"):
+                    if f"{split}_{name}" in metrics:
+                        results[f"{split}_{name}"] = metrics[f"{split}_{name}"]
         if experiment.lora.enabled and experiment.lora.merge_at_end and main_process:
             # merge_and_unload rewrites the model it is called on: merge a copy, the trainer keeps its adapters
             merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
