@@ -5,9 +5,11 @@ interleaved inside every repeat (in reversed order every other repeat), so backg
     python benchmarks/train_step.py                                  # GRU, 3 x 512, batch 32, length 256, PTB vocab
     python benchmarks/train_step.py --cell lstm --length 1024 --recurrent-only
     python benchmarks/train_step.py --dtypes float32 bfloat16
+    python benchmarks/train_step.py --layers 1 --hidden 512 --batch 128 --length 128 --vocab 53 --json cost.json
 """
 
 import argparse
+import json
 
 import torch
 
@@ -34,6 +36,7 @@ def parse_args():
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="bfloat16: autocast around forward and loss")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write every mode's times, peak memory and paired ratio here")
     return parser.parse_args()
 
 
@@ -68,6 +71,7 @@ def main():
     print(f"model: {args.cell} {args.layers} x {args.hidden} {args.block}, {what}, batch {args.batch}, "
           f"length {args.length}, optimizer step included, median of {args.repeats} interleaved repeats after "
           f"{args.warmup} warm-up")
+    report = {"machine": machine_description(device), "model": vars(args) | {"what": what}, "runs": []}
     for dtype in args.dtypes:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
         timings = interleaved_timings({mode: step_in(mode, autocast) for mode in args.modes}, device, args.warmup,
@@ -80,7 +84,15 @@ def main():
                 ratio = f"  BPTT/{mode}: {median:.2f}x (best runs {fastest:.2f}x, paired {paired:.2f}x)"
             print(f"  {dtype:9s} {mode:8s} median {seconds[mode] * 1000:9.1f} ms/step, best {best[mode] * 1000:9.1f}"
                   f"   peak memory {peaks[mode] / 2**20:8.1f} MiB{ratio}")
+            report["runs"].append({
+                "dtype": dtype, "mode": mode, "median_s": seconds[mode], "best_s": best[mode],
+                "repeats_s": timings.runs[mode], "peak_memory_mib": peaks[mode] / 2**20,
+                "paired_bptt_over_mode": timings.paired_ratio("bptt", mode) if "bptt" in seconds else None})
         print(f"  ({load_line()})")
+        report["load"] = load_line()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
 
 
 if __name__ == "__main__":

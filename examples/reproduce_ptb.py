@@ -132,7 +132,8 @@ class EpochRecorder(TrainerCallback, ExportableState):
             "validation_perplexity": metrics["eval_perplexity"],
             **({"validation_bits_per_character": metrics["eval_bits_per_character"]}
                if "eval_bits_per_character" in metrics else {}),
-            "gradient_mode": kwargs["model"].config.gradient_mode,  # of the epoch's last step
+            **({"gradient_mode": kwargs["model"].config.gradient_mode}  # of the epoch's last step
+               if kwargs.get("model") is not None else {}),
             "train_seconds": self.epoch_seconds,
             "load_average": [round(value, 2) for value in os.getloadavg()],  # 1, 5, 15 min, at the epoch's end
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -280,11 +281,33 @@ def train_in_parallel(args, argv: list[str]) -> None:
         list(pool.map(train_alone, args.modes))
 
 
+def quality_of(record: dict, split: str = "validation") -> float | None:
+    """An epoch record's (or, with split "test", a mode record's) quality: bits per character when the data is
+    character-level (the records carry it), else perplexity; lower is better."""
+    if split == "test":
+        return record.get("test_bits_per_character_of_best", record.get("test_perplexity_of_best"))
+    return record.get("validation_bits_per_character", record["validation_perplexity"])
+
+
+def gap_closed(value: float | None, bptt: float | None, ft_bptt: float | None) -> float | None:
+    """How much of the FT-BPTT-to-BPTT gap a run closes: (FT-BPTT - value) / (FT-BPTT - BPTT); 1 is BPTT's quality,
+    0 FT-BPTT's (the same measure, e.g. test perplexity, for all three)."""
+    if None in (value, bptt, ft_bptt) or ft_bptt == bptt:
+        return None
+    return (ft_bptt - value) / (ft_bptt - bptt)
+
+
 def collect(args, mode: str) -> dict:
     record = mode_record(args, mode)
     seconds = [epoch["train_seconds"] for epoch in record["epochs"]]
+    best = min(record["epochs"], key=quality_of) if record["epochs"] else None
     return {
         "mode": mode,
+        "steps": [epoch["step"] for epoch in record["epochs"]],
+        "gradient_modes": [epoch.get("gradient_mode", RUNS[mode][0].split("=")[1]) for epoch in record["epochs"]],
+        "validation_quality": [quality_of(epoch) for epoch in record["epochs"]],
+        "best_validation_quality": quality_of(best) if best else None,
+        "test_quality_of_best": quality_of(record, "test"),
         "sampling": record["sampling"],
         "epochs": [epoch["epoch"] for epoch in record["epochs"]],
         "validation_perplexity": [epoch["validation_perplexity"] for epoch in record["epochs"]],
@@ -297,43 +320,118 @@ def collect(args, mode: str) -> dict:
     }
 
 
+def character_level(rows: list[dict]) -> bool:
+    return any(row["validation_quality"] != row["validation_perplexity"] for row in rows)
+
+
+def with_gap_closed(rows: list[dict]) -> tuple[list[dict], str]:
+    """Each row with `gap_closed` (of the FT-BPTT-to-BPTT gap), measured on the test value of the best epoch once
+    bptt and ft_bptt have one, else on the best validation value; and the name of the measure used."""
+    by_mode = {row["mode"]: row for row in rows}
+    key = "test_quality_of_best"
+    if any(by_mode.get(mode, {}).get(key) is None for mode in ("bptt", "ft_bptt")):
+        key = "best_validation_quality"
+    ends = [by_mode.get(mode, {}).get(key) for mode in ("bptt", "ft_bptt")]
+    rows = [row | {"gap_closed": gap_closed(row[key], *ends)} for row in rows]
+    return rows, key
+
+
 def write_table(args, rows: list[dict]) -> str:
+    chars = character_level(rows)
+    rows, measure = with_gap_closed(rows)
+    unit = "bits per character" if chars else "perplexity"
+    data = "PTB character level (the standard PTB-char text)" if chars else "PTB sentence level"
     lines = [
-        f"PTB sentence level, `{args.config}`{f' with hidden_size={args.hidden}' if args.hidden else ''}, "
-        f"{args.epochs} epochs, seed {args.seed}, {args.sampling} batches.",
+        f"{data}, `{args.config}`{f' with hidden_size={args.hidden}' if args.hidden else ''}, "
+        f"{args.epochs} epochs, seed {args.seed}, {args.sampling} batches"
+        + (f", dsf_then_bptt: DSF for {args.switch_epoch} epochs, then BPTT" if args.switch_epoch else "") + ".",
+        f"Gap closed: (FT-BPTT - mode) / (FT-BPTT - BPTT) of the {'test' if measure.startswith('test') else 'best validation'} "
+        f"{unit}.",
         "",
-        "| mode | best validation perplexity | at epoch | epochs run | seconds / epoch | test perplexity (best) |",
-        "|---|---|---|---|---|---|",
+        f"| mode | best validation {unit} | at epoch | epochs run | seconds / epoch | test {unit} (best) | gap closed |",
+        "|---|---|---|---|---|---|---|",
     ]
     def number(value, digits, missing="-"):
         return missing if value is None else f"{value:.{digits}f}"
 
+    digits = 4 if chars else 2
     for row in rows:
-        lines.append(f"| {row['mode']} | {number(row['best_validation_perplexity'], 2)} | {row['best_epoch'] or '-'} | "
+        closed = "-" if row["gap_closed"] is None else f"{row['gap_closed']:.0%}"
+        lines.append(f"| {row['mode']} | {number(row['best_validation_quality'], digits)} | {row['best_epoch'] or '-'} | "
                      f"{row['epochs_reached']} | {number(row['seconds_per_epoch'], 0)} | "
-                     f"{number(row['test_perplexity_of_best'], 2, 'at the end')} |")
+                     f"{number(row['test_quality_of_best'], digits, 'at the end')} | {closed} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def step_seconds(cost: dict) -> dict[str, float]:
+    """`{gradient mode: median seconds of a training step}` from a `benchmarks/train_step.py --json` report."""
+    return {run["mode"]: run["median_s"] for run in cost["runs"] if run["dtype"] == "float32"}
+
+
+def cumulative_cost(row: dict, seconds: dict) -> list[float]:
+    """Training cost at the end of each epoch: the steps each epoch took, each at the measured step time of the
+    gradient mode that epoch trained with (a scheduled run pays DSF's price, then BPTT's)."""
+    total, costs, previous = 0.0, [], 0
+    for step, mode in zip(row["steps"], row["gradient_modes"]):
+        total += (step - previous) * seconds[mode]
+        costs.append(total)
+        previous = step
+    return costs
+
+
+def targets_table(rows: list[dict], seconds: dict, unit: str) -> str:
+    """For each target quality (the best validation value each of bptt, dsf, ft_bptt reached): the training cost
+    (steps x measured step time) at which each run first reached it, and which run got there first, by how much."""
+    costs = {row["mode"]: cumulative_cost(row, seconds) for row in rows}
+    head = (f"| target: validation {unit} of | value | " + " | ".join(row["mode"] for row in rows)
+            + " | first |\n|---|---|" + "---|" * (len(rows) + 1))
+    lines = [head]
+    for reference in ("ft_bptt", "dsf", "bptt"):
+        source = next((row for row in rows if row["mode"] == reference), None)
+        if source is None or source["best_validation_quality"] is None:
+            continue
+        target = source["best_validation_quality"]
+        reached = {}
+        for row in rows:
+            hit = next((i for i, value in enumerate(row["validation_quality"]) if value <= target), None)
+            reached[row["mode"]] = None if hit is None else (costs[row["mode"]][hit], row["epochs"][hit])
+        cells = [f"{value[0] / 3600:.2f} h (epoch {value[1]})" if value else "not reached"
+                 for value in reached.values()]
+        ranked = sorted((value[0], mode) for mode, value in reached.items() if value)
+        first = ranked[0][1] + (f", {ranked[1][0] / ranked[0][0]:.2f}x cheaper than {ranked[1][1]}"
+                                if len(ranked) > 1 else "")
+        lines.append(f"| {reference}'s best | {target:.4g} | " + " | ".join(cells) + f" | {first} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, seconds: dict | None = None) -> None:
+    """Validation quality against epochs and the training wall clock; with measured step `seconds`, also against
+    the training cost (steps x step time of each epoch's gradient mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    unit = "bits per character" if character_level(rows) else "perplexity"
+    figure, axes = plt.subplots(1, 3 if seconds else 2, figsize=(16.5 if seconds else 11, 4.2))
+    by_epoch, by_time = axes[0], axes[1]
     for row in rows:
-        by_epoch.plot(row["epochs"], row["validation_perplexity"], marker="o", label=row["mode"])
+        by_epoch.plot(row["epochs"], row["validation_quality"], marker="o", label=row["mode"])
         elapsed, total = [], 0.0
-        for seconds in row["train_seconds"]:
-            total += seconds
+        for epoch_seconds in row["train_seconds"]:
+            total += epoch_seconds
             elapsed.append(total)
-        by_time.plot(elapsed, row["validation_perplexity"], marker="o", label=row["mode"])
+        by_time.plot(elapsed, row["validation_quality"], marker="o", label=row["mode"])
+        if seconds:
+            axes[2].plot([c / 3600 for c in cumulative_cost(row, seconds)], row["validation_quality"], marker="o",
+                         label=row["mode"])
     by_epoch.set_xlabel("epoch")
-    by_time.set_xlabel("training wall-clock (s)")
-    for axis in (by_epoch, by_time):
-        axis.set_ylabel("validation perplexity")
-        axis.set_yscale("log")
+    by_time.set_xlabel("training wall-clock (s, as the runs went, machine shared)")
+    if seconds:
+        axes[2].set_xlabel("training cost (h): steps x measured step time")
+    for axis in axes:
+        axis.set_ylabel(f"validation {unit}")
+        axis.set_yscale("linear" if unit != "perplexity" else "log")
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -343,6 +441,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 RESULTS_BLOCK = ("<!-- reproduce_ptb: per-epoch tables, written by --report-only --results-doc -->",
                  "<!-- reproduce_ptb: end -->")
+COST_BLOCK = ("<!-- reproduce_ptb {name}: cost, written by --report-only --results-doc --cost -->",
+              "<!-- reproduce_ptb {name}: cost end -->")
 FIDELITY_BLOCK = ("<!-- reproduce_ptb: fidelity table, written by --report-only --results-doc -->",
                   "<!-- reproduce_ptb: fidelity end -->")
 # The fidelity table's columns: the gradients compared with the exact one, in the fidelity command's names.
@@ -356,13 +456,16 @@ def epoch_tables(args) -> str:
     last = max((max(r, default=0) for r in records.values()), default=0)
     head = "| epoch | " + " | ".join(args.modes) + " |\n|---|" + "---|" * len(args.modes)
     perplexity, seconds = [head], [head]
+    chars = any("validation_bits_per_character" in e for r in records.values() for e in r.values())
     for epoch in range(1, last + 1):
         cells = [records[m].get(epoch) for m in args.modes]
-        perplexity.append(f"| {epoch} | " + " | ".join(f"{c['validation_perplexity']:.2f}" if c else "" for c in cells)
-                          + " |")
+        perplexity.append(f"| {epoch} | " + " | ".join(
+            (f"{quality_of(c):.4f}" if chars else f"{c['validation_perplexity']:.2f}")
+            + (f" ({c['gradient_mode']})" if c and m in SCHEDULED_RUNS else "") if c else ""
+            for m, c in zip(args.modes, cells)) + " |")
         seconds.append(f"| {epoch} | " + " | ".join(
             f"{c['train_seconds']:.0f} (load {c['load_average'][0]:.1f})" if c else "" for c in cells) + " |")
-    return ("Validation perplexity after each epoch:\n\n" + "\n".join(perplexity)
+    return (f"Validation {'bits per character' if chars else 'perplexity'} after each epoch:\n\n" + "\n".join(perplexity)
             + "\n\nTraining seconds of each epoch (1-minute load average of the 2-core machine at its end):\n\n"
             + "\n".join(seconds) + "\n")
 
@@ -409,11 +512,32 @@ def write_results_doc(args, rows: list[dict]) -> None:
     """Replace the blocks between the `RESULTS_BLOCK` (and, if present, `FIDELITY_BLOCK`) markers of
     `args.results_doc` by the tables of this run."""
     path = Path(args.results_doc)
-    text = replace_block(path.read_text(), RESULTS_BLOCK, f"{write_table(args, rows)}\n{epoch_tables(args)}")
+    markers = tuple(marker.format(name=args.block) for marker in COST_BLOCK) if args.block else RESULTS_BLOCK
+    text = replace_block(path.read_text(), markers, f"{write_table(args, rows)}\n{epoch_tables(args)}"
+                         + (f"\n{cost_section(args, rows)}" if args.cost else ""))
     if FIDELITY_BLOCK[0] in text:
         text = replace_block(text, FIDELITY_BLOCK, fidelity_table(Path(args.record or args.output) / "fidelity",
                                                                   list(RUNS)))
     write_atomically(str(path), text)
+
+
+def cost_section(args, rows: list[dict]) -> str:
+    """The measured step cost of every mode (`--cost`, a `benchmarks/train_step.py --json` report) and, from it, when
+    each run reached the best validation quality of bptt, dsf and ft_bptt."""
+    cost = json.loads(Path(args.cost).read_text())
+    seconds, model = step_seconds(cost), cost["model"]
+    lines = [f"Step cost ({cost['machine']}; {model['layers']} x {model['hidden']} {model['cell']}, vocab "
+             f"{model['vocab']}, batch {model['batch']}, length {model['length']}, {model['threads']} thread(s), "
+             f"median of {model['repeats']} interleaved repeats; {cost['load']}):", "",
+             "| mode | ms / step | peak memory (MiB) | BPTT / mode (paired) |", "|---|---|---|---|"]
+    for run in cost["runs"]:
+        if run["dtype"] == "float32":
+            ratio = run["paired_bptt_over_mode"]
+            lines.append(f"| {run['mode']} | {run['median_s'] * 1000:.0f} | {run['peak_memory_mib']:.0f} | "
+                         + ("-" if ratio is None else f"{ratio:.2f}x") + " |")
+    unit = "bits per character" if character_level(rows) else "perplexity"
+    return ("\n".join(lines) + "\n\nTraining cost (steps x the step time above) at which each run first reached "
+            "a target:\n\n" + targets_table(rows, seconds, unit))
 
 
 def export_mode(args, mode: str, experiment) -> Path:
@@ -469,7 +593,7 @@ def report(args) -> None:
          "runs": rows}, indent=2, allow_nan=False))
     table = write_table(args, rows)
     write_atomically(str(output / "results.md"), table)
-    plot(rows, output / "perplexity.png")
+    plot(rows, output / "perplexity.png", step_seconds(json.loads(Path(args.cost).read_text())) if args.cost else None)
     if args.results_doc:
         write_results_doc(args, rows)
     if args.export_to:
@@ -507,6 +631,10 @@ def main(argv=None):
     parser.add_argument("--results-doc", help="a Markdown file whose reproduce_ptb blocks get the tables")
     parser.add_argument("--export-to", help="write each mode's best model as a Hub folder here (modes must be finished)")
     parser.add_argument("--cards", help="with --export-to: keep a copy of each model card here (`<name>.md`)")
+    parser.add_argument("--cost", help="a `benchmarks/train_step.py --json` report of this model: quality against "
+                        "training cost in the figure and --results-doc")
+    parser.add_argument("--block", help="with --results-doc: write the `reproduce_ptb <block>` marked section "
+                        "(tables, and the cost with --cost) instead of the protocol's")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:

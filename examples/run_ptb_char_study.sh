@@ -6,7 +6,10 @@
 # checkout (runs/ptb_char_study, untracked). Run it again to continue: each run resumes from its newest intact
 # checkpoint (one every 50 steps). Per-epoch records: docs/figures/ptb_char_study/<mode>.json.
 #   examples/run_ptb_char_study.sh &        # train, log runs/ptb_char_study/study.log
-#   examples/run_ptb_char_study.sh report   # table and figure from the records so far
+#   examples/run_ptb_char_study.sh cost     # every mode's step time and peak memory on this model and batch shape
+#                                           # (interleaved, paired ratios; stop other work first, or pause it with
+#                                           # kill -STOP): docs/figures/ptb_char_study/cost.json
+#   examples/run_ptb_char_study.sh report   # tables, figure and docs/results.md's "What DSF buys" from the records
 set -euo pipefail
 cd "$(dirname "$0")/.."
 main=$PWD
@@ -14,9 +17,17 @@ study=(--config ptb_char_gru_1x512 --epochs 6 --switch-epoch 4 --modes dsf bptt 
        --output runs/ptb_char_study --record docs/figures/ptb_char_study
        --set training.report_to=none --set training.trainer_args.disable_tqdm=true)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ "${1:-}" = report ]; then
-    exec .venv/bin/python examples/reproduce_ptb.py "${study[@]}" --report-only
-fi
+cost=docs/figures/ptb_char_study/cost.json
+case "${1:-}" in
+    cost)
+        exec .venv/bin/python benchmarks/train_step.py --layers 1 --hidden 512 --batch 128 --length 128 --vocab 53 \
+            --modes bptt dsf ft_bptt --threads 1 --warmup 2 --repeats 10 --json "$cost";;
+    report)
+        exec .venv/bin/python examples/reproduce_ptb.py "${study[@]}" --report-only --results-doc docs/results.md \
+            --block ptb_char_study $([ -e "$cost" ] && echo --cost "$cost");;
+    "") ;;
+    *) echo "usage: $0 [cost | report]" >&2; exit 2;;
+esac
 tree=$main/../sfrnn_char_study_809c53a
 [ -d "$tree" ] || git worktree add --detach "$tree" 809c53a
 [ -e "$tree/.venv" ] || ln -s "$main/.venv" "$tree/.venv"

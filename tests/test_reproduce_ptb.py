@@ -196,3 +196,43 @@ def test_an_epoch_is_recorded_once_its_checkpoint_is_written_even_across_a_stop(
     fresh.on_epoch_end(None, state, None)
     fresh.on_evaluate(None, state, None, metrics={"eval_perplexity": 1.0})
     assert not (tmp_path / "other" / "epochs.jsonl").exists()  # stopped before the checkpoint: a resume redoes it
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_ptb", ROOT / "examples" / "reproduce_ptb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_closed_cost_and_targets_of_a_study_with_a_schedule():
+    """Four runs of 3 epochs (100 steps each), bits per character: the gap closed, the cost of each epoch at its own
+    mode's step time (the scheduled run pays DSF's, then BPTT's), and who reaches each target first."""
+    module = _reproduce_module()
+    seconds = {"bptt": 2.0, "dsf": 1.5, "ft_bptt": 1.4}
+    quality = {"bptt": [2.0, 1.6, 1.40], "dsf": [1.9, 1.65, 1.50], "ft_bptt": [1.95, 1.7, 1.60],
+               "dsf_then_bptt": [1.9, 1.65, 1.42]}
+    modes = {"dsf_then_bptt": ["dsf", "dsf", "bptt"]}
+    rows = [{"mode": mode, "epochs": [1, 2, 3], "steps": [100, 200, 300],
+             "gradient_modes": modes.get(mode, [mode] * 3), "validation_quality": values,
+             "best_validation_quality": min(values), "test_quality_of_best": min(values) + 0.01}
+            for mode, values in quality.items()]
+    closed, measure = module.with_gap_closed(rows)
+    assert measure == "test_quality_of_best"
+    expected = {"bptt": 1.0, "ft_bptt": 0.0, "dsf": (1.61 - 1.51) / (1.61 - 1.41), "dsf_then_bptt": (1.61 - 1.43) / 0.2}
+    assert {row["mode"]: round(row["gap_closed"], 12) for row in closed} == \
+        {mode: round(value, 12) for mode, value in expected.items()}
+    scheduled = next(row for row in rows if row["mode"] == "dsf_then_bptt")
+    assert module.cumulative_cost(scheduled, seconds) == [150.0, 300.0, 500.0]
+    table = module.targets_table(rows, seconds, "bits per character").splitlines()
+    # FT-BPTT's best (1.60): bptt at epoch 2 (400 s), ft_bptt at 3 (420 s), dsf at 3 (450 s), the schedule at 3 (500 s).
+    ft_row = next(line for line in table if line.startswith("| ft_bptt's best"))
+    assert ft_row.endswith("| bptt, 1.05x cheaper than ft_bptt |")
+    # DSF's best (1.50): dsf at epoch 3 (450 s), the schedule at 3 (500 s), bptt at 3 (600 s).
+    dsf_row = next(line for line in table if line.startswith("| dsf's best"))
+    assert dsf_row.endswith("| dsf, 1.11x cheaper than dsf_then_bptt |") and dsf_row.count("not reached") == 1
+    # BPTT's best (1.40): only bptt reaches it (600 s).
+    bptt_row = next(line for line in table if line.startswith("| bptt's best"))
+    assert bptt_row.count("not reached") == 3 and bptt_row.endswith("| bptt |")
