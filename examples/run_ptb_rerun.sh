@@ -8,6 +8,8 @@
 #   examples/run_ptb_rerun.sh &           # train (nice 19), log runs/ptb_rerun/rerun.log
 #   RERUN_MODES=dsf examples/run_ptb_rerun.sh &   # only DSF (the published checkpoint; its epoch-10 checkpoint is
 #                                         # copied whole to runs/ptb_rerun/dsf_epoch10/ for the DSF-then-BPTT schedule)
+#   RERUN_MODES=dsf RERUN_RECORD_DIR=retrain examples/run_ptb_rerun.sh record|compare   # that run's records, kept
+#                                         # apart from the first rerun's (docs/figures/ptb_protocol/retrain/)
 #   examples/run_ptb_rerun.sh record      # copy the per-epoch records to docs/figures/ptb_protocol/rerun/ and extend the
 #                                         # protocol's diag(J) records (stopped at epoch 8) with the rerun's later epochs
 #   examples/run_ptb_rerun.sh compare     # each epoch's validation perplexity: the protocol's record against the rerun's
@@ -18,14 +20,17 @@ cd "$(dirname "$0")/.."
 main=$PWD
 out=$main/runs/ptb_rerun
 modes=(${RERUN_MODES:-bptt dsf ft_bptt dsf_calibrated diag_jacobian})  # RERUN_MODES="dsf": only those
+# where `record` keeps the per-epoch records and `compare` reads them: docs/figures/ptb_protocol/<RERUN_RECORD_DIR>/
+kept=${RERUN_RECORD_DIR:-rerun}
 run_flags=(--epochs 30 --threads 1 --set training.report_to=none --set training.trainer_args.disable_tqdm=true)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "${1:-}" in
     record)  # then: the protocol's records of the diag(J) modes (stopped at epoch 8) continue with the rerun's epochs
-        mkdir -p docs/figures/ptb_protocol/rerun
+        mkdir -p "docs/figures/ptb_protocol/$kept"
         for mode in "${modes[@]}"; do
-            [ ! -e "$out/rerun_record/$mode.json" ] || cp "$out/rerun_record/$mode.json" docs/figures/ptb_protocol/rerun/
+            [ ! -e "$out/rerun_record/$mode.json" ] || cp "$out/rerun_record/$mode.json" "docs/figures/ptb_protocol/$kept/"
         done
+        [ "$kept" = rerun ] || exit 0
         exec .venv/bin/python - dsf_calibrated diag_jacobian <<'PY'
 import json, sys
 from pathlib import Path
@@ -46,11 +51,11 @@ for mode in sys.argv[1:]:
 PY
         ;;
     compare)
-        exec .venv/bin/python - "${modes[@]}" <<'PY'
+        exec .venv/bin/python - "$kept" "${modes[@]}" <<'PY'
 import json, sys
 from pathlib import Path
-for mode in sys.argv[1:]:
-    record, rerun = (Path("docs/figures/ptb_protocol", folder, f"{mode}.json") for folder in ("", "rerun"))
+for mode in sys.argv[2:]:
+    record, rerun = (Path("docs/figures/ptb_protocol", folder, f"{mode}.json") for folder in ("", sys.argv[1]))
     if not rerun.exists():
         continue
     before, after = ({e["epoch"]: e["validation_perplexity"] for e in json.loads(path.read_text())["epochs"]}
