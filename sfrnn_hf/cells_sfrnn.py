@@ -150,6 +150,11 @@ class Cell:
     def __repr__(self):
         return f"{type(self).__name__}()"
 
+    @property
+    def has_triton_backward(self) -> bool:
+        """Whether the Triton backward kernel has this cell's branch (the `triton` DSF backend serves it)."""
+        return self.triton_code is not None
+
     # ----- the math, with autograd ------------------------------------------------------------------------------
 
     def step(self, input_projection, state, weight_hh, bias_hh):

@@ -100,8 +100,8 @@ class SfrnnConfig(PreTrainedConfig):
             `optimizer.step()`).
         feedback_momentum (`float`): `m` above, in [0, 1).
         dsf_backend (`str`): the op that runs `dsf`, `ft_bptt` and `diag_jacobian`, all computing the same gradients:
-            `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton, else
-            `fused_kernel`, `reference` elsewhere), `"reference"` (autograd of the one-step recompute: the readable
+            `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton for a cell
+            with a Triton backward, else `fused_kernel`, `reference` elsewhere), `"reference"` (autograd of the one-step recompute: the readable
             definition), `"fused"` (loop forward saving the gates, chunked torch backward), `"fused_kernel"` (torch's
             fused kernel forward, gates recomputed batched, torch backward), `"triton"` (as `fused_kernel` with the
             backward's scan and pointwise derivative in one Triton kernel). Resolved once per layer and device.

@@ -230,18 +230,24 @@ def _fused_op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype
     return op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype=matmul_dtype, **options)
 
 
-def resolve_dsf_backend(requested: str, device: torch.device) -> DsfBackend:
-    """The DSF op for `config.dsf_backend` on `device`. "auto": the measured fastest: on CPU `fused` (the loop
-    forward saving the gates, the chunked torch backward); on CUDA `triton` (cuDNN forward, gates recomputed
-    batched, scan and pointwise derivative in one Triton kernel) when Triton is installed, else `fused_kernel` (the
-    same without Triton); elsewhere (mps, xpu: not measured) `reference`."""
+def resolve_dsf_backend(requested: str, device: torch.device, cell) -> DsfBackend:
+    """The DSF op for `config.dsf_backend` on `device` for `cell` (a `Cell` or its name). "auto": the measured
+    fastest: on CPU `fused` (the loop forward saving the gates, the chunked torch backward); on CUDA `triton` (cuDNN
+    forward, gates recomputed batched, scan and pointwise derivative in one Triton kernel) when Triton is installed and
+    the cell has a Triton backward, else `fused_kernel` (the same with the torch backward); elsewhere (mps, xpu: not
+    measured) `reference`."""
     if requested not in DSF_BACKENDS:
         raise ValueError(f"Unknown dsf_backend {requested!r}; expected one of {list(DSF_BACKENDS)}.")
+    cell = get_cell(cell)
     name = requested
     if name == "auto":
-        name = {"cpu": "fused", "cuda": "triton" if TRITON_AVAILABLE else "fused_kernel"}.get(device.type, "reference")
+        triton = TRITON_AVAILABLE and cell.has_triton_backward
+        name = {"cpu": "fused", "cuda": "triton" if triton else "fused_kernel"}.get(device.type, "reference")
     if name == "triton" and not TRITON_AVAILABLE:
         raise ValueError("dsf_backend='triton' needs Triton installed (pip install triton); use 'fused_kernel'.")
+    if name == "triton" and not cell.has_triton_backward:
+        raise ValueError(f"dsf_backend='triton': the {cell.name!r} cell has no Triton backward; use 'fused_kernel' "
+                         f"(or 'auto', which picks it for this cell).")
     # GPU: the backward in long chunks (large matmuls); CPU: short, cache-sized chunks.
     chunk = 1024 if device.type == "cuda" else DSF_CHUNK
     ops = {
@@ -280,7 +286,7 @@ def dsf_layer_states(cell, inputs, initial_state, weights, mask, feedback, backe
     """
     device = inputs.device
     if torch.compiler.is_compiling() and not (feedback.per_step or feedback.record_statistics):
-        backend = resolve_dsf_backend("reference", device)
+        backend = resolve_dsf_backend("reference", device, cell)
     autocast = torch.is_autocast_enabled(device.type)
     compute_dtype = torch.promote_types(weights[0].dtype, torch.float32)
     matmul_dtype = None
@@ -408,7 +414,7 @@ class SfrnnRecurrentLayer(nn.Module):
         """The DSF op for this layer on `device`, resolved once per `config.dsf_backend` and device type."""
         key = (self.config.dsf_backend, device.type)
         if key not in self._backends:
-            backend = self._backends[key] = resolve_dsf_backend(self.config.dsf_backend, device)
+            backend = self._backends[key] = resolve_dsf_backend(self.config.dsf_backend, device, self.cell)
             if key not in _logged_backends and not torch.compiler.is_compiling():  # dynamo refuses logger calls
                 _logged_backends.add(key)
                 step_matmul = ""

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from test_fused_dsf import layer_weights, make_layer, make_mask  # noqa: E402
-from sfrnn_hf import triton_sfrnn  # noqa: E402
+from sfrnn_hf import recurrent_sfrnn, triton_sfrnn  # noqa: E402
 from sfrnn_hf.cells_sfrnn import CELLS  # noqa: E402
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence  # noqa: E402
 from sfrnn_hf.scan_sfrnn import Feedback  # noqa: E402
@@ -48,3 +48,34 @@ def test_triton_backward_equals_torch_backward(cell, mask_kind, decay):
     for got, want in zip(results[1], results[0]):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_auto_backend_on_cuda_runs_every_cell(cell):
+    """`dsf_backend="auto"` resolved for CUDA (here with Triton installed) gives each cell a backend whose backward
+    runs (Triton only for a cell with a Triton branch, else the torch backward) and equals the reference op. The
+    CUDA resolution is forced; its op runs on CPU tensors, the Triton kernel under the interpreter."""
+    layer = make_layer(cell, d=6, dtype=torch.float32, scale=2.0)
+    backend = layer.dsf_backend(torch.device("cuda"))
+    assert backend.name == ("triton" if cell in TRITON_CELLS else "fused_kernel")
+    inputs = torch.randn(3, 7, 6, requires_grad=True)
+    mask, initial = make_mask("right", 3, 7), torch.randn(3, layer.state_size)
+    readout = torch.randn(3, 7, layer.state_size)
+    params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
+    results = []
+    for op in (backend.op, recurrent_sfrnn.dsf_states):
+        states, _ = op(cell, inputs, initial, layer_weights(layer), mask, Feedback.constant(layer.feedback))
+        results.append(torch.autograd.grad((states * readout).sum(), params))
+    for got, want in zip(*results):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", [name for name in CELLS if name not in TRITON_CELLS])
+def test_triton_backend_for_a_cell_without_a_kernel_is_refused_when_resolved(cell):
+    """Asking for `triton` where the cell has no Triton branch fails at resolution, naming the cell and the
+    alternative, not at the first backward."""
+    layer = make_layer(cell)
+    layer.config.dsf_backend = "triton"
+    with pytest.raises(ValueError, match=f"'{cell}' cell has no Triton backward.*fused_kernel"):
+        layer.dsf_backend(torch.device("cuda"))
