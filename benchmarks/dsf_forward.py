@@ -25,7 +25,7 @@ from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, default_step_matmul, get_cell, onednn_packed_matmul_serves
 from sfrnn_hf.fused_sfrnn import dsf_backward, gates_from_states, recurrence_saving_gates
 from sfrnn_hf.recurrent_sfrnn import kernel_states
-from sfrnn_hf.scan_sfrnn import Feedback
+from sfrnn_hf.scan_sfrnn import ConstantFeedback
 
 
 def repeated(fn, times):
@@ -44,7 +44,7 @@ def pieces(cell_name, d, batch, length, dtype):
     weights = tuple(torch.empty(shape, dtype=dtype).uniform_(-bound, bound) for shape in shapes)
     inputs = torch.randn(length, batch, d, dtype=dtype)
     initial = torch.zeros(batch, cell.state_vectors * d, dtype=dtype)
-    feedback = Feedback.constant(torch.linspace(0, 1, cell.state_vectors * d, dtype=dtype))
+    feedback = ConstantFeedback(torch.linspace(0, 1, cell.state_vectors * d, dtype=dtype))
     kinds = [kind for kind in STEP_MATMULS if kind == "addmm" or onednn_packed_matmul_serves(inputs.device, dtype)]
     out = {}
     h = torch.randn(batch, d, dtype=dtype)

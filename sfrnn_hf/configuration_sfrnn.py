@@ -1,18 +1,20 @@
 """Configuration of sfrnn models: multi-layer GRU / LSTM / tanh-RNN language models whose backward is exact BPTT,
 Diagonal State Feedbacks (DSF, arXiv 2503.23104) or fully truncated BPTT.
 
-Hub-exported file: imports only transformers and its flat sibling `cells_sfrnn` (the registered cells).
+Hub-exported file: imports only transformers and its flat siblings `cells_sfrnn` and `scan_sfrnn` (the registered
+cells and feedbacks).
 """
 
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .cells_sfrnn import CELLS
+from .scan_sfrnn import FEEDBACKS
 
 logger = logging.get_logger(__name__)
 
 CELL_TYPES = tuple(CELLS)
-GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
+GRADIENT_MODES = ("bptt", *FEEDBACKS)  # exact BPTT, or the DSF rule with one of the feedbacks
 BLOCK_TYPES = ("residual", "prenorm")
 FEEDBACK_TYPES = ("linspace", "calibrated")
 # Which op runs the DSF-family modes (`recurrent_sfrnn.resolve_dsf_backend`); "auto" picks by device.

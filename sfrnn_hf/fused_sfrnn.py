@@ -22,7 +22,7 @@ Hub-exported file: imports only torch and its flat siblings.
 import torch
 
 from .cells_sfrnn import get_cell
-from .scan_sfrnn import Feedback, JacobianStatistics, reverse_scan_
+from .scan_sfrnn import JacobianStatistics
 
 # Steps per backward chunk on CPU: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in cache.
 DSF_CHUNK = 64
@@ -202,11 +202,8 @@ def dsf_backward(cell, grad_states, inputs, initial_state, states, gates, weight
         else:
             g = grad[:steps]
             g.copy_(grad_states[start:end])
-            if feedback.per_step:
-                decay = chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask, start, end)
-            else:
-                decay = feedback.diagonal
-            carry = reverse_scan_(g, decay, carry)
+            carry = feedback.scan_(g, lambda: chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask,
+                                                                      start, end), carry)
             if mask is not None:
                 g.mul_(mask[start:end])
             grad_pre, extra = cell.one_step_grad(g, None if gates is None else gates[start:end], previous,
@@ -271,9 +268,7 @@ class FusedDsfRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states, _grad_total, _grad_count):
         inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm = ctx.saved_tensors
         matmul_dtype, chunk, pointwise_kernel = ctx.options
-        feedback = ctx.feedback
-        if feedback.diagonal is not None:
-            feedback = Feedback("constant", feedback.diagonal.to(states.dtype), feedback.record_statistics)
+        feedback = ctx.feedback.to(states.dtype)
         needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
         with torch.autocast(inputs_tm.device.type, enabled=False):
             grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
@@ -304,7 +299,7 @@ def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *
             weights' device and dtype, `cells_sfrnn.default_step_matmul`).
     Example:
         >>> states, _ = fused_dsf_recurrence("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None,
-        ...                                  Feedback.constant(torch.linspace(0, 1, d)))
+        ...                                  ConstantFeedback(torch.linspace(0, 1, d)))
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
     """
     cell = get_cell(cell)

@@ -33,7 +33,7 @@ from .cells_sfrnn import cell_step, default_step_matmul, get_cell
 from .configuration_sfrnn import DSF_BACKENDS, calibration_without_effect
 from .fused_sfrnn import DSF_CHUNK, chunk_diagonal_jacobian, fused_dsf_recurrence, gates_from_states, \
     jacobian_statistics, recurrence_saving_gates
-from .scan_sfrnn import Feedback, JacobianStatistics, reverse_scan_
+from .scan_sfrnn import FEEDBACKS, Feedback, JacobianStatistics
 from .triton_sfrnn import TRITON_AVAILABLE, triton_dsf_pointwise_backward
 
 logger = logging.get_logger(__name__)
@@ -147,21 +147,20 @@ def kernel_states(cell, inputs, initial_state, weights, mask):
 
 class DiagonalStateFeedback(torch.autograd.Function):
     """The DSF rule. Forward: the states of the recurrence, unchanged. Backward: the incoming state gradient `e`
-    rewritten by the reverse scan `g_t = e_t + a_{t+1} * g_{t+1}` and sent into the one-step evaluation.
-    `decay`: `(S,)` a constant diagonal, `(batch, time, S)` one per step, or None (no scan: `g = e`)."""
+    rewritten by the feedback's reverse scan `g_t = e_t + a_{t+1} * g_{t+1}` and sent into the one-step evaluation.
+    `feedback`: a `Feedback`; `jacobians`: each step's diag(J_t) `(batch, time, S)` when the feedback decays by them
+    (`feedback.per_step`), else None."""
 
     @staticmethod
-    def forward(ctx, states, one_step_states, decay):
-        ctx.decay = decay
+    def forward(ctx, states, one_step_states, feedback, jacobians=None):
+        ctx.feedback, ctx.jacobians = feedback, jacobians
         return states.view_as(states)
 
     @staticmethod
     def backward(ctx, grad_states):
-        if ctx.decay is None:
-            return None, grad_states, None
         grad = grad_states.transpose(0, 1).contiguous()  # time-major, scanned in place
-        reverse_scan_(grad, ctx.decay if ctx.decay.dim() == 1 else ctx.decay.transpose(0, 1))
-        return None, grad.transpose(0, 1), None
+        ctx.feedback.scan_(grad, lambda: ctx.jacobians.transpose(0, 1))
+        return None, grad.transpose(0, 1), None, None
 
 
 def step_jacobian_diagonals(cell, inputs, previous_states, states, weights, mask):
@@ -190,18 +189,17 @@ def dsf_states(cell, inputs, initial_state, weights, mask, feedback):
     with torch.no_grad():
         states, _ = run_recurrence(cell, inputs, initial_state, weights, mask, all_states=True)
     previous_states = torch.cat([initial_state.detach().unsqueeze(1), states[:, :-1]], dim=1)
-    decay, statistics = feedback.diagonal, None
+    jacobians = statistics = None
     if feedback.per_step or feedback.record_statistics:
         with torch.no_grad():
             jacobians = step_jacobian_diagonals(cell, inputs, previous_states, states,
                                                 tuple(w.detach() for w in weights), mask)
-        if feedback.per_step:
-            decay = jacobians
         if feedback.record_statistics:
             real = torch.ones_like(states[..., 0]) if mask is None else mask.to(states.dtype)
             statistics = JacobianStatistics((jacobians * real.unsqueeze(-1)).sum(dim=(0, 1)), real.sum())
     one_step_states = cell_step(cell, F.linear(inputs, weight_ih, bias_ih), previous_states, weight_hh, bias_hh, mask)
-    return DiagonalStateFeedback.apply(states, one_step_states, decay), statistics
+    jacobians = jacobians if feedback.per_step else None
+    return DiagonalStateFeedback.apply(states, one_step_states, feedback, jacobians), statistics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,8 +293,7 @@ def dsf_layer_states(cell, inputs, initial_state, weights, mask, feedback, backe
     out_dtype = compute_dtype if autocast else inputs.dtype
     inputs, initial_state = inputs.to(compute_dtype), initial_state.to(compute_dtype)
     weights = tuple(w.to(compute_dtype) for w in weights)
-    if feedback.diagonal is not None:
-        feedback = Feedback.constant(feedback.diagonal.to(compute_dtype), feedback.record_statistics)
+    feedback = feedback.to(compute_dtype)
     with torch.autocast(device.type, enabled=False):
         states, statistics = backend.op(cell, inputs, initial_state, weights, mask, feedback, matmul_dtype)
     return states.to(out_dtype), statistics
@@ -400,15 +397,11 @@ class SfrnnRecurrentLayer(nn.Module):
                 f"output_size={self.output_size}, gradient_mode={config.gradient_mode}, feedback={feedback}")
 
     def feedback_for(self, gradient_mode: str) -> Feedback:
-        """The reverse scan's decay in a DSF-family mode: `dsf` the feedback diagonal (recording diag(J) statistics
-        when calibrated), `ft_bptt` none, `diag_jacobian` each step's own diag(J_t)."""
-        if gradient_mode == "dsf":
-            return Feedback.constant(self.feedback, record_statistics=self.config.feedback_type == "calibrated")
-        if gradient_mode == "ft_bptt":
-            return Feedback.none()
-        if gradient_mode == "diag_jacobian":
-            return Feedback.diag_jacobian()
-        raise ValueError(f"gradient_mode {gradient_mode!r} has no DSF feedback.")
+        """The reverse scan's feedback in a DSF-family mode (`scan_sfrnn.FEEDBACKS`): `dsf` the feedback diagonal
+        (recording diag(J) statistics when calibrated), `ft_bptt` none, `diag_jacobian` each step's own diag(J_t)."""
+        if gradient_mode not in FEEDBACKS:
+            raise ValueError(f"gradient_mode {gradient_mode!r} has no DSF feedback; expected one of {list(FEEDBACKS)}.")
+        return FEEDBACKS[gradient_mode].of_layer(self)
 
     def dsf_backend(self, device: torch.device) -> DsfBackend:
         """The DSF op for this layer on `device`, resolved once per `config.dsf_backend` and device type."""

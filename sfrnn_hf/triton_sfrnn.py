@@ -174,21 +174,18 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
                   if cell.extra_gradient_width else None)
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
     dummy = states  # unused pointer arguments must still be tensors
-    diagonals = dummy
+    diagonals = None
     if feedback.per_step:
         if weight_hh is None:
             raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
         diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
-        mode = 2
-    elif feedback.diagonal is not None:
-        mode = 1
-    else:
-        mode = 0
-    feedback = feedback.diagonal.float().contiguous() if mode == 1 else dummy
+    constant = None if feedback.diagonal is None else feedback.diagonal.float().contiguous()
+    mode = 2 if diagonals is not None else 1 if constant is not None else 0
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](
         grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
-        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy, feedback, diagonals,
+        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy,
+        constant if constant is not None else dummy, diagonals if diagonals is not None else dummy,
         out_pre, out_hidden if out_hidden is not None else dummy, time, batch, d,
         CELL=cell.triton_code, HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
     )

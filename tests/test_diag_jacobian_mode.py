@@ -8,7 +8,7 @@ import torch
 from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, fused_sfrnn, recurrent_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS
-from sfrnn_hf.scan_sfrnn import Feedback
+from sfrnn_hf.scan_sfrnn import CalibratedFeedback, DiagJacobianFeedback
 from test_fused_dsf import layer_weights, make_layer, make_mask
 
 WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -201,7 +201,7 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
 
     kernel = recurrent_sfrnn.kernel_states
     _, (total, count) = fused_sfrnn.fused_dsf_recurrence(
-        cell, inputs, initial, weights, mask, Feedback.constant(layer.feedback, record_statistics=True),
+        cell, inputs, initial, weights, mask, CalibratedFeedback(layer.feedback),
         state_kernel=kernel, chunk=4)
     assert count == mask.sum()
     torch.testing.assert_close(total / count, batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
@@ -211,7 +211,7 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     names, weights = trained_weights(layer)
     params = [inputs, *weights]
     states, _ = fused_sfrnn.fused_dsf_recurrence(cell, inputs, initial, layer_weights(layer), mask,
-                                                 Feedback.diag_jacobian(), state_kernel=kernel, chunk=4)
+                                                 DiagJacobianFeedback(), state_kernel=kernel, chunk=4)
     got = torch.autograd.grad((states * readout).sum(), params)
     want = torch.autograd.grad((reference_diag_jacobian_layer(layer, inputs, mask) * readout).sum(), params)
     for name, g, w in zip(["inputs", *names], got, want):

@@ -17,7 +17,7 @@ from sfrnn_hf.training.fidelity import (
     state_gradient_fidelity,
 )
 from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
-from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_diagonal_scan
 
 
 class LinearDiagonalLM(nn.Module):
@@ -46,7 +46,7 @@ class LinearDiagonalLM(nn.Module):
             with torch.no_grad():
                 values = self.recurrence(x)
             previous = torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
-            feedback = self.lam.detach() if self.config.gradient_mode == "dsf" else None
+            feedback = ConstantFeedback(self.lam.detach()) if self.config.gradient_mode == "dsf" else NoFeedback()
             states = DiagonalStateFeedback.apply(values, self.lam * previous + x @ self.weight.T, feedback)
         logits = self.head(states)
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())

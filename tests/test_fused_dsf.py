@@ -17,7 +17,7 @@ from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, cell_step, default_st
     onednn_packed_matmul_serves, tanh_from_sigmoid_
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence
 from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, kernel_states
-from sfrnn_hf.scan_sfrnn import Feedback, reverse_scan_
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_scan_
 
 CELLS = tuple(REGISTERED_CELLS)  # every registered cell, minGRU included
 MASKS = (None, "right", "left", "arbitrary")
@@ -57,7 +57,7 @@ def layer_weights(layer):
 
 def as_feedback(feedback):
     """A `Feedback` from a diagonal `(S,)` (DSF) or None (FT-BPTT)."""
-    return Feedback.none() if feedback is None else Feedback.constant(feedback)
+    return NoFeedback() if feedback is None else ConstantFeedback(feedback)
 
 
 def fused_dsf_states(cell, inputs, initial, weights, mask, feedback, **options):

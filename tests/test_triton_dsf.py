@@ -10,7 +10,7 @@ from test_fused_dsf import layer_weights, make_layer, make_mask  # noqa: E402
 from sfrnn_hf import recurrent_sfrnn, triton_sfrnn  # noqa: E402
 from sfrnn_hf.cells_sfrnn import CELLS  # noqa: E402
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence  # noqa: E402
-from sfrnn_hf.scan_sfrnn import Feedback  # noqa: E402
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, DiagJacobianFeedback, NoFeedback  # noqa: E402
 
 TRITON_CELLS = [name for name, cell in CELLS.items() if cell.triton_code is not None]
 DIAG_JACOBIAN = "diag_jacobian"
@@ -37,8 +37,8 @@ def test_triton_backward_equals_torch_backward(cell, mask_kind, decay):
     mask = make_mask(mask_kind, 3, 7)
     readout = torch.randn(3, 7, layer.state_size)
     initial = torch.randn(3, layer.state_size)
-    feedback = {"feedback": Feedback.constant(layer.feedback), None: Feedback.none(),
-                DIAG_JACOBIAN: Feedback.diag_jacobian()}[decay]
+    feedback = {"feedback": ConstantFeedback(layer.feedback), None: NoFeedback(),
+                DIAG_JACOBIAN: DiagJacobianFeedback()}[decay]
     params = [inputs, *layer_weights(layer)]
     results = []
     for kernel in (None, triton_sfrnn.triton_dsf_pointwise_backward):
@@ -64,7 +64,7 @@ def test_auto_backend_on_cuda_runs_every_cell(cell):
     params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
     results = []
     for op in (backend.op, recurrent_sfrnn.dsf_states):
-        states, _ = op(cell, inputs, initial, layer_weights(layer), mask, Feedback.constant(layer.feedback))
+        states, _ = op(cell, inputs, initial, layer_weights(layer), mask, ConstantFeedback(layer.feedback))
         results.append(torch.autograd.grad((states * readout).sum(), params))
     for got, want in zip(*results):
         assert want.abs().max() > 0
