@@ -17,14 +17,14 @@ import time
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 
 TRACEABLE_MODES = ("bptt", "dsf", "ft_bptt")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cell", default="gru", choices=CELL_TYPES)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)

@@ -47,14 +47,6 @@ def _input_projection(step_weights, inputs, matmul_dtype):
     return out.view(time, batch, -1)
 
 
-def _accumulate_matmul_(out, a, b, matmul_dtype):
-    """`out += a @ b` (out is the fp32/fp64 accumulator)."""
-    if matmul_dtype is None or matmul_dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(a.to(matmul_dtype) @ b.to(matmul_dtype))
-
-
 def _empty_gates(cell, like, time, batch, d):
     return like.new_empty(time, batch, cell.saved_gates * d) if cell.saved_gates else None
 
@@ -210,18 +202,10 @@ def dsf_backward(cell, grad_states, inputs, initial_state, states, gates, weight
                                                  states[start:end])
         rows = steps * batch
         grad_pre = grad_pre.reshape(rows, -1)
-        if need_wih:
-            _accumulate_matmul_(grad_wih, grad_pre.t(), inputs[start:end].reshape(rows, d), matmul_dtype)
-        if need_bih:
-            grad_bih.add_(grad_pre.sum(0))
-        if need_whh or need_bhh:
-            h_previous = previous[..., :d].reshape(rows, d)
-            for block, block_grad in cell.hidden_projection_grads(grad_pre, None if extra is None
-                                                                  else extra.reshape(rows, -1)):
-                if need_whh:
-                    _accumulate_matmul_(grad_whh[block], block_grad.t(), h_previous, matmul_dtype)
-                if need_bhh:
-                    grad_bhh[block].add_(block_grad.sum(0))
+        cell.accumulate_weight_grads_((grad_wih, grad_whh, grad_bih, grad_bhh), grad_pre,
+                                      None if extra is None else extra.reshape(rows, -1),
+                                      inputs[start:end].reshape(rows, d), previous[..., :d].reshape(rows, d),
+                                      matmul_dtype)
         if need_x:
             if matmul_dtype is None or matmul_dtype == dtype:
                 torch.mm(grad_pre, weight_ih_c, out=grad_x[start:end].view(rows, d))

@@ -331,7 +331,8 @@ def linspace_feedback(config):
 class SfrnnRecurrentLayer(nn.Module):
     """One recurrent layer: `(batch, time, d)` -> `(batch, time, d)` (`2d` for an LSTM exposing `[h, c]`).
 
-    Parameters have the shapes and gate order of `nn.GRU` / `nn.LSTM` / `nn.RNN` (without the `_l0` suffix):
+    Parameters `weight_ih`, `weight_hh`, `bias_ih`, `bias_hh` with the shapes the cell declares
+    (`Cell.parameter_shapes`): for GRU / LSTM / RNN those of `nn.GRU` / `nn.LSTM` / `nn.RNN` (without the `_l0` suffix),
     `weight_ih (G*d, d)`, `weight_hh (G*d, d)`, `bias_ih (G*d,)`, `bias_hh (G*d,)`, G = 3 / 4 / 1.
     The buffer `feedback` `(S,)` is the fixed DSF diagonal (saved with the checkpoint, never trained).
     """
@@ -345,10 +346,8 @@ class SfrnnRecurrentLayer(nn.Module):
         self.hidden_size = d = config.hidden_size
         self.state_size = d * self.cell.state_vectors
         self.output_size = self.state_size if config.lstm_expose_cell_state else d
-        self.weight_ih = nn.Parameter(torch.empty(self.cell.gates * d, d))
-        self.weight_hh = nn.Parameter(torch.empty(self.cell.recurrent_gates * d, d))
-        self.bias_ih = nn.Parameter(torch.empty(self.cell.gates * d))
-        self.bias_hh = nn.Parameter(torch.empty(self.cell.recurrent_gates * d))
+        for name, shape in self.cell.parameter_shapes(d).items():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
         self._backends = {}  # (config.dsf_backend, device type) -> DsfBackend
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
         self.pending_calibration = None  # [diag(J) total (S,), count, forwards] since the last feedback update
@@ -418,11 +417,6 @@ class SfrnnRecurrentLayer(nn.Module):
                 logger.info(f"sfrnn DSF backend: {backend.name} on {device.type} (config.dsf_backend="
                             f"{self.config.dsf_backend!r}){step_matmul}")
         return self._backends[key]
-
-    @property
-    def init_bound(self):
-        """torch's RNN init: `U(-1/sqrt(d), 1/sqrt(d))`."""
-        return 1.0 / math.sqrt(self.hidden_size)
 
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """

@@ -178,7 +178,7 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
     if feedback.per_step:
         if weight_hh is None:
             raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
-        diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
+        diagonals = cell.recurrent_diagonals(weight_hh).float().contiguous()  # (G, d)
     constant = None if feedback.diagonal is None else feedback.diagonal.float().contiguous()
     mode = 2 if diagonals is not None else 1 if constant is not None else 0
     grid = (batch, triton.cdiv(d, tile))

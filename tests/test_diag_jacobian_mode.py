@@ -109,12 +109,17 @@ def test_diagonal_recurrent_blocks_make_diag_jacobian_exact_bptt(cell):
     assert not torch.allclose(grads["dsf"][weight_hh_index], grads["bptt"][weight_hh_index], rtol=1e-3)
 
 
+DIAGONAL_CELLS = [name for name, cell in CELLS.items() if not cell.recurrent_gates]
+
+
+@pytest.mark.parametrize("cell", DIAGONAL_CELLS)
 @pytest.mark.parametrize("block_type", ["residual", "prenorm"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_mingru_diag_jacobian_is_exact_bptt(block_type, padding):
-    """minGRU's gates read the input only, so its Jacobian IS diag(1 - z_t): the `diag_jacobian` rule is exact BPTT
-    for every parameter of a 2-layer model, while the constant-feedback `dsf` is not."""
-    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type="mingru", block_type=block_type,
+def test_diagonal_cells_diag_jacobian_is_exact_bptt(cell, block_type, padding):
+    """A cell whose state enters through no matrix has a diagonal Jacobian (minGRU's `diag(1 - z_t)`, IndRNN's
+    `diag((1 - h_t^2) u)`): the `diag_jacobian` rule is exact BPTT for every parameter of a 2-layer model, while the
+    constant-feedback `dsf` is not."""
+    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type=cell, block_type=block_type,
                          intermediate_size=8)
     model = SfrnnForCausalLM(config).double()
     input_ids, labels, mask = padded_batch(19, 3, 10, padding)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from references import padded_batch, reference_exact_layer
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf.training.fidelity import (
     feedback_match,
     gradient_fidelity,
@@ -77,7 +77,7 @@ def test_zero_feedback_dsf_equals_ft_bptt():
     assert set(result["layers"]["dsf"]) == {"layers.0", "layers.1"}
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 def test_time_distance_terms_sum_to_the_exact_and_dsf_state_gradients(cell):
     config = SfrnnConfig(vocab_size=17, hidden_size=5, cell_type=cell)
     layer = SfrnnForCausalLM(config).double().model.layers[0].recurrent

@@ -134,30 +134,31 @@ def test_step_saving_gates_equals_cell_step(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_one_step_grad_equals_autograd_of_cell_step(cell):
+def test_one_step_gradients_equal_autograd_of_cell_step(cell):
+    """`one_step_grad` then the cell's `accumulate_weight_grads_` give, for rows of one-step evaluations with the
+    previous state held constant, the gradients autograd gives through `cell_step`: of the input projection and of
+    every weight, whatever the cell's weight layout."""
     layer = make_layer(cell)
     spec = get_cell(cell)
     d = layer.hidden_size
-    w_hh, b_hh = layer.weight_hh.detach(), layer.bias_hh.detach()
-    input_projection = torch.randn(4, layer.weight_ih.shape[0], dtype=torch.float64, requires_grad=True)
-    hidden_projection = (torch.randn(4, d, dtype=torch.float64) @ w_hh.T + b_hh).requires_grad_()
+    weights = [w.detach().clone().requires_grad_() for w in layer_weights(layer)]
+    w_ih, w_hh, b_ih, b_hh = weights
+    x = torch.randn(4, d, dtype=torch.float64)
     state = torch.randn(4, layer.state_size, dtype=torch.float64)
     grad = torch.randn(4, layer.state_size, dtype=torch.float64)
-    # cell_step with its matmul made an input: substitute h W_hh^T + b_hh by an independent leaf via the bias.
-    zero_weight = torch.zeros_like(w_hh)
-    new_state = cell_step(cell, input_projection, state, zero_weight, hidden_projection)
-    want_input, want_hidden = torch.autograd.grad(new_state, [input_projection, hidden_projection], grad,
-                                                  allow_unused=True)
-    if want_hidden is None:  # a cell without recurrent weights (minGRU)
-        want_hidden = torch.zeros_like(hidden_projection)
-    # the same step through the gated form, saving gates
-    gates, out = saved_step(cell, input_projection.detach(), state, zero_weight, hidden_projection.detach())
-    grad_input, extra = spec.one_step_grad(grad, gates, state, out)
-    torch.testing.assert_close(grad_input, want_input, rtol=1e-12, atol=1e-13)
-    got_hidden = torch.zeros_like(want_hidden)
-    for rows, block in spec.hidden_projection_grads(grad_input, extra):
-        got_hidden[:, rows] = block
-    torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-12, atol=1e-13)
+    input_projection = (x @ w_ih.T + b_ih).detach().requires_grad_()
+    new_state = cell_step(cell, input_projection, state, w_hh, b_hh)
+    want_pre, *want = torch.autograd.grad(new_state, [input_projection, w_ih, w_hh, b_ih, b_hh], grad,
+                                          allow_unused=True, materialize_grads=True)
+    want[0], want[2] = want_pre.T @ x, want_pre.sum(0)  # through x W_ih^T + b_ih
+    gates, out = saved_step(cell, input_projection.detach(), state, w_hh.detach(), b_hh.detach())
+    grad_pre, extra = spec.one_step_grad(grad, gates, state, out)
+    torch.testing.assert_close(grad_pre, want_pre, rtol=1e-12, atol=1e-13)
+    got = [torch.zeros_like(w) for w in weights]
+    spec.accumulate_weight_grads_(got, grad_pre, extra, x, state[:, :d])
+    for name, g, w in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+        assert w.numel() == 0 or w.abs().max() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from references import padded_batch
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf import recurrent_sfrnn
 
 MODES = ("bptt", "dsf", "ft_bptt")
@@ -15,7 +15,7 @@ def tiny(cell, block="residual", **kw):
     return SfrnnForCausalLM(config)
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 def test_forward_and_loss_agree_across_modes(cell, padding):
     model = tiny(cell, "prenorm")
@@ -64,7 +64,7 @@ def test_switching_mode_on_a_live_model_takes_effect_at_next_forward():
         torch.testing.assert_close(grad_in(mode), first[mode])
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_bf16_autocast_runs_every_cell_and_mode(cell, mode):
     # torch's oneDNN LSTM has no bf16 kernel on CPUs without native bf16: the recurrence must not be sent there.
