@@ -4,7 +4,7 @@ Eager and compiled runs of each step are interleaved inside every repeat (order 
 paired ratio (the median over repeats of eager time / compiled time, both timed back to back) is reported with the
 medians, so that background load on shared cores hits both alike. Compilation time is printed separately.
 
-Under compile, `dsf` and `ft_bptt` run the traceable recompute form (`recurrent_sfrnn.dsf_states`); eager runs the fused
+Under compile, `dsf` and `ft_bptt` run the traceable recompute form (`reference_sfrnn.dsf_states`); eager runs the fused
 op. So "dsf" below compares two different implementations of the same gradients.
 
     python benchmarks/compile.py                       # GRU 1 x 256, PTB vocab, batch 32, length 64 (the PTB protocol)

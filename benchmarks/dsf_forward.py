@@ -23,8 +23,8 @@ import torch
 
 from common import interleaved_timings, load_line, machine_description
 from sfrnn_hf.cells_sfrnn import CELLS, STEP_MATMULS, StepMatmul, default_step_matmul, get_cell, onednn_packed_matmul_serves
-from sfrnn_hf.fused_sfrnn import dsf_backward, gates_from_states, recurrence_saving_gates
-from sfrnn_hf.recurrent_sfrnn import kernel_states
+from sfrnn_hf.fused_sfrnn import GradsWanted, dsf_backward, gates_from_states, recurrence_saving_gates
+from sfrnn_hf.recurrence_sfrnn import kernel_states
 from sfrnn_hf.scan_sfrnn import ConstantFeedback
 
 
@@ -75,7 +75,7 @@ def pieces(cell_name, d, batch, length, dtype):
     states, gates, _ = recurrence_saving_gates(cell, inputs, initial, weights)
     grad_states = torch.randn_like(states)
     out["dsf backward"] = (lambda: dsf_backward(cell, grad_states, inputs, initial, states, gates, weights, None,
-                                                feedback, (True,) * 5), length)
+                                                feedback, GradsWanted(*(True,) * 5)), length)
     if has_kernel:
         params = [w.clone().requires_grad_() for w in weights]
         x = batch_first.clone().requires_grad_()

@@ -17,7 +17,7 @@ CELL_TYPES = tuple(CELLS)
 GRADIENT_MODES = ("bptt", *FEEDBACKS)  # exact BPTT, or the DSF rule with one of the feedbacks
 BLOCK_TYPES = ("residual", "prenorm")
 FEEDBACK_TYPES = ("linspace", "calibrated")
-# Which op runs the DSF-family modes (`recurrent_sfrnn.resolve_dsf_backend`); "auto" picks by device.
+# Which op runs the DSF-family modes (`backends_sfrnn.resolve_dsf_backend`); "auto" picks by device.
 DSF_BACKENDS = ("auto", "reference", "fused", "fused_kernel", "triton")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
@@ -80,9 +80,10 @@ class SfrnnConfig(PreTrainedConfig):
         vocab_size (`int`): number of tokens.
         hidden_size (`int`): width `d` of the embeddings and of every recurrent state.
         num_hidden_layers (`int`): number of blocks.
-        cell_type (`str`): `"gru"`, `"lstm"`, `"rnn"` (tanh Elman) or `"mingru"` (Feng et al. 2024: gates from the
-            input only, so its Jacobian is diagonal). Weights use the layout and gate order of `torch.nn.GRU` /
-            `nn.LSTM` / `nn.RNN`; every cell is defined in `cells_sfrnn.py`.
+        cell_type (`str`): `"gru"`, `"lstm"`, `"rnn"` (tanh Elman), `"mingru"` (Feng et al. 2024: gates from the
+            input only, so its Jacobian is diagonal) or `"indrnn"` (Li et al. 2018, tanh: a vector recurrent weight,
+            so its Jacobian is diagonal). Weights use the layout and gate order of `torch.nn.GRU` / `nn.LSTM` /
+            `nn.RNN` (IndRNN: `weight_hh` a vector `(d,)`); every cell is defined in `cells_sfrnn.py`.
         gradient_mode (`str`): how the state gradient is computed in training:
             `"bptt"` exact backpropagation through time (torch's fused kernels),
             `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,

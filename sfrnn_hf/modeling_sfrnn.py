@@ -19,7 +19,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
 from .configuration_sfrnn import SfrnnConfig
-from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
+from .recurrence_sfrnn import effective_mask
+from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
 
 
 class SfrnnStateLayer(LinearAttentionLayer):

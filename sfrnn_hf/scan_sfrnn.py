@@ -18,14 +18,17 @@ class Feedback:
     - `scan_(grad, step_jacobians, carry)`: the reverse scan over a chunk, its decay chosen by the feedback;
     - `to(dtype)`: the feedback in the compute dtype;
     - `record_statistics`: whether the forward returns diag(J_t) statistics (`JacobianStatistics`);
-    - `per_step`: whether the decay is each step's diag(J_t) (the forward's gates then feed the scan), and
-      `diagonal` (the constant decay `(S,)` or None): together they pick the Triton kernel's variant.
+    - `per_step`: whether the decay is each step's diag(J_t) (the forward's gates then feed the scan);
+    - `kernel_variant`: the Triton kernel's variant that scans it, one of `KERNEL_VARIANTS` ("constant": the
+      `diagonal` `(S,)`, "per_step": diag(J_t) computed in the kernel, "none": no scan), or None when the kernel has
+      none (the torch pointwise backward then serves it).
     """
 
     gradient_mode: str
     diagonal: torch.Tensor | None = None
     record_statistics: bool = False
     per_step: bool = False
+    kernel_variant: str | None = None
 
     @classmethod
     def of_layer(cls, layer) -> "Feedback":
@@ -54,6 +57,7 @@ class ConstantFeedback(Feedback):
     """`g_t = e_t + a * g_{t+1}` with a fixed diagonal `a` `(S,)`: the paper's DSF."""
 
     gradient_mode = "dsf"
+    kernel_variant = "constant"
 
     def __init__(self, diagonal: torch.Tensor):
         self.diagonal = diagonal
@@ -84,6 +88,7 @@ class NoFeedback(Feedback):
     """`g_t = e_t`, no scan: fully truncated BPTT."""
 
     gradient_mode = "ft_bptt"
+    kernel_variant = "none"
 
     def scan_(self, grad, step_jacobians, carry=None):
         return None
@@ -94,11 +99,13 @@ class DiagJacobianFeedback(Feedback):
 
     gradient_mode = "diag_jacobian"
     per_step = True
+    kernel_variant = "per_step"
 
     def decay(self, steps, step_jacobians):
         return step_jacobians()
 
 
+KERNEL_VARIANTS = ("none", "constant", "per_step")
 # `config.gradient_mode` -> the feedback it trains with (every mode but "bptt").
 FEEDBACKS = {feedback.gradient_mode: feedback for feedback in (ConstantFeedback, NoFeedback, DiagJacobianFeedback)}
 
@@ -148,4 +155,5 @@ def reverse_diagonal_scan(errors: torch.Tensor, feedback: torch.Tensor) -> torch
 
 
 __all__ = ["Feedback", "ConstantFeedback", "CalibratedFeedback", "NoFeedback", "DiagJacobianFeedback", "FEEDBACKS",
+           "KERNEL_VARIANTS",
            "JacobianStatistics", "reverse_scan_", "reverse_diagonal_scan"]

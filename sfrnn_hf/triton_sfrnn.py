@@ -174,12 +174,15 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
                   if cell.extra_gradient_width else None)
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
     dummy = states  # unused pointer arguments must still be tensors
+    if feedback.kernel_variant is None:
+        raise ValueError(f"The Triton backward has no variant for {feedback!r}: its pointwise part runs in torch "
+                         f"(fused_sfrnn.torch_pointwise_backward).")
     diagonals = None
-    if feedback.per_step:
+    if feedback.kernel_variant == "per_step":
         if weight_hh is None:
             raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
         diagonals = cell.recurrent_diagonals(weight_hh).float().contiguous()  # (G, d)
-    constant = None if feedback.diagonal is None else feedback.diagonal.float().contiguous()
+    constant = feedback.diagonal.float().contiguous() if feedback.kernel_variant == "constant" else None
     mode = 2 if diagonals is not None else 1 if constant is not None else 0
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](

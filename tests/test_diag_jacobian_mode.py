@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, fused_sfrnn, recurrent_sfrnn
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, backends_sfrnn, fused_sfrnn, recurrence_sfrnn, recurrent_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS
 from sfrnn_hf.scan_sfrnn import CalibratedFeedback, DiagJacobianFeedback
 from test_fused_dsf import layer_weights, make_layer, make_mask
@@ -64,7 +64,7 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
 @pytest.mark.parametrize("mask_kind", [None, "right", "left", "arbitrary"])
 @pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
 def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    monkeypatch.setattr(backends_sfrnn, "DSF_CHUNK", chunk)
     assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
 
 
@@ -166,7 +166,7 @@ def batch_mean_diagonal(layer, inputs, mask):
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("chunk", [4, 64])  # the forward loop adds up the mean chunk by chunk
 def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell, chunk, monkeypatch):
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    monkeypatch.setattr(backends_sfrnn, "DSF_CHUNK", chunk)
     monkeypatch.setattr(fused_sfrnn, "DSF_CHUNK", chunk)
     layer = make_layer(cell, scale=1.0)
     layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
@@ -204,7 +204,7 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     initial = torch.zeros(4, layer.state_size, dtype=torch.float64)
     weights = layer_weights(layer)
 
-    kernel = recurrent_sfrnn.kernel_states
+    kernel = recurrence_sfrnn.kernel_states
     _, (total, count) = fused_sfrnn.fused_dsf_recurrence(
         cell, inputs, initial, weights, mask, CalibratedFeedback(layer.feedback),
         state_kernel=kernel, chunk=4)

@@ -16,7 +16,7 @@ from sfrnn_hf.training.fidelity import (
     state_gradient_contributions,
     state_gradient_fidelity,
 )
-from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
+from sfrnn_hf.reference_sfrnn import DiagonalStateFeedback
 from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_diagonal_scan
 
 

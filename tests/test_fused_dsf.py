@@ -1,6 +1,6 @@
 """The fused DSF op (`fused_sfrnn.py`) equals the DSF rule's definitions on outputs and on every gradient.
 
-References: `recurrent_sfrnn.dsf_states` (the recompute form: autograd of `cell_step` over all positions) and
+References: `reference_sfrnn.dsf_states` (the recompute form: autograd of `cell_step` over all positions) and
 `references.reference_dsf_layer` (per-timestep autograd of torch's own cells, plain-loop scan). Every cell, masks
 (none, right, left, arbitrary), float64 (rtol 1e-10), float32 (rtol 1e-5) and bf16 large matmuls (stated tolerance),
 chunk lengths that do and do not divide the sequence.
@@ -11,12 +11,13 @@ import torch
 
 from references import reference_dsf_layer
 from sfrnn_hf import SfrnnConfig
-from sfrnn_hf import recurrent_sfrnn
+from sfrnn_hf import backends_sfrnn, recurrent_sfrnn, reference_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS as REGISTERED_CELLS
 from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, cell_step, default_step_matmul, get_cell, \
     onednn_packed_matmul_serves, tanh_from_sigmoid_
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence
-from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, kernel_states
+from sfrnn_hf.recurrence_sfrnn import kernel_states
+from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer
 from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_scan_
 
 CELLS = tuple(REGISTERED_CELLS)  # every registered cell, minGRU included
@@ -67,7 +68,7 @@ def fused_dsf_states(cell, inputs, initial, weights, mask, feedback, **options):
 
 def dsf_states(cell, inputs, initial, weights, mask, feedback):
     """The reference op's states, feedback given as a diagonal or None."""
-    return recurrent_sfrnn.dsf_states(cell, inputs, initial, weights, mask, as_feedback(feedback))[0]
+    return reference_sfrnn.dsf_states(cell, inputs, initial, weights, mask, as_feedback(feedback))[0]
 
 
 def outputs_and_grads(states_fn, layer, inputs, readout):
@@ -313,7 +314,7 @@ def test_cpu_training_runs_the_fused_backend_in_float64_and_float32(monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("the reference op ran although the fused backend is the CPU default")
 
-    monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
+    monkeypatch.setattr(backends_sfrnn, "dsf_states", fail)
     for dtype in (torch.float64, torch.float32):
         layer = make_layer("gru", dtype=dtype)
         out, _ = layer(torch.randn(3, 5, layer.hidden_size, dtype=dtype), mask=make_mask("left", 3, 5))

@@ -3,7 +3,7 @@ rule with feedback = lambda gives exactly the BPTT gradient (weights, inputs and
 
 import torch
 
-from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
+from sfrnn_hf.reference_sfrnn import DiagonalStateFeedback
 from sfrnn_hf.scan_sfrnn import ConstantFeedback
 
 

@@ -5,7 +5,7 @@ import torch
 
 from references import padded_batch
 from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf import recurrent_sfrnn
+from sfrnn_hf import backends_sfrnn
 
 MODES = ("bptt", "dsf", "ft_bptt")
 
@@ -37,7 +37,7 @@ def test_eval_forward_builds_no_graph_and_no_recompute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the DSF recompute ran in a no-grad forward")
 
-    monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
+    monkeypatch.setattr(backends_sfrnn, "dsf_states", fail)
     input_ids, _, mask = padded_batch(29, 3, 12, "right")
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask).logits

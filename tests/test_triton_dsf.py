@@ -7,10 +7,10 @@ import torch
 pytest.importorskip("triton")
 
 from test_fused_dsf import layer_weights, make_layer, make_mask  # noqa: E402
-from sfrnn_hf import recurrent_sfrnn, triton_sfrnn  # noqa: E402
+from sfrnn_hf import reference_sfrnn, triton_sfrnn  # noqa: E402
 from sfrnn_hf.cells_sfrnn import CELLS  # noqa: E402
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence  # noqa: E402
-from sfrnn_hf.scan_sfrnn import ConstantFeedback, DiagJacobianFeedback, NoFeedback  # noqa: E402
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, DiagJacobianFeedback, Feedback, NoFeedback  # noqa: E402
 
 TRITON_CELLS = [name for name, cell in CELLS.items() if cell.triton_code is not None]
 DIAG_JACOBIAN = "diag_jacobian"
@@ -63,7 +63,7 @@ def test_auto_backend_on_cuda_runs_every_cell(cell):
     readout = torch.randn(3, 7, layer.state_size)
     params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
     results = []
-    for op in (backend.op, recurrent_sfrnn.dsf_states):
+    for op in (backend.op, reference_sfrnn.dsf_states):
         states, _ = op(cell, inputs, initial, layer_weights(layer), mask, ConstantFeedback(layer.feedback))
         results.append(torch.autograd.grad((states * readout).sum(), params))
     for got, want in zip(*results):
@@ -79,3 +79,36 @@ def test_triton_backend_for_a_cell_without_a_kernel_is_refused_when_resolved(cel
     layer.config.dsf_backend = "triton"
     with pytest.raises(ValueError, match=f"'{cell}' cell has no Triton backward.*fused_kernel"):
         layer.dsf_backend(torch.device("cuda"))
+
+
+class HalfFeedback(Feedback):
+    """A feedback type defined only here, with no Triton variant: every step halves the state gradient it passes."""
+
+    gradient_mode = "half"
+
+    def decay(self, steps, step_jacobians):
+        return torch.tensor(0.5).expand(steps, 1, 1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["reference", "fused", "fused_kernel", "triton"])
+def test_a_new_feedback_is_one_class(cell, backend):
+    """A `Feedback` subclass runs on every backend (the Triton one falls back to the torch pointwise part, having no
+    variant for it) and gives the gradients of the constant feedback it equals."""
+    if backend == "triton" and cell not in TRITON_CELLS:
+        pytest.skip("no Triton backward for this cell")
+    layer = make_layer(cell, d=6, dtype=torch.float32, scale=2.0)
+    layer.config.dsf_backend = backend
+    op = layer.dsf_backend(torch.device("cpu")).op
+    inputs = torch.randn(3, 7, 6, requires_grad=True)
+    mask, initial = make_mask("arbitrary", 3, 7), torch.randn(3, layer.state_size)
+    readout = torch.randn(3, 7, layer.state_size)
+    params = [inputs, *(w for w in layer_weights(layer) if w.numel())]
+    results = []
+    for states_fn, feedback in ((op, HalfFeedback()),
+                                (reference_sfrnn.dsf_states, ConstantFeedback(torch.full((layer.state_size,), 0.5)))):
+        states, _ = states_fn(cell, inputs, initial, layer_weights(layer), mask, feedback)
+        results.append(torch.autograd.grad((states * readout).sum(), params))
+    for got, want in zip(*results):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
