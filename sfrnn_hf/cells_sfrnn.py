@@ -146,7 +146,8 @@ class Cell:
         folds_hidden_bias: whether `b_hh` is added to the input projection (the recurrent matmul then takes the
             input projection as its bias: one addmm for the whole pre-activation).
         extra_gradient_width: width, in units of d, of the `extra` that `one_step_grad` returns (0: None).
-        triton_code: the cell's branch in `triton_sfrnn`'s backward kernel (None: the torch backward serves it).
+        triton_backward: the name of the cell's derivative helper in `triton_sfrnn`'s backward kernel (None: the
+            torch backward serves it).
     """
 
     name: str
@@ -157,7 +158,7 @@ class Cell:
     saved_gates: int = 0
     folds_hidden_bias: bool = False
     extra_gradient_width: int = 0
-    triton_code: int | None = None
+    triton_backward: str | None = None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -165,7 +166,7 @@ class Cell:
     @property
     def has_triton_backward(self) -> bool:
         """Whether the Triton backward kernel has this cell's branch (the `triton` DSF backend serves it)."""
-        return self.triton_code is not None
+        return self.triton_backward is not None
 
     # ----- the parameters --------------------------------------------------------------------------------------
 
@@ -268,7 +269,8 @@ class GRU(Cell):
     """`nn.GRU`: r, z from `x W_i + h W_h`; `n = tanh(x_n + r * h_n)`; `h' = n + z (h - n)`. Saves [r, z, h_n, n]
     (h_n = W_hn h + b_hn, needed by dr). The hidden projection of n is `r * h_n`, not `h_n`: its own gradient."""
 
-    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width, triton_code = "gru", "GRU", 3, 3, 4, 1, 0
+    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width = "gru", "GRU", 3, 3, 4, 1
+    triton_backward = "gru"
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         hidden_projection = F.linear(state, weight_hh, bias_hh)
@@ -321,8 +323,8 @@ class GRU(Cell):
 class LSTM(Cell):
     """`nn.LSTM`: `c' = f c + i g`, `h' = o tanh(c')`, state `[h, c]`. Saves [i, f, g, o]."""
 
-    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias, triton_code = (
-        "lstm", "LSTM", 4, 4, 2, 4, True, 1)
+    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias = "lstm", "LSTM", 4, 4, 2, 4, True
+    triton_backward = "lstm"
 
     @staticmethod
     def forget_and_write(input_projection, h, weight_hh, bias_hh):
@@ -408,7 +410,8 @@ class LSTM(Cell):
 class TanhRNN(Cell):
     """`nn.RNN` (tanh): `h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`. Saves nothing: the derivative needs `h'` only."""
 
-    name, title, gates, recurrent_gates, folds_hidden_bias, triton_code = "rnn", "tanh RNN", 1, 1, True, 2
+    name, title, gates, recurrent_gates, folds_hidden_bias = "rnn", "tanh RNN", 1, 1, True
+    triton_backward = "tanh_rnn"
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         return torch.tanh(input_projection + F.linear(state, weight_hh, bias_hh))

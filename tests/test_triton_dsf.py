@@ -12,7 +12,7 @@ from sfrnn_hf.cells_sfrnn import CELLS  # noqa: E402
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence  # noqa: E402
 from sfrnn_hf.scan_sfrnn import ConstantFeedback, DiagJacobianFeedback, Feedback, NoFeedback  # noqa: E402
 
-TRITON_CELLS = [name for name, cell in CELLS.items() if cell.triton_code is not None]
+TRITON_CELLS = [name for name, cell in CELLS.items() if cell.has_triton_backward]
 DIAG_JACOBIAN = "diag_jacobian"
 
 
