@@ -41,12 +41,14 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
     # (`a`, `a_c`) into the previous step, diag(J_t), when PER_STEP (the formulas of `Cell.diagonal_jacobian`, with
     # `w0..w3` the diagonals of the blocks of weight_hh).
 
+    def _four_blocks(pointer, j, valid, d):
+        """The four `d`-wide blocks at `pointer` (the saved gates of a GRU or an LSTM step), at channels `j`."""
+        return (tl.load(pointer + j, mask=valid, other=0.0), tl.load(pointer + d + j, mask=valid, other=0.0),
+                tl.load(pointer + 2 * d + j, mask=valid, other=0.0), tl.load(pointer + 3 * d + j, mask=valid, other=0.0))
+
     def _gru_backward(g, g_c, gates, state, previous, out_pre, out_hidden, j, valid, d, w0, w1, w2, w3,
                       PER_STEP: tl.constexpr):
-        r = tl.load(gates + j, mask=valid, other=0.0)
-        z = tl.load(gates + d + j, mask=valid, other=0.0)
-        hidden_n = tl.load(gates + 2 * d + j, mask=valid, other=0.0)
-        n = tl.load(gates + 3 * d + j, mask=valid, other=0.0)
+        r, z, hidden_n, n = _four_blocks_jit(gates, j, valid, d)
         h_previous = tl.load(previous + j, mask=valid, other=0.0)
         dn = g * (1.0 - z) * (1.0 - n * n)
         dz = g * (h_previous - n) * z * (1.0 - z)
@@ -63,10 +65,7 @@ if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exi
 
     def _lstm_backward(g, g_c, gates, state, previous, out_pre, out_hidden, j, valid, d, w0, w1, w2, w3,
                        PER_STEP: tl.constexpr):
-        i = tl.load(gates + j, mask=valid, other=0.0)
-        f = tl.load(gates + d + j, mask=valid, other=0.0)
-        cand = tl.load(gates + 2 * d + j, mask=valid, other=0.0)
-        o = tl.load(gates + 3 * d + j, mask=valid, other=0.0)
+        i, f, cand, o = _four_blocks_jit(gates, j, valid, d)
         c_new = tl.load(state + d + j, mask=valid, other=0.0)
         c_previous = tl.load(previous + d + j, mask=valid, other=0.0)
         tanh_c = 1.0 - 2.0 / (tl.exp(2.0 * c_new) + 1.0)  # tanh(c_new), overflow-safe
@@ -180,7 +179,7 @@ def _kernels():
     if not TRITON_AVAILABLE:
         raise RuntimeError("Triton is not installed: use the torch path of fused_sfrnn.")
     # The kernel calls its helpers by these global names, read when it is compiled (or interpreted).
-    for helper in (_gru_backward, _lstm_backward, _tanh_rnn_backward):
+    for helper in (_four_blocks, _gru_backward, _lstm_backward, _tanh_rnn_backward):
         globals()[f"{helper.__name__}_jit"] = triton.jit(helper)
     return {"pointwise": triton.jit(_dsf_pointwise)}
 
