@@ -1,7 +1,8 @@
 """A/B of two checkouts on the recurrent-stack step: one worker process per tree (its own venv and package), driven
 alternately so only one runs at a time and both see the same machine state; each step is `layer.py`'s forward +
 backward of the recurrent stack (3 x 512, batch 32, fp32). Prints the median time per tree, mode and length and the
-BPTT/DSF ratio. BPTT runs torch's own kernel in both trees, so its difference between the trees shows the noise.
+BPTT/DSF ratio, and per mode the paired ratio of the second tree's time to the first's (median over the rounds).
+BPTT runs torch's own kernel in both trees, so its difference between the trees shows the noise.
 
     python benchmarks/ab_trees.py main=/work/main branch=/work/wt13e --cell gru --lengths 256 1024 --repeats 6
 """
@@ -79,6 +80,11 @@ def main():
         for tree in trees:
             bptt, dsf = (statistics.median(times[(tree, length, mode)]) for mode in ("bptt", "dsf"))
             print(f"T={length:5d} {tree:8s} bptt {bptt * 1e3:8.1f}  dsf {dsf * 1e3:8.1f}  ratio {bptt / dsf:.2f}x")
+        first, second = trees
+        for mode in ("bptt", "dsf"):  # per round, the two trees ran back to back: their ratio cancels slow drifts
+            paired = [b / a for a, b in zip(times[(first, length, mode)], times[(second, length, mode)])]
+            print(f"T={length:5d} {mode:4s} {second}/{first} time, median of the per-round ratios "
+                  f"{statistics.median(paired):.3f} (min {min(paired):.3f}, max {max(paired):.3f})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Eager and compiled runs of each step are interleaved inside every repeat (order 
 paired ratio (the median over repeats of eager time / compiled time, both timed back to back) is reported with the
 medians, so that background load on shared cores hits both alike. Compilation time is printed separately.
 
-Under compile, `dsf` and `ft_bptt` run the traceable recompute form (`recurrent_sfrnn.dsf_states`); eager runs the fused
+Under compile, `dsf` and `ft_bptt` run the traceable recompute form (`reference_sfrnn.dsf_states`); eager runs the fused
 op. So "dsf" below compares two different implementations of the same gradients.
 
     python benchmarks/compile.py                       # GRU 1 x 256, PTB vocab, batch 32, length 64 (the PTB protocol)
@@ -17,14 +17,14 @@ import time
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 
 TRACEABLE_MODES = ("bptt", "dsf", "ft_bptt")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cell", default="gru", choices=CELL_TYPES)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)

@@ -22,10 +22,10 @@ import argparse
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, default_step_matmul, get_cell, onednn_packed_matmul_serves
-from sfrnn_hf.fused_sfrnn import dsf_backward, gates_from_states, recurrence_saving_gates
-from sfrnn_hf.recurrent_sfrnn import kernel_states
-from sfrnn_hf.scan_sfrnn import Feedback
+from sfrnn_hf.cells_sfrnn import CELLS, STEP_MATMULS, StepMatmul, default_step_matmul, get_cell, onednn_packed_matmul_serves
+from sfrnn_hf.fused_sfrnn import GradsWanted, dsf_backward, gates_from_states, recurrence_saving_gates
+from sfrnn_hf.recurrence_sfrnn import kernel_states
+from sfrnn_hf.scan_sfrnn import ConstantFeedback
 
 
 def repeated(fn, times):
@@ -40,16 +40,16 @@ def pieces(cell_name, d, batch, length, dtype):
     cell = get_cell(cell_name)
     torch.manual_seed(0)
     bound = d**-0.5
-    shapes = ((cell.gates * d, d), (cell.recurrent_gates * d, d), (cell.gates * d,), (cell.recurrent_gates * d,))
-    weights = tuple(torch.empty(shape, dtype=dtype).uniform_(-bound, bound) for shape in shapes)
+    weights = tuple(torch.empty(shape, dtype=dtype).uniform_(-bound, bound)
+                    for shape in cell.parameter_shapes(d).values())
     inputs = torch.randn(length, batch, d, dtype=dtype)
     initial = torch.zeros(batch, cell.state_vectors * d, dtype=dtype)
-    feedback = Feedback.constant(torch.linspace(0, 1, cell.state_vectors * d, dtype=dtype))
+    feedback = ConstantFeedback(torch.linspace(0, 1, cell.state_vectors * d, dtype=dtype))
     kinds = [kind for kind in STEP_MATMULS if kind == "addmm" or onednn_packed_matmul_serves(inputs.device, dtype)]
     out = {}
     h = torch.randn(batch, d, dtype=dtype)
-    add = torch.randn(batch, cell.recurrent_gates * d, dtype=dtype)
-    for kind in kinds:
+    add = torch.randn(batch, weights[1].shape[0], dtype=dtype)
+    for kind in kinds if weights[1].dim() == 2 and weights[1].numel() else ():  # cells with a recurrent matmul
         matmul = StepMatmul(weights[1], None, batch, kind)
         out[f"step matmul {kind}"] = (repeated(lambda m=matmul: m(h, add=add), 64), 64)
     pre, reused = torch.randn(batch, cell.gates * d, dtype=dtype), torch.empty(batch, cell.gates * d, dtype=dtype)
@@ -75,7 +75,7 @@ def pieces(cell_name, d, batch, length, dtype):
     states, gates, _ = recurrence_saving_gates(cell, inputs, initial, weights)
     grad_states = torch.randn_like(states)
     out["dsf backward"] = (lambda: dsf_backward(cell, grad_states, inputs, initial, states, gates, weights, None,
-                                                feedback, (True,) * 5), length)
+                                                feedback, GradsWanted(*(True,) * 5)), length)
     if has_kernel:
         params = [w.clone().requires_grad_() for w in weights]
         x = batch_first.clone().requires_grad_()
@@ -98,7 +98,7 @@ def pieces(cell_name, d, batch, length, dtype):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", nargs="+", default=["lstm"], choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cells", nargs="+", default=["lstm"], choices=list(CELLS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[256])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32)

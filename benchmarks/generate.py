@@ -10,12 +10,12 @@ import argparse
 import torch
 
 from common import machine_description, median_seconds
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cell", default="gru", choices=CELL_TYPES)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=10000)

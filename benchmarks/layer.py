@@ -18,12 +18,12 @@ import copy
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", nargs="+", default=["gru"], choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cells", nargs="+", default=["gru"], choices=CELL_TYPES)
     parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="bfloat16: autocast around the forward")

@@ -15,7 +15,7 @@ import random
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 from transformers import DataCollatorWithFlattening
 
 from sfrnn_hf.training.data import build_word_tokenizer, ptb_sentences
@@ -47,7 +47,7 @@ def ptb_batches(batch: int, max_length: int, seed: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cell", default="gru", choices=CELL_TYPES)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128)

@@ -14,12 +14,12 @@ import json
 import torch
 
 from common import interleaved_timings, load_line, machine_description
-from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="gru", choices=["gru", "lstm", "rnn"])
+    parser.add_argument("--cell", default="gru", choices=CELL_TYPES)
     parser.add_argument("--block", default="residual", choices=["residual", "prenorm"])
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)

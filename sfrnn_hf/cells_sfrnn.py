@@ -7,9 +7,11 @@ previous state held constant, its diagonal Jacobian, and its code in the Triton 
 (`fused_sfrnn`, `recurrent_sfrnn`, `triton_sfrnn`) asks the cell; it never branches on a cell's name. A new cell is
 one new `Cell` subclass registered in `CELLS` (`MinGRU` is the example).
 
-Layout and gate order are those of `torch.nn.GRU` (r, z, n), `nn.LSTM` (i, f, g, o) and `nn.RNN` (tanh), so torch's
-fused kernels compute the same function. A layer's weights: `weight_ih (G*d, d)`, `bias_ih (G*d,)`, `weight_hh (H*d, d)`,
-`bias_hh (H*d,)` with `G = cell.gates`, `H = cell.recurrent_gates`. Its state is one tensor `(..., S)`,
+A layer's weights are always the tuple `(weight_ih, weight_hh, bias_ih, bias_hh)`; their shapes, initialisation and
+gradients are the cell's (`parameter_shapes`, `init_range`, `accumulate_weight_grads_`). By default they have the layout
+and gate order of `torch.nn.GRU` (r, z, n), `nn.LSTM` (i, f, g, o) and `nn.RNN` (tanh), so torch's fused kernels
+compute the same function: `weight_ih (G*d, d)`, `bias_ih (G*d,)`, `weight_hh (H*d, d)`, `bias_hh (H*d,)` with
+`G = cell.gates`, `H = cell.recurrent_gates`; `IndRNN` shows another layout (a vector `weight_hh`). Its state is one tensor `(..., S)`,
 `S = cell.state_vectors * d` (the LSTM's is `[h, c]`); `h` is always the first `d` entries.
 
 The loop forward runs on `step_weights` (prepared once per sequence): its input projection and recurrent matmul are
@@ -113,13 +115,22 @@ class StepMatmul:
         return out.view(*lead, width)
 
 
+def accumulate_matmul_(out, a, b, matmul_dtype=None):
+    """`out += a @ b` (out is the fp32/fp64 accumulator); the operands in `matmul_dtype` when given (bf16)."""
+    if matmul_dtype is None or matmul_dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a.to(matmul_dtype) @ b.to(matmul_dtype))
+
+
 class StepWeights(NamedTuple):
     """What a cell's loop forward runs on, prepared once per sequence by `Cell.step_weights`: the input projection
     `x W_ih^T + bias` `(..., G*d)` (its bias holds `b_hh` too where the cell folds it in) and the recurrent matmul
-    (of `W_hh`, carrying `b_hh` unless folded; None for a cell without one), both `StepMatmul`s."""
+    (of `W_hh`, carrying `b_hh` unless folded; None for a cell without one), both `StepMatmul`s, unless the cell's
+    recurrence is no matmul (then `recurrent` is its weight as its `step_saving_gates` reads it)."""
 
     input: StepMatmul
-    recurrent: StepMatmul | None
+    recurrent: "StepMatmul | torch.Tensor | None"
 
 
 class Cell:
@@ -128,13 +139,15 @@ class Cell:
     Attributes:
         name: the `config.cell_type` value; title: its name in prose (model cards).
         gates: `G`, the blocks of `weight_ih` (`x W_ih^T + b_ih` is `(..., G*d)`).
-        recurrent_gates: `H`, the blocks of `weight_hh` (0: no recurrent matmul; the Jacobian is then diagonal).
+        recurrent_gates: `H`, the blocks of `weight_hh` (0: the gates do not read the state through a matrix; with
+            the default `parameter_shapes` the Jacobian is then diagonal).
         state_vectors: the state is `state_vectors * d` wide.
         saved_gates: width, in units of d, of the activations `step_saving_gates` saves for the backward.
         folds_hidden_bias: whether `b_hh` is added to the input projection (the recurrent matmul then takes the
             input projection as its bias: one addmm for the whole pre-activation).
         extra_gradient_width: width, in units of d, of the `extra` that `one_step_grad` returns (0: None).
-        triton_code: the cell's branch in `triton_sfrnn`'s backward kernel (None: the torch backward serves it).
+        triton_backward: the name of the cell's derivative helper in `triton_sfrnn`'s backward kernel (None: the
+            torch backward serves it).
     """
 
     name: str
@@ -145,10 +158,38 @@ class Cell:
     saved_gates: int = 0
     folds_hidden_bias: bool = False
     extra_gradient_width: int = 0
-    triton_code: int | None = None
+    triton_backward: str | None = None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+    @property
+    def has_triton_backward(self) -> bool:
+        """Whether the Triton backward kernel has this cell's branch (the `triton` DSF backend serves it)."""
+        return self.triton_backward is not None
+
+    # ----- the parameters --------------------------------------------------------------------------------------
+
+    def parameter_shapes(self, d: int) -> dict:
+        """The layer's parameters `{name: shape}` for width `d`, in creation and initialisation order: by default the
+        layout of torch's RNNs, `weight_ih (G*d, d)`, `weight_hh (H*d, d)`, `bias_ih (G*d,)`, `bias_hh (H*d,)`. The
+        engine passes them as the tuple `(weight_ih, weight_hh, bias_ih, bias_hh)`; only the cell reads their shapes."""
+        return {"weight_ih": (self.gates * d, d), "weight_hh": (self.recurrent_gates * d, d),
+                "bias_ih": (self.gates * d,), "bias_hh": (self.recurrent_gates * d,)}
+
+    def init_range(self, name: str, d: int) -> tuple:
+        """`(low, high)` of the uniform init of parameter `name`: torch's RNN init `U(-1/sqrt(d), 1/sqrt(d))`."""
+        return -1.0 / d**0.5, 1.0 / d**0.5
+
+    def matrix_parameters(self, d: int) -> tuple:
+        """The parameters that are matrices (what LoRA can adapt)."""
+        return tuple(name for name, shape in self.parameter_shapes(d).items() if len(shape) == 2 and shape[0])
+
+    def recurrent_diagonals(self, weight_hh):
+        """`(H, d)`: the diagonal of each gate's `(d, d)` block of `weight_hh` `(H*d, d)`: what `diagonal_jacobian`
+        (and its Triton form) reads of the recurrent weights."""
+        d = weight_hh.shape[1]
+        return weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)
 
     # ----- the math, with autograd ------------------------------------------------------------------------------
 
@@ -200,23 +241,36 @@ class Cell:
         by default the same as the input projection's (every gate sees `x W_ih^T` and `h W_hh^T` summed)."""
         return [(slice(None), grad_pre)] if self.recurrent_gates else []
 
+    def accumulate_weight_grads_(self, grads, grad_pre, extra, inputs, h_previous, matmul_dtype=None):
+        """Add the weight gradients of one-step evaluations to `grads`, the accumulators of `(weight_ih, weight_hh,
+        bias_ih, bias_hh)` (None where not wanted): rows `grad_pre` `(rows, G*d)` and `extra` from `one_step_grad`,
+        `inputs` `(rows, d)`, `h_previous` `(rows, d)` the previous states' `h`. By default as large matmuls:
+        `grad_pre^T x` and, per block of `hidden_projection_grads`, `block_grad^T h`."""
+        grad_wih, grad_whh, grad_bih, grad_bhh = grads
+        if grad_wih is not None:
+            accumulate_matmul_(grad_wih, grad_pre.t(), inputs, matmul_dtype)
+        if grad_bih is not None:
+            grad_bih.add_(grad_pre.sum(0))
+        if grad_whh is None and grad_bhh is None:
+            return
+        for block, block_grad in self.hidden_projection_grads(grad_pre, extra):
+            if grad_whh is not None:
+                accumulate_matmul_(grad_whh[block], block_grad.t(), h_previous, matmul_dtype)
+            if grad_bhh is not None:
+                grad_bhh[block].add_(block_grad.sum(0))
+
     def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
         """`diag(d state' / d state)` `(..., S)` of one step from the saved gates and the diagonals of the blocks of
         `weight_hh`. A padded step (state held) has Jacobian 1: the caller applies the mask."""
         raise NotImplementedError
 
 
-def _weight_diagonals(weight_hh):
-    """`(H, d)`: the diagonal of each gate's `(d, d)` block of `weight_hh` `(H*d, d)`."""
-    d = weight_hh.shape[1]
-    return weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2)
-
-
 class GRU(Cell):
     """`nn.GRU`: r, z from `x W_i + h W_h`; `n = tanh(x_n + r * h_n)`; `h' = n + z (h - n)`. Saves [r, z, h_n, n]
     (h_n = W_hn h + b_hn, needed by dr). The hidden projection of n is `r * h_n`, not `h_n`: its own gradient."""
 
-    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width, triton_code = "gru", "GRU", 3, 3, 4, 1, 0
+    name, title, gates, recurrent_gates, saved_gates, extra_gradient_width = "gru", "GRU", 3, 3, 4, 1
+    triton_backward = "gru"
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         hidden_projection = F.linear(state, weight_hh, bias_hh)
@@ -258,7 +312,7 @@ class GRU(Cell):
 
     def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
         """`z + (1 - z)(1 - n^2)(r W_n,ii + h_n r (1 - r) W_r,ii) + (h - n) z (1 - z) W_z,ii`."""
-        blocks = _weight_diagonals(weight_hh)
+        blocks = self.recurrent_diagonals(weight_hh)
         r, z, hidden_n, n = gates.chunk(4, dim=-1)
         through_n = _sigmoid_grad(hidden_n * blocks[0], r).addcmul_(r, blocks[2])  # r W_n + h_n r (1 - r) W_r
         _tanh_grad(through_n, n, out=through_n)
@@ -269,8 +323,8 @@ class GRU(Cell):
 class LSTM(Cell):
     """`nn.LSTM`: `c' = f c + i g`, `h' = o tanh(c')`, state `[h, c]`. Saves [i, f, g, o]."""
 
-    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias, triton_code = (
-        "lstm", "LSTM", 4, 4, 2, 4, True, 1)
+    name, title, gates, recurrent_gates, state_vectors, saved_gates, folds_hidden_bias = "lstm", "LSTM", 4, 4, 2, 4, True
+    triton_backward = "lstm"
 
     @staticmethod
     def forget_and_write(input_projection, h, weight_hh, bias_hh):
@@ -340,7 +394,7 @@ class LSTM(Cell):
     def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
         """The h half `tanh(c') o (1 - o) W_o,ii + o (1 - tanh(c')^2) dc'_i/dh_i` with
         `dc'_i/dh_i = c f (1 - f) W_f,ii + g i (1 - i) W_i,ii + i (1 - g^2) W_g,ii`; the c half `f`."""
-        blocks = _weight_diagonals(weight_hh)
+        blocks = self.recurrent_diagonals(weight_hh)
         d = blocks.shape[1]
         i, f, g, o = gates.chunk(4, dim=-1)
         c_previous, tanh_c = previous[..., d:], torch.tanh(new_state[..., d:])
@@ -356,7 +410,8 @@ class LSTM(Cell):
 class TanhRNN(Cell):
     """`nn.RNN` (tanh): `h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)`. Saves nothing: the derivative needs `h'` only."""
 
-    name, title, gates, recurrent_gates, folds_hidden_bias, triton_code = "rnn", "tanh RNN", 1, 1, True, 2
+    name, title, gates, recurrent_gates, folds_hidden_bias = "rnn", "tanh RNN", 1, 1, True
+    triton_backward = "tanh_rnn"
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         return torch.tanh(input_projection + F.linear(state, weight_hh, bias_hh))
@@ -374,7 +429,7 @@ class TanhRNN(Cell):
 
     def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
         """`(1 - h'^2) W_ii`."""
-        return _tanh_grad(_weight_diagonals(weight_hh)[0].expand_as(new_state), new_state)
+        return _tanh_grad(self.recurrent_diagonals(weight_hh)[0].expand_as(new_state), new_state)
 
 
 class MinGRU(Cell):
@@ -386,7 +441,8 @@ class MinGRU(Cell):
 
     def step(self, input_projection, state, weight_hh, bias_hh):
         x_z, candidate = input_projection.chunk(2, dim=-1)
-        return torch.lerp(state, candidate, torch.sigmoid(x_z))
+        # lerp takes one dtype: under autocast the projection is bf16, the state stays in its own dtype
+        return torch.lerp(state, candidate.to(state.dtype), torch.sigmoid(x_z).to(state.dtype))
 
     def step_saving_gates(self, input_projection, state, step_weights, gates, new_state):
         d = state.shape[-1]
@@ -407,7 +463,49 @@ class MinGRU(Cell):
         return 1.0 - gates[..., : new_state.shape[-1]]
 
 
-CELLS = {cell.name: cell for cell in (GRU(), LSTM(), TanhRNN(), MinGRU())}
+class IndRNN(Cell):
+    """IndRNN (Li et al. 2018, "Independently Recurrent Neural Network"), tanh: `h' = tanh(x W_ih^T + b_ih + u * h)`.
+    The recurrent weight is a vector, `weight_hh = u` `(d,)` (no `bias_hh`: `(0,)`), so each unit reads only its own
+    past and the Jacobian `diag((1 - h'^2) u)` is diagonal: `diag_jacobian` gradients are exact. Saves nothing."""
+
+    name, title, gates, recurrent_gates = "indrnn", "IndRNN", 1, 0
+
+    def parameter_shapes(self, d):
+        return {"weight_ih": (d, d), "weight_hh": (d,), "bias_ih": (d,), "bias_hh": (0,)}
+
+    def init_range(self, name, d):
+        """`u ~ U(0, 1)` (a contracting, non-negative recurrence); torch's RNN init for the rest."""
+        return (0.0, 1.0) if name == "weight_hh" else super().init_range(name, d)
+
+    def recurrent_diagonals(self, weight_hh):
+        return weight_hh.unsqueeze(0)
+
+    def step(self, input_projection, state, weight_hh, bias_hh):
+        return torch.tanh(input_projection + weight_hh * state)
+
+    def step_weights(self, weights, rows, chunk_rows, step_matmul=None):
+        weight_ih, weight_hh, bias_ih, _ = weights
+        return StepWeights(StepMatmul(weight_ih, bias_ih, chunk_rows, step_matmul), weight_hh)
+
+    def step_saving_gates(self, input_projection, state, step_weights, gates, new_state):
+        torch.addcmul(input_projection, step_weights.recurrent, state, out=new_state).tanh_()
+
+    def one_step_grad(self, grad, gates, previous, new_state):
+        return _tanh_grad(grad, new_state), None
+
+    def accumulate_weight_grads_(self, grads, grad_pre, extra, inputs, h_previous, matmul_dtype=None):
+        """`d u = sum_rows grad_pre * h` (elementwise: no matmul); the input projection's as every cell's."""
+        super().accumulate_weight_grads_((grads[0], None, grads[2], None), grad_pre, extra, inputs, h_previous,
+                                         matmul_dtype)
+        if grads[1] is not None:
+            grads[1].add_((grad_pre * h_previous).sum(0))
+
+    def diagonal_jacobian(self, gates, previous, new_state, weight_hh):
+        """`(1 - h'^2) u`."""
+        return _tanh_grad(weight_hh.expand_as(new_state), new_state)
+
+
+CELLS = {cell.name: cell for cell in (GRU(), LSTM(), TanhRNN(), MinGRU(), IndRNN())}
 
 
 def get_cell(cell: "str | Cell") -> Cell:
@@ -430,4 +528,5 @@ def cell_step(cell_type, input_projection, state, weight_hh, bias_hh, mask=None)
 
 
 __all__ = ["Cell", "CELLS", "StepMatmul", "StepWeights", "STEP_MATMULS", "default_step_matmul", "tanh_from_sigmoid_",
-           "GRU", "LSTM", "TanhRNN", "MinGRU", "get_cell", "cell_step"]
+           "GRU", "LSTM", "TanhRNN", "MinGRU", "IndRNN", "get_cell", "cell_step",
+           "accumulate_matmul_"]

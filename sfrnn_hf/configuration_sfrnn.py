@@ -1,21 +1,23 @@
 """Configuration of sfrnn models: multi-layer GRU / LSTM / tanh-RNN language models whose backward is exact BPTT,
 Diagonal State Feedbacks (DSF, arXiv 2503.23104) or fully truncated BPTT.
 
-Hub-exported file: imports only transformers and its flat sibling `cells_sfrnn` (the registered cells).
+Hub-exported file: imports only transformers and its flat siblings `cells_sfrnn` and `scan_sfrnn` (the registered
+cells and feedbacks).
 """
 
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
 from .cells_sfrnn import CELLS
+from .scan_sfrnn import FEEDBACKS
 
 logger = logging.get_logger(__name__)
 
 CELL_TYPES = tuple(CELLS)
-GRADIENT_MODES = ("bptt", "dsf", "ft_bptt", "diag_jacobian")
+GRADIENT_MODES = ("bptt", *FEEDBACKS)  # exact BPTT, or the DSF rule with one of the feedbacks
 BLOCK_TYPES = ("residual", "prenorm")
 FEEDBACK_TYPES = ("linspace", "calibrated")
-# Which op runs the DSF-family modes (`recurrent_sfrnn.resolve_dsf_backend`); "auto" picks by device.
+# Which op runs the DSF-family modes (`backends_sfrnn.resolve_dsf_backend`); "auto" picks by device.
 DSF_BACKENDS = ("auto", "reference", "fused", "fused_kernel", "triton")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
@@ -78,9 +80,10 @@ class SfrnnConfig(PreTrainedConfig):
         vocab_size (`int`): number of tokens.
         hidden_size (`int`): width `d` of the embeddings and of every recurrent state.
         num_hidden_layers (`int`): number of blocks.
-        cell_type (`str`): `"gru"`, `"lstm"`, `"rnn"` (tanh Elman) or `"mingru"` (Feng et al. 2024: gates from the
-            input only, so its Jacobian is diagonal). Weights use the layout and gate order of `torch.nn.GRU` /
-            `nn.LSTM` / `nn.RNN`; every cell is defined in `cells_sfrnn.py`.
+        cell_type (`str`): `"gru"`, `"lstm"`, `"rnn"` (tanh Elman), `"mingru"` (Feng et al. 2024: gates from the
+            input only, so its Jacobian is diagonal) or `"indrnn"` (Li et al. 2018, tanh: a vector recurrent weight,
+            so its Jacobian is diagonal). Weights use the layout and gate order of `torch.nn.GRU` / `nn.LSTM` /
+            `nn.RNN` (IndRNN: `weight_hh` a vector `(d,)`); every cell is defined in `cells_sfrnn.py`.
         gradient_mode (`str`): how the state gradient is computed in training:
             `"bptt"` exact backpropagation through time (torch's fused kernels),
             `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,
@@ -100,8 +103,8 @@ class SfrnnConfig(PreTrainedConfig):
             `optimizer.step()`).
         feedback_momentum (`float`): `m` above, in [0, 1).
         dsf_backend (`str`): the op that runs `dsf`, `ft_bptt` and `diag_jacobian`, all computing the same gradients:
-            `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton, else
-            `fused_kernel`, `reference` elsewhere), `"reference"` (autograd of the one-step recompute: the readable
+            `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton for a cell
+            with a Triton backward, else `fused_kernel`, `reference` elsewhere), `"reference"` (autograd of the one-step recompute: the readable
             definition), `"fused"` (loop forward saving the gates, chunked torch backward), `"fused_kernel"` (torch's
             fused kernel forward, gates recomputed batched, torch backward), `"triton"` (as `fused_kernel` with the
             backward's scan and pointwise derivative in one Triton kernel). Resolved once per layer and device.

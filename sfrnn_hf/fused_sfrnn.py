@@ -1,6 +1,6 @@
 """The fused DSF op: the recurrence saving its gates, and the DSF backward walking time in reverse chunks.
 
-Same signature as the reference (`recurrent_sfrnn.dsf_states`) and tested against it on outputs and all gradients:
+Same signature as the reference (`reference_sfrnn.dsf_states`) and tested against it on outputs and all gradients:
 `fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback) -> (states, statistics)`.
 
 Forward, two ways: the loop (`recurrence_saving_gates`: the input projection one matmul per chunk of steps, each step
@@ -19,10 +19,12 @@ flattens to `(steps * batch, .)` rows for the gradient matmuls.
 Hub-exported file: imports only torch and its flat siblings.
 """
 
+from typing import Callable, NamedTuple
+
 import torch
 
 from .cells_sfrnn import get_cell
-from .scan_sfrnn import Feedback, JacobianStatistics, reverse_scan_
+from .scan_sfrnn import JacobianStatistics
 
 # Steps per backward chunk on CPU: 64 steps of batch 32 at d = 512 keep a chunk's gate slices (a few MB) in cache.
 DSF_CHUNK = 64
@@ -45,14 +47,6 @@ def _input_projection(step_weights, inputs, matmul_dtype):
     else:
         out = _matmul(flat, projection.weight.t(), matmul_dtype).add_(projection.bias)
     return out.view(time, batch, -1)
-
-
-def _accumulate_matmul_(out, a, b, matmul_dtype):
-    """`out += a @ b` (out is the fp32/fp64 accumulator)."""
-    if matmul_dtype is None or matmul_dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(a.to(matmul_dtype) @ b.to(matmul_dtype))
 
 
 def _empty_gates(cell, like, time, batch, d):
@@ -159,78 +153,112 @@ def gates_from_states(cell, inputs, initial_state, states, weights, matmul_dtype
     return gates
 
 
-def dsf_backward(cell, grad_states, inputs, initial_state, states, gates, weights, mask, feedback, needs,
-                 matmul_dtype=None, chunk=DSF_CHUNK, pointwise_kernel=None):
-    """The DSF backward, chunk by chunk from the end of the sequence.
+class DsfOptions(NamedTuple):
+    """How the fused op runs one call (`fused_dsf_recurrence`'s keyword arguments, kept whole on the autograd ctx).
+
+    state_kernel: None (the loop forward saving the gates), or `(cell, inputs, initial_state, weights, mask) ->
+        (batch, time, S)`, torch's fused kernel; the gates are then recomputed batched.
+    matmul_dtype: operands' dtype of the large matmuls (bf16 under autocast), or None.
+    chunk: steps per backward chunk.
+    pointwise_kernel: the backward's scan and one-step derivative: None for `torch_pointwise_backward`, or a kernel
+        for the whole sequence with the same arguments (`triton_sfrnn.triton_dsf_pointwise_backward`).
+    step_matmul: the loop forward's per-step matmul (`cells_sfrnn.STEP_MATMULS`; None: `default_step_matmul`).
+    """
+
+    state_kernel: Callable | None = None
+    matmul_dtype: torch.dtype | None = None
+    chunk: int = DSF_CHUNK
+    pointwise_kernel: Callable | None = None
+    step_matmul: str | None = None
+
+
+class GradsWanted(NamedTuple):
+    """Which gradients the backward computes (autograd's `needs_input_grad` of the op's tensor inputs)."""
+
+    inputs: bool
+    weight_ih: bool
+    weight_hh: bool
+    bias_ih: bool
+    bias_hh: bool
+
+
+def torch_pointwise_backward(cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh,
+                             chunk=DSF_CHUNK):
+    """The backward's pointwise part in torch: the feedback's reverse scan and the cell's one-step derivative with the
+    previous state held constant, chunk by chunk from the end of the sequence (cache-sized slices, each consumed by
+    the caller before the next is computed).
+
+    Args as `triton_sfrnn.triton_dsf_pointwise_backward`: grad_states `(time, batch, S)` (any strides), gates as
+    saved, states `(time, batch, S)`, initial_state `(batch, S)`, mask `(time, batch, 1)` bool or None, feedback a
+    `Feedback` in the states' dtype, weight_hh for a per-step decay.
+    Yields:
+        `(start, end, grad_pre (end - start, batch, G*d), extra)` as `cell.one_step_grad` returns them.
+    """
+    time, batch, width_state = states.shape
+    grad = states.new_empty(min(chunk, time), batch, width_state)
+    first_previous = states.new_empty(min(chunk, time), batch, width_state)
+    carry = None
+    for end in range(time, 0, -chunk):
+        start = max(0, end - chunk)
+        previous = previous_states(states, initial_state, start, end, first_previous)
+        g = grad[: end - start]
+        g.copy_(grad_states[start:end])
+        carry = feedback.scan_(g, lambda: chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask,
+                                                                  start, end), carry)
+        if mask is not None:
+            g.mul_(mask[start:end])
+        grad_pre, extra = cell.one_step_grad(g, None if gates is None else gates[start:end], previous,
+                                             states[start:end])
+        yield start, end, grad_pre, extra
+
+
+def _kernel_in_chunks(kernel, cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh, chunk):
+    """A whole-sequence pointwise kernel's result in the chunks `torch_pointwise_backward` yields."""
+    all_pre, all_extra = kernel(cell, grad_states, gates, states, initial_state, mask, feedback, weight_hh)
+    for end in range(states.shape[0], 0, -chunk):
+        start = max(0, end - chunk)
+        yield start, end, all_pre[start:end], None if all_extra is None else all_extra[start:end]
+
+
+def dsf_backward(cell, grad_states, inputs, initial_state, states, gates, weights, mask, feedback,
+                 wanted: GradsWanted, options: DsfOptions = DsfOptions()):
+    """The DSF backward: the pointwise part (`torch_pointwise_backward`, or `options.pointwise_kernel`), then, per
+    chunk of steps, the gradients as large matmuls (`cell.accumulate_weight_grads_`, and `grad_pre W_ih` for the
+    inputs).
 
     Args:
         grad_states: `(time, batch, S)` (any strides) the gradient reaching each state from outside the recurrence.
         inputs: `(time, batch, d)` contiguous; initial_state `(batch, S)`; states `(time, batch, S)`; gates as saved.
         weights: `(weight_ih, weight_hh, bias_ih, bias_hh)`. mask: `(time, batch, 1)` bool or None.
-        feedback: the `Feedback` (its diagonal already in the states' dtype).
-        needs: five bools, whether the gradient of inputs, weight_ih, weight_hh, bias_ih, bias_hh is wanted.
-        pointwise_kernel: None (the scan and `one_step_grad` chunk by chunk in torch), or a kernel doing both for the
-            whole sequence, signature of `triton_sfrnn.triton_dsf_pointwise_backward`.
+        feedback: the `Feedback` in the states' dtype. wanted: which gradients to compute.
     Returns:
         `(grad_inputs (time, batch, d), grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh)`, None where not
-        needed; accumulated in the states' dtype (fp32 / fp64).
+        wanted; accumulated in the states' dtype (fp32 / fp64).
     """
-    weight_ih, weight_hh, bias_ih, bias_hh = weights
     time, batch, width_state = states.shape
-    d = inputs.shape[-1]
-    dtype = states.dtype
-    need_x, need_wih, need_whh, need_bih, need_bhh = needs
-    grad_x = torch.empty_like(inputs) if need_x else None
-    grad_wih = torch.zeros_like(weight_ih, dtype=dtype) if need_wih else None
-    grad_whh = torch.zeros_like(weight_hh, dtype=dtype) if need_whh else None
-    grad_bih = torch.zeros_like(bias_ih, dtype=dtype) if need_bih else None
-    grad_bhh = torch.zeros_like(bias_hh, dtype=dtype) if need_bhh else None
-    weight_ih_c = weight_ih.to(dtype) if need_x else None
-    grad = states.new_empty(min(chunk, time), batch, width_state) if pointwise_kernel is None else None
-    first_previous = states.new_empty(min(chunk, time), batch, width_state)
-    if pointwise_kernel is not None:
-        all_pre, all_extra = pointwise_kernel(cell, grad_states, gates, states, initial_state, mask, feedback,
-                                              weight_hh)
-    carry = None
-    for end in range(time, 0, -chunk):
-        start = max(0, end - chunk)
-        steps = end - start
+    d, dtype, matmul_dtype = inputs.shape[-1], states.dtype, options.matmul_dtype
+    grad_x = torch.empty_like(inputs) if wanted.inputs else None
+    weight_grads = tuple(torch.zeros_like(w, dtype=dtype) if want else None for w, want in zip(weights, wanted[1:]))
+    weight_ih = weights[0].to(dtype) if wanted.inputs else None
+    pointwise_args = (cell, grad_states, gates, states, initial_state, mask, feedback, weights[1])
+    if options.pointwise_kernel is None or feedback.kernel_variant is None:  # (the kernel has no variant for it)
+        pointwise = torch_pointwise_backward(*pointwise_args, options.chunk)
+    else:
+        pointwise = _kernel_in_chunks(options.pointwise_kernel, *pointwise_args, options.chunk)
+    first_previous = states.new_empty(min(options.chunk, time), batch, width_state)
+    for start, end, grad_pre, extra in pointwise:
+        rows = (end - start) * batch
         previous = previous_states(states, initial_state, start, end, first_previous)
-        if pointwise_kernel is not None:
-            grad_pre = all_pre[start:end]
-            extra = None if all_extra is None else all_extra[start:end]
-        else:
-            g = grad[:steps]
-            g.copy_(grad_states[start:end])
-            if feedback.per_step:
-                decay = chunk_diagonal_jacobian(cell, gates, previous, states, weight_hh, mask, start, end)
-            else:
-                decay = feedback.diagonal
-            carry = reverse_scan_(g, decay, carry)
-            if mask is not None:
-                g.mul_(mask[start:end])
-            grad_pre, extra = cell.one_step_grad(g, None if gates is None else gates[start:end], previous,
-                                                 states[start:end])
-        rows = steps * batch
         grad_pre = grad_pre.reshape(rows, -1)
-        if need_wih:
-            _accumulate_matmul_(grad_wih, grad_pre.t(), inputs[start:end].reshape(rows, d), matmul_dtype)
-        if need_bih:
-            grad_bih.add_(grad_pre.sum(0))
-        if need_whh or need_bhh:
-            h_previous = previous[..., :d].reshape(rows, d)
-            for block, block_grad in cell.hidden_projection_grads(grad_pre, None if extra is None
-                                                                  else extra.reshape(rows, -1)):
-                if need_whh:
-                    _accumulate_matmul_(grad_whh[block], block_grad.t(), h_previous, matmul_dtype)
-                if need_bhh:
-                    grad_bhh[block].add_(block_grad.sum(0))
-        if need_x:
+        cell.accumulate_weight_grads_(weight_grads, grad_pre, None if extra is None else extra.reshape(rows, -1),
+                                      inputs[start:end].reshape(rows, d), previous[..., :d].reshape(rows, d),
+                                      matmul_dtype)
+        if wanted.inputs:
             if matmul_dtype is None or matmul_dtype == dtype:
-                torch.mm(grad_pre, weight_ih_c, out=grad_x[start:end].view(rows, d))
+                torch.mm(grad_pre, weight_ih, out=grad_x[start:end].view(rows, d))
             else:
-                grad_x[start:end] = _matmul(grad_pre, weight_ih_c, matmul_dtype).view(steps, batch, d)
-    return grad_x, grad_wih, grad_whh, grad_bih, grad_bhh
+                grad_x[start:end] = _matmul(grad_pre, weight_ih, matmul_dtype).view(end - start, batch, d)
+    return (grad_x, *weight_grads)
 
 
 class FusedDsfRecurrence(torch.autograd.Function):
@@ -238,52 +266,43 @@ class FusedDsfRecurrence(torch.autograd.Function):
 
     Tensor inputs `(inputs (batch, time, d), initial_state (batch, S), weight_ih, weight_hh, bias_ih, bias_hh,
     mask (batch, time) or None)` in one floating dtype (fp32 or fp64); then `cell`, `feedback` (a `Feedback`) and
-    `options` (`state_kernel`, `matmul_dtype`, `chunk`, `pointwise_kernel`, `step_matmul`, as
-    `fused_dsf_recurrence`). The initial state is held constant (no gradient), as in every DSF layer of this package.
+    `options` (`DsfOptions`). The initial state is held constant (no gradient), as in every DSF layer of this package.
     The statistics (empty when not asked) are not differentiable.
     """
 
     @staticmethod
     def forward(ctx, inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh, mask, cell, feedback, options):
-        state_kernel, matmul_dtype, chunk, pointwise_kernel, step_matmul = options
         weights = (weight_ih, weight_hh, bias_ih, bias_hh)
         with torch.autocast(inputs.device.type, enabled=False):
             inputs_tm = inputs.transpose(0, 1).contiguous()
             mask_tm = None if mask is None else mask.transpose(0, 1).unsqueeze(-1).bool()
             initial_state = initial_state.detach()
-            if state_kernel is None:
+            if options.state_kernel is None:
                 states, gates, statistics = recurrence_saving_gates(cell, inputs_tm, initial_state, weights, mask_tm,
-                                                                    matmul_dtype, feedback.record_statistics,
-                                                                    step_matmul)
+                                                                    options.matmul_dtype, feedback.record_statistics,
+                                                                    options.step_matmul)
             else:
-                states = state_kernel(cell, inputs, initial_state, weights, mask).transpose(0, 1).contiguous()
-                gates = gates_from_states(cell, inputs_tm, initial_state, states, weights, matmul_dtype)
-                statistics = (jacobian_statistics(cell, gates, initial_state, states, weight_hh, mask_tm, chunk)
-                              if feedback.record_statistics else None)
+                states = options.state_kernel(cell, inputs, initial_state, weights, mask).transpose(0, 1).contiguous()
+                gates = gates_from_states(cell, inputs_tm, initial_state, states, weights, options.matmul_dtype)
+                statistics = (jacobian_statistics(cell, gates, initial_state, states, weight_hh, mask_tm,
+                                                  options.chunk) if feedback.record_statistics else None)
         if statistics is None:
             statistics = JacobianStatistics(states.new_empty(0), states.new_zeros(()))
         ctx.save_for_backward(inputs_tm, initial_state, states, gates, *weights, mask_tm)
-        ctx.cell, ctx.feedback, ctx.options = cell, feedback, (matmul_dtype, chunk, pointwise_kernel)
+        ctx.cell, ctx.feedback, ctx.options = cell, feedback, options
         ctx.mark_non_differentiable(*statistics)
         return states.transpose(0, 1), *statistics
 
     @staticmethod
     def backward(ctx, grad_states, _grad_total, _grad_count):
-        inputs_tm, initial_state, states, gates, weight_ih, weight_hh, bias_ih, bias_hh, mask_tm = ctx.saved_tensors
-        matmul_dtype, chunk, pointwise_kernel = ctx.options
-        feedback = ctx.feedback
-        if feedback.diagonal is not None:
-            feedback = Feedback("constant", feedback.diagonal.to(states.dtype), feedback.record_statistics)
-        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:6])
+        inputs_tm, initial_state, states, gates, *weights, mask_tm = ctx.saved_tensors
+        wanted = GradsWanted(ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
         with torch.autocast(inputs_tm.device.type, enabled=False):
-            grad_x, grad_wih, grad_whh, grad_bih, grad_bhh = dsf_backward(
-                ctx.cell, grad_states.transpose(0, 1), inputs_tm, initial_state, states, gates,
-                (weight_ih, weight_hh, bias_ih, bias_hh), mask_tm, feedback, needs, matmul_dtype, chunk,
-                pointwise_kernel,
-            )
-        if grad_x is not None:
-            grad_x = grad_x.transpose(0, 1)
-        return grad_x, None, grad_wih, grad_whh, grad_bih, grad_bhh, None, None, None, None
+            grad_x, *weight_grads = dsf_backward(ctx.cell, grad_states.transpose(0, 1), inputs_tm, initial_state,
+                                                 states, gates, weights, mask_tm, ctx.feedback.to(states.dtype),
+                                                 wanted, ctx.options)
+        grad_x = None if grad_x is None else grad_x.transpose(0, 1)
+        return grad_x, None, *weight_grads, None, None, None, None  # nothing for initial_state, mask and the rest
 
 
 def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *, matmul_dtype=None, state_kernel=None,
@@ -296,22 +315,18 @@ def fused_dsf_recurrence(cell, inputs, initial_state, weights, mask, feedback, *
             `(weight_ih, weight_hh, bias_ih, bias_hh)`, all in one dtype (fp32 or fp64; the caller casts).
         mask: `(batch, time)` of 0/1 or None. feedback: a `scan_sfrnn.Feedback`.
         matmul_dtype: operands' dtype of the large matmuls (bf16 under autocast), or None.
-    Backend options (fixed when the backend is resolved):
-        state_kernel: None (the loop forward), or `(cell, inputs, initial_state, weights, mask) -> (batch, time, S)`,
-            torch's fused kernel; the gates are then recomputed batched.
-        chunk: steps per backward chunk. pointwise_kernel: None or `triton_sfrnn.triton_dsf_pointwise_backward`.
-        step_matmul: the loop forward's per-step matmul (`cells_sfrnn.STEP_MATMULS`; None: the default for the
-            weights' device and dtype, `cells_sfrnn.default_step_matmul`).
+    Backend options (fixed when the backend is resolved): `state_kernel`, `chunk`, `pointwise_kernel`,
+        `step_matmul`, as `DsfOptions` says.
     Example:
         >>> states, _ = fused_dsf_recurrence("gru", x, torch.zeros(b, d), (w_ih, w_hh, b_ih, b_hh), None,
-        ...                                  Feedback.constant(torch.linspace(0, 1, d)))
+        ...                                  ConstantFeedback(torch.linspace(0, 1, d)))
         >>> states.sum().backward()   # DSF gradients in w_ih.grad ... and x.grad
     """
-    cell = get_cell(cell)
-    states, total, count = FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, cell, feedback,
-                                                    (state_kernel, matmul_dtype, chunk, pointwise_kernel, step_matmul))
+    options = DsfOptions(state_kernel, matmul_dtype, chunk, pointwise_kernel, step_matmul)
+    states, total, count = FusedDsfRecurrence.apply(inputs, initial_state, *weights, mask, get_cell(cell), feedback,
+                                                    options)
     return states, JacobianStatistics(total, count) if feedback.record_statistics else None
 
 
-__all__ = ["fused_dsf_recurrence", "FusedDsfRecurrence", "jacobian_statistics", "chunk_diagonal_jacobian",
+__all__ = ["fused_dsf_recurrence", "FusedDsfRecurrence", "DsfOptions", "GradsWanted", "torch_pointwise_backward", "jacobian_statistics", "chunk_diagonal_jacobian",
            "recurrence_saving_gates", "dsf_backward", "gates_from_states", "previous_states", "DSF_CHUNK"]

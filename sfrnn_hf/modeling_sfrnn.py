@@ -19,7 +19,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
 from .configuration_sfrnn import SfrnnConfig
-from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
+from .recurrence_sfrnn import effective_mask
+from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
 
 
 class SfrnnStateLayer(LinearAttentionLayer):
@@ -154,9 +155,8 @@ class SfrnnPreTrainedModel(PreTrainedModel):
         """Every parameter and buffer (v5 builds on the meta device and fills what a checkpoint lacks from here)."""
         std = self.config.initializer_range
         if isinstance(module, SfrnnRecurrentLayer):
-            bound = module.init_bound
-            for weight in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
-                init.uniform_(weight, -bound, bound)
+            for name in module.cell.parameter_shapes(module.hidden_size):
+                init.uniform_(getattr(module, name), *module.cell.init_range(name, module.hidden_size))
             init.copy_(module.feedback, linspace_feedback(self.config))
         elif isinstance(module, nn.Linear):
             if getattr(module, "is_residual_branch_output", False):

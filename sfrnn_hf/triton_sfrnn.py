@@ -26,114 +26,148 @@ except ImportError:  # pure-torch fallback everywhere
     triton = tl = None
     TRITON_AVAILABLE = False
 
+# The derivative helpers of `_dsf_pointwise`, by the name a cell gives as its `triton_backward`.
+TRITON_STEPS = ("gru", "lstm", "tanh_rnn")
 # Channels per program: 32 keeps batch * d / 32 programs (512 at B = 32, d = 512) to fill a large GPU.
 CHANNEL_TILE = 32
 
 
 if TRITON_AVAILABLE:  # the kernels use triton.language annotations, so they exist only with Triton
 
+    # Each cell's one-step derivative, named by the cell (`Cell.triton_backward`); jitted with the kernel on first use
+    # (`_kernels`), so that TRITON_INTERPRET applies to them too. Pointers are at this (step, row):
+    # gates `(SAVED_GATES * d,)`, state and previous `(S,)`, out_pre `(G * d,)`, out_hidden `(extra * d,)`. Each writes
+    # the pre-activation gradients from the scanned `g` (and `g_c`, the second state vector's) and returns the decay
+    # (`a`, `a_c`) into the previous step, diag(J_t), when PER_STEP (the formulas of `Cell.diagonal_jacobian`, with
+    # `w0..w3` the diagonals of the blocks of weight_hh).
+
+    def _four_blocks(pointer, j, valid, d):
+        """The four `d`-wide blocks at `pointer` (the saved gates of a GRU or an LSTM step), at channels `j`."""
+        return (tl.load(pointer + j, mask=valid, other=0.0), tl.load(pointer + d + j, mask=valid, other=0.0),
+                tl.load(pointer + 2 * d + j, mask=valid, other=0.0), tl.load(pointer + 3 * d + j, mask=valid, other=0.0))
+
+    def _gru_backward(g, g_c, gates, state, previous, out_pre, out_hidden, j, valid, d, w0, w1, w2, w3,
+                      PER_STEP: tl.constexpr):
+        r, z, hidden_n, n = _four_blocks_jit(gates, j, valid, d)
+        h_previous = tl.load(previous + j, mask=valid, other=0.0)
+        dn = g * (1.0 - z) * (1.0 - n * n)
+        dz = g * (h_previous - n) * z * (1.0 - z)
+        dr = dn * hidden_n * r * (1.0 - r)
+        tl.store(out_pre + j, dr, mask=valid)
+        tl.store(out_pre + d + j, dz, mask=valid)
+        tl.store(out_pre + 2 * d + j, dn, mask=valid)
+        tl.store(out_hidden + j, dn * r, mask=valid)
+        a = g * 0.0
+        if PER_STEP:
+            through_n = (1.0 - z) * (1.0 - n * n) * (r * w2 + hidden_n * r * (1.0 - r) * w0)
+            a = z + through_n + (h_previous - n) * z * (1.0 - z) * w1
+        return a, a
+
+    def _lstm_backward(g, g_c, gates, state, previous, out_pre, out_hidden, j, valid, d, w0, w1, w2, w3,
+                       PER_STEP: tl.constexpr):
+        i, f, cand, o = _four_blocks_jit(gates, j, valid, d)
+        c_new = tl.load(state + d + j, mask=valid, other=0.0)
+        c_previous = tl.load(previous + d + j, mask=valid, other=0.0)
+        tanh_c = 1.0 - 2.0 / (tl.exp(2.0 * c_new) + 1.0)  # tanh(c_new), overflow-safe
+        dc = g_c + g * o * (1.0 - tanh_c * tanh_c)
+        tl.store(out_pre + j, dc * cand * i * (1.0 - i), mask=valid)
+        tl.store(out_pre + d + j, dc * c_previous * f * (1.0 - f), mask=valid)
+        tl.store(out_pre + 2 * d + j, dc * i * (1.0 - cand * cand), mask=valid)
+        tl.store(out_pre + 3 * d + j, g * tanh_c * o * (1.0 - o), mask=valid)
+        a = g * 0.0
+        a_c = g * 0.0
+        if PER_STEP:
+            dc_dh = c_previous * f * (1.0 - f) * w1 + cand * i * (1.0 - i) * w0 + i * (1.0 - cand * cand) * w2
+            a = tanh_c * o * (1.0 - o) * w3 + o * (1.0 - tanh_c * tanh_c) * dc_dh
+            a_c = f
+        return a, a_c
+
+    def _tanh_rnn_backward(g, g_c, gates, state, previous, out_pre, out_hidden, j, valid, d, w0, w1, w2, w3,
+                           PER_STEP: tl.constexpr):
+        h = tl.load(state + j, mask=valid, other=0.0)
+        tl.store(out_pre + j, g * (1.0 - h * h), mask=valid)
+        a = g * 0.0
+        if PER_STEP:
+            a = (1.0 - h * h) * w0
+        return a, a
+
     def _dsf_pointwise(grad, grad_time_stride, grad_row_stride, gates, states, initial, mask, feedback, diagonals,
-                       out_pre, out_hidden, time, batch, d, CELL: tl.constexpr, HAS_MASK: tl.constexpr,
-                       DECAY: tl.constexpr, TILE: tl.constexpr):
-        """CELL 0 = GRU, 1 = LSTM, 2 = RNN. DECAY 0 = none (FT-BPTT), 1 = the constant `feedback` (S,), 2 = each step's
-        diag(J_t) (`cells_sfrnn.diagonal_jacobian`), computed from the gates this program reads anyway and the block
-        diagonals of weight_hh, `diagonals` (G, d). Layouts (time-major, contiguous except grad): gates (T, B, 4d),
-        states (T, B, S), initial (B, S), mask (T, B) float, out_pre (T, B, G*d), out_hidden (T, B, d) (GRU)."""
+                       out_pre, out_hidden, time, batch, d, STEP: tl.constexpr, STATE_VECTORS: tl.constexpr,
+                       GATES: tl.constexpr, SAVED_GATES: tl.constexpr, EXTRA: tl.constexpr, BLOCKS: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_FEEDBACK: tl.constexpr, PER_STEP: tl.constexpr,
+                       TILE: tl.constexpr):
+        """One program per (batch row, tile of channels) walks time in reverse. Its cell: the derivative helper
+        `STEP` and the widths, in units of d, of the state (STATE_VECTORS), the pre-activations (GATES), the saved
+        gates (SAVED_GATES), the extra gradient (EXTRA) and the diagonals of weight_hh (BLOCKS). Its decay: the
+        constant `feedback` (S,) when HAS_FEEDBACK, each step's diag(J_t) from `diagonals` (BLOCKS, d) when
+        PER_STEP, else none (FT-BPTT). Layouts (time-major, contiguous except grad): gates (T, B, SAVED_GATES*d),
+        states (T, B, S), initial (B, S), mask (T, B) float, out_pre (T, B, GATES*d), out_hidden (T, B, EXTRA*d)."""
         row = tl.program_id(0)
         j = tl.program_id(1) * TILE + tl.arange(0, TILE)
         valid = j < d
-        if CELL == 0:
-            S = d
-            G = 3
-        elif CELL == 1:
-            S = 2 * d
-            G = 4
-        else:
-            S = d
-            G = 1
-        carry = tl.full([TILE], 0.0, tl.float32)
-        carry_c = tl.full([TILE], 0.0, tl.float32)
+        S = STATE_VECTORS * d
+        zero = tl.full([TILE], 0.0, tl.float32)
+        carry = zero
+        carry_c = zero
         # The decay from g_{t+1} to g_t: the constant feedback, or diag(J_{t+1}) kept from the previous iteration.
-        a = tl.full([TILE], 0.0, tl.float32)
-        a_c = tl.full([TILE], 0.0, tl.float32)
-        if DECAY == 1:
+        a = zero
+        a_c = zero
+        if HAS_FEEDBACK:
             a = tl.load(feedback + j, mask=valid, other=0.0)
-            if CELL == 1:
+            if STATE_VECTORS == 2:
                 a_c = tl.load(feedback + d + j, mask=valid, other=0.0)
-        if DECAY == 2:  # torch's block order: GRU (r, z, n), LSTM (i, f, g, o), RNN (h)
+        w0 = zero
+        w1 = zero
+        w2 = zero
+        w3 = zero
+        if PER_STEP:  # torch's block order: GRU (r, z, n), LSTM (i, f, g, o), RNN (h)
             w0 = tl.load(diagonals + j, mask=valid, other=0.0)
-            if CELL != 2:
+            if BLOCKS > 1:
                 w1 = tl.load(diagonals + d + j, mask=valid, other=0.0)
                 w2 = tl.load(diagonals + 2 * d + j, mask=valid, other=0.0)
-            if CELL == 1:
+            if BLOCKS > 3:
                 w3 = tl.load(diagonals + 3 * d + j, mask=valid, other=0.0)
         for step in range(time):
             t = time - 1 - step
             g_offset = t * grad_time_stride + row * grad_row_stride + j
             e = tl.load(grad + g_offset, mask=valid, other=0.0).to(tl.float32)
-            if DECAY == 0:
-                carry = e
-            else:
+            if HAS_FEEDBACK or PER_STEP:
                 carry = e + a * carry
+            else:
+                carry = e
             m = 1.0
             if HAS_MASK:
                 m = tl.load(mask + t * batch + row)
             g = carry * m
-            state_offset = (t * batch + row) * S + j
-            previous_offset = (t - 1) * batch * S + row * S + j
-            gate_offset = (t * batch + row) * 4 * d + j
-            pre_offset = (t * batch + row) * G * d + j
-            if CELL == 0:
-                r = tl.load(gates + gate_offset, mask=valid, other=0.0)
-                z = tl.load(gates + gate_offset + d, mask=valid, other=0.0)
-                hidden_n = tl.load(gates + gate_offset + 2 * d, mask=valid, other=0.0)
-                n = tl.load(gates + gate_offset + 3 * d, mask=valid, other=0.0)
-                if t > 0:
-                    previous = tl.load(states + previous_offset, mask=valid, other=0.0)
-                else:
-                    previous = tl.load(initial + row * S + j, mask=valid, other=0.0)
-                dn = g * (1.0 - z) * (1.0 - n * n)
-                dz = g * (previous - n) * z * (1.0 - z)
-                dr = dn * hidden_n * r * (1.0 - r)
-                tl.store(out_pre + pre_offset, dr, mask=valid)
-                tl.store(out_pre + pre_offset + d, dz, mask=valid)
-                tl.store(out_pre + pre_offset + 2 * d, dn, mask=valid)
-                tl.store(out_hidden + (t * batch + row) * d + j, dn * r, mask=valid)
-                if DECAY == 2:
-                    through_n = (1.0 - z) * (1.0 - n * n) * (r * w2 + hidden_n * r * (1.0 - r) * w0)
-                    a = z + through_n + (previous - n) * z * (1.0 - z) * w1
-            elif CELL == 1:
+            g_c = zero
+            if STATE_VECTORS == 2:
                 e_c = tl.load(grad + g_offset + d, mask=valid, other=0.0).to(tl.float32)
-                if DECAY == 0:
-                    carry_c = e_c
-                else:
+                if HAS_FEEDBACK or PER_STEP:
                     carry_c = e_c + a_c * carry_c
-                g_c = carry_c * m
-                i = tl.load(gates + gate_offset, mask=valid, other=0.0)
-                f = tl.load(gates + gate_offset + d, mask=valid, other=0.0)
-                cand = tl.load(gates + gate_offset + 2 * d, mask=valid, other=0.0)
-                o = tl.load(gates + gate_offset + 3 * d, mask=valid, other=0.0)
-                c_new = tl.load(states + state_offset + d, mask=valid, other=0.0)
-                if t > 0:
-                    c_previous = tl.load(states + previous_offset + d, mask=valid, other=0.0)
                 else:
-                    c_previous = tl.load(initial + row * S + d + j, mask=valid, other=0.0)
-                tanh_c = 1.0 - 2.0 / (tl.exp(2.0 * c_new) + 1.0)  # tanh(c_new), overflow-safe
-                dc = g_c + g * o * (1.0 - tanh_c * tanh_c)
-                tl.store(out_pre + pre_offset, dc * cand * i * (1.0 - i), mask=valid)
-                tl.store(out_pre + pre_offset + d, dc * c_previous * f * (1.0 - f), mask=valid)
-                tl.store(out_pre + pre_offset + 2 * d, dc * i * (1.0 - cand * cand), mask=valid)
-                tl.store(out_pre + pre_offset + 3 * d, g * tanh_c * o * (1.0 - o), mask=valid)
-                if DECAY == 2:
-                    dc_dh = c_previous * f * (1.0 - f) * w1 + cand * i * (1.0 - i) * w0 + i * (1.0 - cand * cand) * w2
-                    a = tanh_c * o * (1.0 - o) * w3 + o * (1.0 - tanh_c * tanh_c) * dc_dh
-                    a_c = f
+                    carry_c = e_c
+                g_c = carry_c * m
+            if t > 0:
+                previous = states + (t - 1) * batch * S + row * S
             else:
-                h = tl.load(states + state_offset, mask=valid, other=0.0)
-                tl.store(out_pre + pre_offset, g * (1.0 - h * h), mask=valid)
-                if DECAY == 2:
-                    a = (1.0 - h * h) * w0
-            if DECAY == 2:
+                previous = initial + row * S
+            position = t * batch + row
+            step_gates = gates + position * SAVED_GATES * d
+            state = states + position * S
+            pre = out_pre + position * GATES * d
+            hidden = out_hidden + position * EXTRA * d
+            if STEP == "gru":
+                step_a, step_a_c = _gru_backward_jit(g, g_c, step_gates, state, previous, pre, hidden, j, valid, d,
+                                                 w0, w1, w2, w3, PER_STEP)
+            elif STEP == "lstm":
+                step_a, step_a_c = _lstm_backward_jit(g, g_c, step_gates, state, previous, pre, hidden, j, valid, d,
+                                                  w0, w1, w2, w3, PER_STEP)
+            else:  # "tanh_rnn" (`TRITON_STEPS`, checked by the caller)
+                step_a, step_a_c = _tanh_rnn_backward_jit(g, g_c, step_gates, state, previous, pre, hidden, j, valid,
+                                                      d, w0, w1, w2, w3, PER_STEP)
+            if PER_STEP:
+                a = step_a
+                a_c = step_a_c
                 if HAS_MASK:  # a padded step holds the state: Jacobian 1
                     a = a * m + (1.0 - m)
                     a_c = a_c * m + (1.0 - m)
@@ -144,6 +178,9 @@ def _kernels():
     """Compiled (or, under TRITON_INTERPRET=1, interpreted) kernels, built on first use."""
     if not TRITON_AVAILABLE:
         raise RuntimeError("Triton is not installed: use the torch path of fused_sfrnn.")
+    # The kernel calls its helpers by these global names, read when it is compiled (or interpreted).
+    for helper in (_four_blocks, _gru_backward, _lstm_backward, _tanh_rnn_backward):
+        globals()[f"{helper.__name__}_jit"] = triton.jit(helper)
     return {"pointwise": triton.jit(_dsf_pointwise)}
 
 
@@ -153,18 +190,28 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
     `fused_sfrnn.dsf_backward`.
 
     Args:
-        cell: a `cells_sfrnn.Cell` with a `triton_code` (its branch in `_dsf_pointwise`).
+        cell: a `cells_sfrnn.Cell` naming its derivative helper (`triton_backward`); its widths are the kernel's
+            constants.
         grad_states: `(time, batch, S)`, last dim contiguous (any time / batch strides).
-        gates: `(time, batch, 4d)` (None for the RNN); states `(time, batch, S)`; initial_state `(batch, S)`: fp32.
+        gates: `(time, batch, saved_gates * d)` (None for the RNN); states `(time, batch, S)`; initial_state
+            `(batch, S)`: fp32.
         mask: `(time, batch, 1)` bool or None.
-        feedback: a `scan_sfrnn.Feedback`: the constant diagonal `(S,)`, none (FT-BPTT), or each step's own diag(J_t),
-            computed in the kernel from the gates and the diagonals of `weight_hh` `(G*d, d)`.
+        feedback: a `scan_sfrnn.Feedback` whose `kernel_variant` picks the kernel's inputs: the constant diagonal
+            `(S,)`, none (FT-BPTT), or each step's own diag(J_t), computed in the kernel from the gates and
+            `cell.recurrent_diagonals(weight_hh)`.
     Returns:
         `(grad_pre (time, batch, G*d), extra)` as the cell's `one_step_grad` (extra: the GRU's `dn * r`
         `(time, batch, d)`, else None).
     """
-    if cell.triton_code is None:
-        raise ValueError(f"The {cell.name!r} cell has no Triton backward (triton_code None): use dsf_backend 'fused_kernel'.")
+    if not cell.has_triton_backward:
+        raise ValueError(f"The {cell.name!r} cell has no Triton backward (triton_backward None): use dsf_backend "
+                         f"'fused_kernel'.")
+    if cell.triton_backward not in TRITON_STEPS:
+        raise ValueError(f"The {cell.name!r} cell names the Triton helper {cell.triton_backward!r}; the kernel has "
+                         f"{list(TRITON_STEPS)}.")
+    if feedback.kernel_variant is None:
+        raise ValueError(f"The Triton backward has no variant for {feedback!r}: its pointwise part runs in torch "
+                         f"(fused_sfrnn.torch_pointwise_backward).")
     time, batch, width = states.shape
     d = width // cell.state_vectors
     if grad_states.stride(-1) != 1:
@@ -173,26 +220,24 @@ def triton_dsf_pointwise_backward(cell, grad_states, gates, states, initial_stat
     out_hidden = (torch.empty(time, batch, cell.extra_gradient_width * d, dtype=torch.float32, device=states.device)
                   if cell.extra_gradient_width else None)
     mask_float = None if mask is None else mask.reshape(time, batch).float().contiguous()
-    dummy = states  # unused pointer arguments must still be tensors
-    diagonals = dummy
-    if feedback.per_step:
+    diagonals = None
+    if feedback.kernel_variant == "per_step":
         if weight_hh is None:
             raise ValueError("A diag_jacobian feedback needs weight_hh (the diagonals of its gate blocks).")
-        diagonals = weight_hh.view(-1, d, d).diagonal(dim1=1, dim2=2).float().contiguous()  # (G, d)
-        mode = 2
-    elif feedback.diagonal is not None:
-        mode = 1
-    else:
-        mode = 0
-    feedback = feedback.diagonal.float().contiguous() if mode == 1 else dummy
+        diagonals = cell.recurrent_diagonals(weight_hh).float().contiguous()  # (H, d)
+    constant = feedback.diagonal.float().contiguous() if feedback.kernel_variant == "constant" else None
+    dummy = states  # an absent input is still a pointer argument; the flags below keep the kernel from reading it
     grid = (batch, triton.cdiv(d, tile))
     _kernels()["pointwise"][grid](
-        grad_states, grad_states.stride(0), grad_states.stride(1), gates if gates is not None else dummy,
-        states, initial_state.contiguous(), mask_float if mask_float is not None else dummy, feedback, diagonals,
-        out_pre, out_hidden if out_hidden is not None else dummy, time, batch, d,
-        CELL=cell.triton_code, HAS_MASK=mask is not None, DECAY=mode, TILE=tile,
+        grad_states, grad_states.stride(0), grad_states.stride(1), dummy if gates is None else gates,
+        states, initial_state.contiguous(), dummy if mask_float is None else mask_float,
+        dummy if constant is None else constant, dummy if diagonals is None else diagonals,
+        out_pre, dummy if out_hidden is None else out_hidden, time, batch, d,
+        STEP=cell.triton_backward, STATE_VECTORS=cell.state_vectors, GATES=cell.gates, SAVED_GATES=cell.saved_gates,
+        EXTRA=cell.extra_gradient_width, BLOCKS=1 if diagonals is None else diagonals.shape[0],
+        HAS_MASK=mask is not None, HAS_FEEDBACK=constant is not None, PER_STEP=diagonals is not None, TILE=tile,
     )
     return out_pre, out_hidden
 
 
-__all__ = ["TRITON_AVAILABLE", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]
+__all__ = ["TRITON_AVAILABLE", "TRITON_STEPS", "triton_dsf_pointwise_backward", "CHANNEL_TILE"]

@@ -1,6 +1,6 @@
 """Slow, obviously correct references for the tests, written with torch's own cells (`nn.GRUCell`, `nn.LSTMCell`,
-`nn.RNNCell`; for minGRU, which torch lacks, `MinGRUCell` below, from the paper's equations) sharing the model's weight
-tensors: nothing here calls the package's cell math or scan."""
+`nn.RNNCell`; for minGRU and IndRNN, which torch lacks, `MinGRUCell` and `IndRNNCell` below, from the papers'
+equations) sharing the model's weight tensors: nothing here calls the package's cell math or scan."""
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,19 @@ class MinGRUCell(nn.Module):
         return (1 - z) * h + z * candidate
 
 
-TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell, "mingru": MinGRUCell}
+class IndRNNCell(nn.Module):
+    """IndRNN as Li et al. 2018 write it (eq. 2), with tanh: `h_t = tanh(W x_t + u (.) h_{t-1} + b)`; `weight_ih` is
+    `W`, `weight_hh` the vector `u`, `bias_ih` is `b` (no `bias_hh`)."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+
+    def forward(self, x, h):
+        return torch.tanh(x @ self.weight_ih.T + self.weight_hh * h + self.bias_ih)
+
+
+TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell, "mingru": MinGRUCell,
+               "indrnn": IndRNNCell}
 TORCH_RNNS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 

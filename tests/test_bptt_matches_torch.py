@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from references import causal_lm_cross_entropy, padded_batch, reference_causal_lm_logits, reference_exact_layer, torch_rnn_copy
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from references import causal_lm_cross_entropy, padded_batch, reference_causal_lm_logits, reference_exact_layer, torch_rnn_copy, \
+    TORCH_RNNS
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer
 
-CELLS = ("gru", "lstm", "rnn")
+CELLS = [cell for cell in CELL_TYPES if cell in TORCH_RNNS]  # the cells torch has a module for
 
 
 def layer_for(cell, hidden=16):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from references import cell_state_step, causal_lm_cross_entropy, padded_batch, torch_cell_sharing_weights
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, fused_sfrnn, recurrent_sfrnn
+from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM, backends_sfrnn, fused_sfrnn, recurrence_sfrnn, recurrent_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS
-from sfrnn_hf.scan_sfrnn import Feedback
+from sfrnn_hf.scan_sfrnn import CalibratedFeedback, DiagJacobianFeedback
 from test_fused_dsf import layer_weights, make_layer, make_mask
 
 WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -64,7 +64,7 @@ def reference_diag_jacobian_layer(layer, inputs, mask):
 @pytest.mark.parametrize("mask_kind", [None, "right", "left", "arbitrary"])
 @pytest.mark.parametrize("chunk", [4, 64])  # diag(J) is computed per backward chunk: 4 splits the 9 steps unevenly
 def test_diag_jacobian_gradients_equal_the_reference(cell, mask_kind, chunk, monkeypatch):
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    monkeypatch.setattr(backends_sfrnn, "DSF_CHUNK", chunk)
     assert_diag_jacobian_layer_is_the_reference(cell, mask_kind)
 
 
@@ -109,12 +109,17 @@ def test_diagonal_recurrent_blocks_make_diag_jacobian_exact_bptt(cell):
     assert not torch.allclose(grads["dsf"][weight_hh_index], grads["bptt"][weight_hh_index], rtol=1e-3)
 
 
+DIAGONAL_CELLS = [name for name, cell in CELLS.items() if not cell.recurrent_gates]
+
+
+@pytest.mark.parametrize("cell", DIAGONAL_CELLS)
 @pytest.mark.parametrize("block_type", ["residual", "prenorm"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_mingru_diag_jacobian_is_exact_bptt(block_type, padding):
-    """minGRU's gates read the input only, so its Jacobian IS diag(1 - z_t): the `diag_jacobian` rule is exact BPTT
-    for every parameter of a 2-layer model, while the constant-feedback `dsf` is not."""
-    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type="mingru", block_type=block_type,
+def test_diagonal_cells_diag_jacobian_is_exact_bptt(cell, block_type, padding):
+    """A cell whose state enters through no matrix has a diagonal Jacobian (minGRU's `diag(1 - z_t)`, IndRNN's
+    `diag((1 - h_t^2) u)`): the `diag_jacobian` rule is exact BPTT for every parameter of a 2-layer model, while the
+    constant-feedback `dsf` is not."""
+    config = SfrnnConfig(vocab_size=19, hidden_size=6, num_hidden_layers=2, cell_type=cell, block_type=block_type,
                          intermediate_size=8)
     model = SfrnnForCausalLM(config).double()
     input_ids, labels, mask = padded_batch(19, 3, 10, padding)
@@ -161,7 +166,7 @@ def batch_mean_diagonal(layer, inputs, mask):
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("chunk", [4, 64])  # the forward loop adds up the mean chunk by chunk
 def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobian(cell, chunk, monkeypatch):
-    monkeypatch.setattr(recurrent_sfrnn, "DSF_CHUNK", chunk)
+    monkeypatch.setattr(backends_sfrnn, "DSF_CHUNK", chunk)
     monkeypatch.setattr(fused_sfrnn, "DSF_CHUNK", chunk)
     layer = make_layer(cell, scale=1.0)
     layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
@@ -199,9 +204,9 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     initial = torch.zeros(4, layer.state_size, dtype=torch.float64)
     weights = layer_weights(layer)
 
-    kernel = recurrent_sfrnn.kernel_states
+    kernel = recurrence_sfrnn.kernel_states
     _, (total, count) = fused_sfrnn.fused_dsf_recurrence(
-        cell, inputs, initial, weights, mask, Feedback.constant(layer.feedback, record_statistics=True),
+        cell, inputs, initial, weights, mask, CalibratedFeedback(layer.feedback),
         state_kernel=kernel, chunk=4)
     assert count == mask.sum()
     torch.testing.assert_close(total / count, batch_mean_diagonal(layer, inputs.detach(), mask), rtol=1e-10,
@@ -211,7 +216,7 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
     names, weights = trained_weights(layer)
     params = [inputs, *weights]
     states, _ = fused_sfrnn.fused_dsf_recurrence(cell, inputs, initial, layer_weights(layer), mask,
-                                                 Feedback.diag_jacobian(), state_kernel=kernel, chunk=4)
+                                                 DiagJacobianFeedback(), state_kernel=kernel, chunk=4)
     got = torch.autograd.grad((states * readout).sum(), params)
     want = torch.autograd.grad((reference_diag_jacobian_layer(layer, inputs, mask) * readout).sum(), params)
     for name, g, w in zip(["inputs", *names], got, want):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from references import padded_batch, reference_exact_layer
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf.training.fidelity import (
     feedback_match,
     gradient_fidelity,
@@ -16,8 +16,8 @@ from sfrnn_hf.training.fidelity import (
     state_gradient_contributions,
     state_gradient_fidelity,
 )
-from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
-from sfrnn_hf.scan_sfrnn import reverse_diagonal_scan
+from sfrnn_hf.reference_sfrnn import DiagonalStateFeedback
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_diagonal_scan
 
 
 class LinearDiagonalLM(nn.Module):
@@ -46,7 +46,7 @@ class LinearDiagonalLM(nn.Module):
             with torch.no_grad():
                 values = self.recurrence(x)
             previous = torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
-            feedback = self.lam.detach() if self.config.gradient_mode == "dsf" else None
+            feedback = ConstantFeedback(self.lam.detach()) if self.config.gradient_mode == "dsf" else NoFeedback()
             states = DiagonalStateFeedback.apply(values, self.lam * previous + x @ self.weight.T, feedback)
         logits = self.head(states)
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
@@ -77,7 +77,7 @@ def test_zero_feedback_dsf_equals_ft_bptt():
     assert set(result["layers"]["dsf"]) == {"layers.0", "layers.1"}
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 def test_time_distance_terms_sum_to_the_exact_and_dsf_state_gradients(cell):
     config = SfrnnConfig(vocab_size=17, hidden_size=5, cell_type=cell)
     layer = SfrnnForCausalLM(config).double().model.layers[0].recurrent

@@ -1,6 +1,6 @@
 """The fused DSF op (`fused_sfrnn.py`) equals the DSF rule's definitions on outputs and on every gradient.
 
-References: `recurrent_sfrnn.dsf_states` (the recompute form: autograd of `cell_step` over all positions) and
+References: `reference_sfrnn.dsf_states` (the recompute form: autograd of `cell_step` over all positions) and
 `references.reference_dsf_layer` (per-timestep autograd of torch's own cells, plain-loop scan). Every cell, masks
 (none, right, left, arbitrary), float64 (rtol 1e-10), float32 (rtol 1e-5) and bf16 large matmuls (stated tolerance),
 chunk lengths that do and do not divide the sequence.
@@ -11,13 +11,14 @@ import torch
 
 from references import reference_dsf_layer
 from sfrnn_hf import SfrnnConfig
-from sfrnn_hf import recurrent_sfrnn
+from sfrnn_hf import backends_sfrnn, recurrent_sfrnn, reference_sfrnn
 from sfrnn_hf.cells_sfrnn import CELLS as REGISTERED_CELLS
 from sfrnn_hf.cells_sfrnn import STEP_MATMULS, StepMatmul, cell_step, default_step_matmul, get_cell, \
     onednn_packed_matmul_serves, tanh_from_sigmoid_
 from sfrnn_hf.fused_sfrnn import fused_dsf_recurrence
-from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer, kernel_states
-from sfrnn_hf.scan_sfrnn import Feedback, reverse_scan_
+from sfrnn_hf.recurrence_sfrnn import kernel_states
+from sfrnn_hf.recurrent_sfrnn import SfrnnRecurrentLayer
+from sfrnn_hf.scan_sfrnn import ConstantFeedback, NoFeedback, reverse_scan_
 
 CELLS = tuple(REGISTERED_CELLS)  # every registered cell, minGRU included
 MASKS = (None, "right", "left", "arbitrary")
@@ -57,7 +58,7 @@ def layer_weights(layer):
 
 def as_feedback(feedback):
     """A `Feedback` from a diagonal `(S,)` (DSF) or None (FT-BPTT)."""
-    return Feedback.none() if feedback is None else Feedback.constant(feedback)
+    return NoFeedback() if feedback is None else ConstantFeedback(feedback)
 
 
 def fused_dsf_states(cell, inputs, initial, weights, mask, feedback, **options):
@@ -67,7 +68,7 @@ def fused_dsf_states(cell, inputs, initial, weights, mask, feedback, **options):
 
 def dsf_states(cell, inputs, initial, weights, mask, feedback):
     """The reference op's states, feedback given as a diagonal or None."""
-    return recurrent_sfrnn.dsf_states(cell, inputs, initial, weights, mask, as_feedback(feedback))[0]
+    return reference_sfrnn.dsf_states(cell, inputs, initial, weights, mask, as_feedback(feedback))[0]
 
 
 def outputs_and_grads(states_fn, layer, inputs, readout):
@@ -134,30 +135,31 @@ def test_step_saving_gates_equals_cell_step(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_one_step_grad_equals_autograd_of_cell_step(cell):
+def test_one_step_gradients_equal_autograd_of_cell_step(cell):
+    """`one_step_grad` then the cell's `accumulate_weight_grads_` give, for rows of one-step evaluations with the
+    previous state held constant, the gradients autograd gives through `cell_step`: of the input projection and of
+    every weight, whatever the cell's weight layout."""
     layer = make_layer(cell)
     spec = get_cell(cell)
     d = layer.hidden_size
-    w_hh, b_hh = layer.weight_hh.detach(), layer.bias_hh.detach()
-    input_projection = torch.randn(4, layer.weight_ih.shape[0], dtype=torch.float64, requires_grad=True)
-    hidden_projection = (torch.randn(4, d, dtype=torch.float64) @ w_hh.T + b_hh).requires_grad_()
+    weights = [w.detach().clone().requires_grad_() for w in layer_weights(layer)]
+    w_ih, w_hh, b_ih, b_hh = weights
+    x = torch.randn(4, d, dtype=torch.float64)
     state = torch.randn(4, layer.state_size, dtype=torch.float64)
     grad = torch.randn(4, layer.state_size, dtype=torch.float64)
-    # cell_step with its matmul made an input: substitute h W_hh^T + b_hh by an independent leaf via the bias.
-    zero_weight = torch.zeros_like(w_hh)
-    new_state = cell_step(cell, input_projection, state, zero_weight, hidden_projection)
-    want_input, want_hidden = torch.autograd.grad(new_state, [input_projection, hidden_projection], grad,
-                                                  allow_unused=True)
-    if want_hidden is None:  # a cell without recurrent weights (minGRU)
-        want_hidden = torch.zeros_like(hidden_projection)
-    # the same step through the gated form, saving gates
-    gates, out = saved_step(cell, input_projection.detach(), state, zero_weight, hidden_projection.detach())
-    grad_input, extra = spec.one_step_grad(grad, gates, state, out)
-    torch.testing.assert_close(grad_input, want_input, rtol=1e-12, atol=1e-13)
-    got_hidden = torch.zeros_like(want_hidden)
-    for rows, block in spec.hidden_projection_grads(grad_input, extra):
-        got_hidden[:, rows] = block
-    torch.testing.assert_close(got_hidden, want_hidden, rtol=1e-12, atol=1e-13)
+    input_projection = (x @ w_ih.T + b_ih).detach().requires_grad_()
+    new_state = cell_step(cell, input_projection, state, w_hh, b_hh)
+    want_pre, *want = torch.autograd.grad(new_state, [input_projection, w_ih, w_hh, b_ih, b_hh], grad,
+                                          allow_unused=True, materialize_grads=True)
+    want[0], want[2] = want_pre.T @ x, want_pre.sum(0)  # through x W_ih^T + b_ih
+    gates, out = saved_step(cell, input_projection.detach(), state, w_hh.detach(), b_hh.detach())
+    grad_pre, extra = spec.one_step_grad(grad, gates, state, out)
+    torch.testing.assert_close(grad_pre, want_pre, rtol=1e-12, atol=1e-13)
+    got = [torch.zeros_like(w) for w in weights]
+    spec.accumulate_weight_grads_(got, grad_pre, extra, x, state[:, :d])
+    for name, g, w in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), got, want):
+        assert w.numel() == 0 or w.abs().max() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -312,7 +314,7 @@ def test_cpu_training_runs_the_fused_backend_in_float64_and_float32(monkeypatch)
     def fail(*args, **kwargs):
         raise AssertionError("the reference op ran although the fused backend is the CPU default")
 
-    monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
+    monkeypatch.setattr(backends_sfrnn, "dsf_states", fail)
     for dtype in (torch.float64, torch.float32):
         layer = make_layer("gru", dtype=dtype)
         out, _ = layer(torch.randn(3, 5, layer.hidden_size, dtype=dtype), mask=make_mask("left", 3, 5))

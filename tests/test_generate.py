@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sfrnn_hf import SfrnnCache, SfrnnConfig, SfrnnForCausalLM, SfrnnModel
+from sfrnn_hf import CELL_TYPES, SfrnnCache, SfrnnConfig, SfrnnForCausalLM, SfrnnModel
 
-CELLS = ("gru", "lstm", "rnn")
+CELLS = CELL_TYPES
 VOCAB = 40
 
 

@@ -3,7 +3,8 @@ rule with feedback = lambda gives exactly the BPTT gradient (weights, inputs and
 
 import torch
 
-from sfrnn_hf.recurrent_sfrnn import DiagonalStateFeedback
+from sfrnn_hf.reference_sfrnn import DiagonalStateFeedback
+from sfrnn_hf.scan_sfrnn import ConstantFeedback
 
 
 def linear_recurrence_loop(lam, weight, inputs):
@@ -23,7 +24,7 @@ def linear_recurrence_dsf(lam, weight, inputs, feedback):
         states = linear_recurrence_loop(lam, weight, inputs)
     previous = torch.cat([states.new_zeros(states[:, :1].shape), states[:, :-1]], dim=1)
     one_step = lam * previous + inputs @ weight.T
-    return DiagonalStateFeedback.apply(states, one_step, feedback)
+    return DiagonalStateFeedback.apply(states, one_step, ConstantFeedback(feedback))
 
 
 def test_dsf_with_matching_feedback_is_exact_bptt_for_a_linear_diagonal_recurrence():

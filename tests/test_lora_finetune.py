@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.cells_sfrnn import CELLS
 from sfrnn_hf.training.train import apply_lora, main, run
 from sfrnn_hf.training.config import LoraSection
 from training_helpers import tiny_experiment
@@ -25,7 +26,8 @@ def _adapted_model(cell="gru", block="prenorm", mode="dsf"):
     config = SfrnnConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2, cell_type=cell, block_type=block,
                          gradient_mode=mode)
     base = SfrnnForCausalLM(config).double()
-    section = LoraSection(enabled=True, r=3, alpha=6, target_parameters=["weight_ih", "weight_hh"],
+    matrices = list(CELLS[cell].matrix_parameters(config.hidden_size))  # weight_ih, and weight_hh where a matrix
+    section = LoraSection(enabled=True, r=3, alpha=6, target_parameters=matrices,
                           target_modules=["output_projection"] if block == "prenorm" else [])
     adapted = apply_lora(copy.deepcopy(base), section)
     with torch.no_grad():  # PEFT starts B at 0 (an identity adapter): give it a real update
@@ -43,7 +45,7 @@ def _batch():
     return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 def test_adapted_forward_is_the_merged_forward_and_not_the_base(cell):
     base, adapted = _adapted_model(cell)
     batch = _batch()

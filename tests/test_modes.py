@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from references import padded_batch
-from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf import recurrent_sfrnn
+from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf import backends_sfrnn
 
 MODES = ("bptt", "dsf", "ft_bptt")
 
@@ -15,7 +15,7 @@ def tiny(cell, block="residual", **kw):
     return SfrnnForCausalLM(config)
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 def test_forward_and_loss_agree_across_modes(cell, padding):
     model = tiny(cell, "prenorm")
@@ -37,7 +37,7 @@ def test_eval_forward_builds_no_graph_and_no_recompute(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the DSF recompute ran in a no-grad forward")
 
-    monkeypatch.setattr(recurrent_sfrnn, "dsf_states", fail)
+    monkeypatch.setattr(backends_sfrnn, "dsf_states", fail)
     input_ids, _, mask = padded_batch(29, 3, 12, "right")
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask).logits
@@ -64,7 +64,7 @@ def test_switching_mode_on_a_live_model_takes_effect_at_next_forward():
         torch.testing.assert_close(grad_in(mode), first[mode])
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_bf16_autocast_runs_every_cell_and_mode(cell, mode):
     # torch's oneDNN LSTM has no bf16 kernel on CPUs without native bf16: the recurrence must not be sent there.

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM, modeling_sfrnn
+from sfrnn_hf import CELL_TYPES, GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM, modeling_sfrnn
 from sfrnn_hf.modeling_sfrnn import flush_tiny_values
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.2e-38
@@ -44,7 +44,7 @@ def _padded_batch(vocab, batch=4, time=9):
     return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell", CELL_TYPES)
 @pytest.mark.parametrize("mode", GRADIENT_MODES)
 def test_decayed_embedding_rows_reach_the_recurrence_as_zeros_and_change_no_gradient(cell, mode, monkeypatch):
     config = SfrnnConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2, cell_type=cell, gradient_mode=mode,

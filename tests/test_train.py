@@ -339,7 +339,7 @@ def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):
 
 def test_bf16_lstm_trains_on_cpu(tmp_path):
     # torch 2.13's oneDNN has no bf16 LSTM on CPUs without native bf16: the recurrence must run in fp32 there
-    # (recurrent_sfrnn.fused_recurrence), in training, evaluation and the bf16 pre-flight check alike.
+    # (recurrence_sfrnn.fused_recurrence), in training, evaluation and the bf16 pre-flight check alike.
     experiment = tiny_experiment(tmp_path, "training.bf16=true", "training.max_steps=2", "model.cell_type=lstm",
                                  "model.gradient_mode=bptt", validation=True)
     trainer, results = run(experiment)
