@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from sfrnn_hf.training import train as train_module
-from sfrnn_hf.training.checkpoints import MANIFEST
+from sfrnn_hf.training.checkpoints import MANIFEST, write_manifest
 from sfrnn_hf.training.data import DataError
 from sfrnn_hf.training.run_folder import LOCK_FILE, OutputDirError
 from sfrnn_hf.training.train import TrainingDiverged, main, run
@@ -121,6 +122,72 @@ def test_a_failed_start_does_not_rewrite_the_settings_a_resume_compares_with(tmp
     assert any("training.max_steps: 4 -> 6" in record.getMessage() for record in caplog.records)
 
 
+def _user_files(folder):
+    """A user's own files in a run folder: notes, code in a sub-folder, a copy of the training data."""
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "src").mkdir(exist_ok=True)
+    (folder / "src" / "code.py").write_text("print('mine')")
+    shutil.copy(folder.parent / "train.txt", folder / "data.txt")
+    return {path: path.read_bytes() for path in (folder / "notes.txt", folder / "src" / "code.py", folder / "data.txt")}
+
+
+def test_overwrite_and_a_restarting_resume_delete_no_file_that_is_not_the_runs(tmp_path):
+    run(tiny_experiment(tmp_path))
+    out = tmp_path / "run"
+    mine = _user_files(out)
+    final = _weights(out)
+    with pytest.raises(OutputDirError, match="notes.txt"):
+        run(tiny_experiment(tmp_path, "training.overwrite_output_dir=true"))
+    (out / "results.json").unlink()  # a run killed before its first checkpoint: a resume would start it over
+    with pytest.raises(OutputDirError, match="notes.txt"):
+        run(tiny_experiment(tmp_path, "training.resume_from_checkpoint=true"))
+    assert all(path.read_bytes() == content for path, content in mine.items())
+    _assert_same_weights(_weights(out), final)
+    shutil.rmtree(out / "src")  # the user's files moved out: the run's own files go, nothing else was there
+    (out / "notes.txt").unlink()
+    (out / "data.txt").unlink()
+    run(tiny_experiment(tmp_path, "training.overwrite_output_dir=true"))
+
+
+def test_resuming_a_finished_run_without_checkpoints_keeps_it_and_every_file(tmp_path):
+    run(tiny_experiment(tmp_path))  # save_strategy=no: the final model and results.json, no checkpoint
+    out = tmp_path / "run"
+    mine = _user_files(out)
+    final, results = _weights(out), json.loads((out / "results.json").read_text())
+    _, resumed = run(tiny_experiment(tmp_path, "training.resume_from_checkpoint=true"))
+    assert resumed == results
+    with pytest.raises(ConfigError, match="finished.*training.lr: 0.01 -> 0.05"):
+        run(tiny_experiment(tmp_path, "training.lr=0.05", "training.resume_from_checkpoint=true"))
+    assert all(path.read_bytes() == content for path, content in mine.items())
+    _assert_same_weights(_weights(out), final)
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["training"]["lr"] == 0.01
+
+
+def test_a_checkpoint_is_not_resumed_into_the_folder_of_another_run(tmp_path):
+    run(tiny_experiment(tmp_path / "lstm", "model.cell_type=lstm", *SAVE_EVERY_2))
+    other = tmp_path / "gru"
+    run(tiny_experiment(other))
+    final = _weights(other / "run")
+    with pytest.raises(ConfigError, match="holds another run"):
+        run(tiny_experiment(other, "model.cell_type=lstm",
+                            f"training.resume_from_checkpoint={tmp_path / 'lstm' / 'run' / 'checkpoint-2'}"))
+    _assert_same_weights(_weights(other / "run"), final)
+    assert not list((other / "run").glob("checkpoint-*"))
+
+
+def test_lora_refuses_its_own_base_model_folder_as_output(tmp_path):
+    run(tiny_experiment(tmp_path))
+    base = tmp_path / "run"
+    final = _weights(base)
+    for output in (base, base / "lora"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--lora", str(base), "--output-dir", str(output), "--overwrite", "--set", "data.dataset=text",
+                  "--set", f"data.train_files=[{tmp_path / 'train.txt'}]", "--set", "data.tokenizer=word"])
+        assert stop.value.code == 2
+    _assert_same_weights(_weights(base), final)
+    assert AutoModelForCausalLM.from_pretrained(base) is not None
+
+
 # --- resume -----------------------------------------------------------------------------------------------------------
 
 
@@ -183,6 +250,37 @@ def test_resume_skips_a_damaged_newest_checkpoint_naming_it(tmp_path, caplog, da
     assert len(skipped) == 1 and "checkpoint-6" in skipped[0] and reason in skipped[0]
     assert "Resuming from" in skipped[0] and "checkpoint-4" in skipped[0]
     assert results["global_step"] == 6
+    _assert_same_weights(_weights(out), want)
+
+
+def test_rotation_waits_for_the_seal_and_resume_keeps_the_checkpoint_it_skips(tmp_path, monkeypatch, caplog):
+    common = ["training.max_steps=6", *SAVE_EVERY_2, "training.save_total_limit=1"]
+    run(tiny_experiment(tmp_path / "full", *common))
+    want = _weights(tmp_path / "full" / "run")
+    seals = []
+
+    def killed_before_the_second_seal(folder):
+        seals.append(folder)
+        if len(seals) == 2:
+            raise KeyboardInterrupt  # checkpoint-4 fully written, not sealed
+        return write_manifest(folder)
+
+    monkeypatch.setattr(train_module, "write_manifest", killed_before_the_second_seal)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_experiment(tmp_path / "cut", *common))
+    monkeypatch.undo()
+    out = tmp_path / "cut" / "run"
+    assert (out / "checkpoint-2" / MANIFEST).is_file()  # the sealed one was not rotated away
+    steps = []
+    original_step = train_module.SfrnnTrainer.training_step
+    monkeypatch.setattr(train_module.SfrnnTrainer, "training_step",
+                        lambda self, *args, **kwargs: steps.append(1) or original_step(self, *args, **kwargs))
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
+        _, results = run(tiny_experiment(tmp_path / "cut", *common, "training.resume_from_checkpoint=true"))
+    skipped = [r.getMessage() for r in caplog.records if "Skipping the damaged checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "checkpoint-4" in skipped[0] and "Resuming from" in skipped[0]
+    assert (out / "skipped-checkpoint-4" / "model.safetensors").is_file()  # named and left, never deleted
+    assert results["global_step"] == 6 and len(steps) == 4  # continued from step 2
     _assert_same_weights(_weights(out), want)
 
 

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
@@ -208,11 +209,20 @@ class SfrnnTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint, sealed by its manifest before any older checkpoint is rotated away: a kill at any
+        point leaves an intact checkpoint to resume from."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer's rotation waits for the seal
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
             write_atomically(os.path.join(folder, EXPERIMENT_FILE), experiment_yaml(self.experiment))
             write_manifest(folder)  # sealed last: a checkpoint without its manifest was not completely written
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -360,9 +370,10 @@ def _load_or_build_tokenizer(experiment: ExperimentConfig, resume: str | None):
 def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str | None:
     """The checkpoint a resume continues from, or None to start from step 0.
 
-    `True`: the newest intact checkpoint in `output_dir`; newer, damaged ones are named in a warning and removed (the
-    run rewrites them). A run that never completed a checkpoint starts over, with a warning. A path must be intact.
-    Raises `ConfigError` naming what is wrong when there is no run to resume.
+    `True`: the newest intact checkpoint in `output_dir`; newer, damaged ones are named in a warning and moved aside to
+    `skipped-checkpoint-<step>` (never deleted: the run rewrites `checkpoint-<step>`). A run that never completed a
+    checkpoint starts over, with a warning. A path must be intact, and `output_dir` must be its own run's folder or
+    hold no run. Raises `ConfigError` naming what is wrong when there is no run to resume.
     """
     if not requested:
         return None
@@ -371,17 +382,50 @@ def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str
         if checkpoint is None and not earlier_run(output_dir) and not skipped:
             raise ConfigError(f"Nothing to resume in {output_dir}: it holds no run. Run without --resume to start one.")
         for folder, reason in skipped:
-            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}. "
+            kept = _set_aside(folder) if main_process else folder
+            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}; it is kept as {kept}. "
                            f"{f'Resuming from {checkpoint}' if checkpoint else 'No intact checkpoint: starting over'}.")
-            if main_process:
-                shutil.rmtree(folder)
         if checkpoint is None:
             logger.warning(f"The run in {output_dir} has no intact checkpoint: it starts over from step 0.")
         return checkpoint
     reason = damage(requested) if os.path.isdir(requested) else f"{requested} is not a folder"
     if reason is not None:
         raise ConfigError(f"Cannot resume from {requested}: {reason}.")
+    own_folder = os.path.dirname(os.path.abspath(requested))
+    if not _same_folder(own_folder, output_dir) and earlier_run(output_dir):
+        raise ConfigError(
+            f"Cannot resume {requested} into {output_dir}: that folder holds another run "
+            f"({', '.join(earlier_run(output_dir)[:3])}). Resume into the checkpoint's own run folder ({own_folder}) "
+            "or into an empty `training.output_dir`.")
     return requested
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _set_aside(checkpoint: str) -> str:
+    """Rename a skipped `checkpoint-<step>` to a free `skipped-checkpoint-<step>[.n]` beside it (outside the
+    Trainer's rotation, which globs `checkpoint-*`); returns the new path."""
+    parent, name = os.path.split(checkpoint)
+    target, n = os.path.join(parent, f"skipped-{name}"), 1
+    while os.path.exists(target):
+        target, n = os.path.join(parent, f"skipped-{name}.{n}"), n + 1
+    os.rename(checkpoint, target)
+    return target
+
+
+def check_source_outside_output(experiment: ExperimentConfig, output_dir: str) -> None:
+    """`model.from_pretrained` (the base of a LoRA or fine-tuning run) must lie outside `output_dir` and not contain
+    it: the run would overwrite or delete its own source."""
+    source = experiment.model.get("from_pretrained")
+    if source is None or not os.path.isdir(source):
+        return
+    source, output = os.path.realpath(source), os.path.realpath(output_dir)
+    if os.path.commonpath([source, output]) in (source, output):
+        raise ConfigError(f"`model.from_pretrained` {experiment.model['from_pretrained']!r} and `training.output_dir` "
+                          f"{output_dir!r} overlap: the run would overwrite the model it starts from. Choose another "
+                          "output_dir.")
 
 
 def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[str]:
@@ -412,8 +456,9 @@ def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_proces
     """Make `output_dir` this run's: `(checkpoint to resume or None, settings changed since that checkpoint)`.
 
     A resume compares its settings with the ones the checkpoint was trained with (a warning names each change); a
-    resumed run with no intact checkpoint starts over in a cleared folder; a new run into a folder holding another
-    run is refused, or clears it first with `training.overwrite_output_dir`."""
+    resumed run with no intact checkpoint starts over in a folder cleared of that run's files; a new run into a folder
+    holding another run is refused, or clears it first with `training.overwrite_output_dir`. Only a run's own files
+    are ever deleted: a folder holding anything else is refused (`run_folder.clear`)."""
     training = experiment.training
     resume = resolve_resume(training.resume_from_checkpoint, output_dir, main_process)
     if resume:
@@ -429,9 +474,25 @@ def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_proces
             f"{output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
             f"(training.resume_from_checkpoint=true), start over with --overwrite "
             f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
+    if _finished_without_checkpoint(experiment, output_dir):
+        return None, []
     if main_process and (found or training.resume_from_checkpoint is True):
-        clear(output_dir)
+        clear(output_dir, "--overwrite" if training.overwrite_output_dir else "starting the run over")
     return None, []
+
+
+def _finished_without_checkpoint(experiment: ExperimentConfig, output_dir: str) -> bool:
+    """Whether a resume meets a finished run (its `results.json`) that kept no intact checkpoint: it resumes as
+    finished. A changed setting cannot apply to it: `ConfigError` naming each."""
+    if experiment.training.resume_from_checkpoint is not True or not os.path.isfile(
+            os.path.join(output_dir, "results.json")):
+        return False
+    changes = settings_changed_since_start(experiment, output_dir)
+    if changes:
+        raise ConfigError(f"The run in {output_dir} is finished and kept no checkpoint to continue from, so these "
+                          f"changes cannot apply: {'; '.join(changes)}. Resume without them, start over with "
+                          "--overwrite, or choose another output_dir.")
+    return True
 
 
 def run(experiment: ExperimentConfig, callbacks=None):
@@ -452,12 +513,14 @@ def run(experiment: ExperimentConfig, callbacks=None):
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
     main_process = args.process_index == 0
+    check_source_outside_output(experiment, args.output_dir)
     check_writable(args.output_dir)
     with RunLock(args.output_dir) if main_process else contextlib.nullcontext():
         results_path = os.path.join(args.output_dir, "results.json")
         resume, changes = _claim_output_dir(experiment, args.output_dir, main_process)
         finished = resume is not None and _finished(resume, bool(changes))
-        if finished and os.path.isfile(results_path):
+        if (finished or resume is None and training.resume_from_checkpoint is True) and os.path.isfile(results_path):
+            # a finished run; without a checkpoint `_claim_output_dir` cleared any unfinished one's `results.json`
             logger.info(f"The run in {args.output_dir} is finished (checkpoint {resume}): nothing to train.")
             with open(results_path) as handle:
                 return None, json.load(handle)
