@@ -284,6 +284,36 @@ def test_rotation_waits_for_the_seal_and_resume_keeps_the_checkpoint_it_skips(tm
     _assert_same_weights(_weights(out), want)
 
 
+def test_a_resume_applies_changed_optimizer_settings_at_the_schedules_position(tmp_path, monkeypatch):
+    common = ["training.max_steps=4", *SAVE_EVERY_2, "training.scheduler=step", "training.step_every=0.5",
+              "training.step_gamma=0.1"]
+    resumed = {}
+    original_train = train_module.SfrnnTrainer.train
+
+    def keep_trainer(self, *args, **kwargs):
+        resumed["trainer"] = self
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.SfrnnTrainer, "train", keep_trainer)
+    learning_rates = {}
+    for lr in (0.01, 0.05):  # killed after checkpoint-2, resumed with the same or a changed optimizer
+        folder = tmp_path / str(lr)
+        run(tiny_experiment(folder, *common))
+        shutil.rmtree(folder / "run" / "checkpoint-4")
+        (folder / "run" / "results.json").unlink()
+        run(tiny_experiment(folder, *common, f"training.lr={lr}", "training.weight_decay=0.1",
+                            "training.adam_beta1=0.8", "training.resume_from_checkpoint=true"))
+        learning_rates[lr] = {entry["step"]: entry["learning_rate"] for entry in resumed["trainer"].state.log_history
+                              if "learning_rate" in entry}
+    # StepLR decayed by 0.1 after step 2: the resumed steps run at 0.1 x the new rate.
+    assert learning_rates[0.01][3] == pytest.approx(1e-3) and learning_rates[0.05][3] == pytest.approx(5e-3)
+    group = resumed["trainer"].optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.1 and group["betas"] == (0.8, 0.999)
+    differing = [name for name, tensor in _weights(tmp_path / "0.01" / "run").items()
+                         if not torch.equal(tensor, _weights(tmp_path / "0.05" / "run")[name])]
+    assert differing  # the changed rate changed the updates
+
+
 def test_resume_with_no_intact_checkpoint_at_a_named_path_is_refused(tmp_path):
     run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2))
     checkpoint = tmp_path / "run" / "checkpoint-2"

@@ -224,6 +224,26 @@ class SfrnnTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume restored the checkpoint's optimizer and schedule: this run's `training.lr`, `weight_decay`,
+        `adam_beta1/2` and `adam_eps`. The schedule keeps its position: each group's learning rate becomes the new base
+        rate times the schedule's current factor, so `experiment.yaml` records what runs."""
+        training = self.experiment.training
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper holds it
+        for index, group in enumerate(self.optimizer.param_groups):
+            factor = group["lr"] / scheduler.base_lrs[index] if scheduler.base_lrs[index] else 1.0
+            group.update(lr=training.lr * factor, initial_lr=training.lr, betas=(training.adam_beta1, training.adam_beta2),
+                         eps=training.adam_eps)
+            if group["params"]:  # every trainable parameter decays (`get_decay_parameter_names`)
+                group["weight_decay"] = training.weight_decay
+        scheduler.base_lrs = [training.lr] * len(scheduler.base_lrs)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if not getattr(optimizer, "_sfrnn_divergence_check", False):
