@@ -35,6 +35,19 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
+def _keep_trainer(monkeypatch) -> dict:
+    """`{"trainer": ...}`: the `SfrnnTrainer` of the latest `run`, even one that ends in an error."""
+    captured = {}
+    original_train = train_module.SfrnnTrainer.train
+
+    def keep_trainer(self, *args, **kwargs):
+        captured["trainer"] = self
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.SfrnnTrainer, "train", keep_trainer)
+    return captured
+
+
 # --- the run owns its folder ------------------------------------------------------------------------------------------
 
 
@@ -287,14 +300,7 @@ def test_rotation_waits_for_the_seal_and_resume_keeps_the_checkpoint_it_skips(tm
 def test_a_resume_applies_changed_optimizer_settings_at_the_schedules_position(tmp_path, monkeypatch):
     common = ["training.max_steps=4", *SAVE_EVERY_2, "training.scheduler=step", "training.step_every=0.5",
               "training.step_gamma=0.1"]
-    resumed = {}
-    original_train = train_module.SfrnnTrainer.train
-
-    def keep_trainer(self, *args, **kwargs):
-        resumed["trainer"] = self
-        return original_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(train_module.SfrnnTrainer, "train", keep_trainer)
+    resumed = _keep_trainer(monkeypatch)
     learning_rates = {}
     for lr in (0.01, 0.05):  # killed after checkpoint-2, resumed with the same or a changed optimizer
         folder = tmp_path / str(lr)
@@ -361,14 +367,7 @@ def test_nan_inputs_stop_training_before_any_weight_turns_nan(tmp_path, monkeypa
         return output * float("nan") if len(calls) == 3 else output  # the third step sees NaN inputs_embeds
 
     monkeypatch.setattr(torch.nn.Embedding, "forward", embedding_with_nan)
-    captured = {}
-    original_run = train_module.SfrnnTrainer.train
-
-    def keep_trainer(self, *args, **kwargs):
-        captured["trainer"] = self
-        return original_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(train_module.SfrnnTrainer, "train", keep_trainer)
+    captured = _keep_trainer(monkeypatch)
     with pytest.raises(TrainingDiverged, match="step 3: the training loss is not finite"):
         run(experiment)
     assert all(torch.isfinite(p).all() for p in captured["trainer"].model.parameters())
