@@ -3,11 +3,13 @@ intact checkpoint, stops on divergence, names bad data files before training, an
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -354,6 +356,36 @@ def test_a_diverging_run_stops_with_exit_3_keeping_its_last_good_checkpoint(tmp_
     kept = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     assert kept and f"the last checkpoint, {kept[-1]}, is kept" in message
     assert all(torch.isfinite(tensor).all() for tensor in _weights(kept[-1]).values())
+
+
+def test_a_nan_evaluation_stops_training_keeping_the_last_checkpoint_whose_weights_and_evaluation_were_finite(
+        tmp_path):
+    every_step = ["training.eval_strategy=steps", "training.eval_steps=1", "training.trainer_args.save_strategy=steps",
+                  "training.trainer_args.save_steps=1"]
+    run(tiny_experiment(tmp_path, "training.max_steps=2", *every_step, validation=True))
+    with pytest.raises(TrainingDiverged, match="step 3: the evaluation loss is nan.*checkpoint-2, is kept"):
+        run(tiny_experiment(tmp_path, "training.max_steps=6", "training.lr=1.0e+30", *every_step,
+                            "training.resume_from_checkpoint=true", validation=True))
+    out = tmp_path / "run"
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in out.glob("checkpoint-*"):
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        own = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry
+               and entry["step"] == state["global_step"]]
+        assert own and all(map(math.isfinite, own)), checkpoint
+        assert all(torch.isfinite(tensor).all() for tensor in _weights(checkpoint).values()), checkpoint
+
+
+def test_the_perplexity_of_a_huge_finite_loss_is_infinite_not_a_crash():
+    from transformers import EvalPrediction
+
+    stats = np.array([[4.0e5, 100.0], [3.0e5, 100.0]])  # mean NLL 3500 nats: exp overflows a float
+    metrics = train_module.perplexity_metrics(EvalPrediction(predictions=stats, label_ids=None))
+    assert metrics == {"perplexity": math.inf, "tokens": 200.0}
+    assert json.loads(train_module._as_json({"validation_perplexity": metrics["perplexity"]})) == {
+        "validation_perplexity": None}
+    small = train_module.perplexity_metrics(EvalPrediction(predictions=np.array([[20.0, 10.0]]), label_ids=None))
+    assert small["perplexity"] == pytest.approx(math.exp(2.0))
 
 
 def test_nan_inputs_stop_training_before_any_weight_turns_nan(tmp_path, monkeypatch):

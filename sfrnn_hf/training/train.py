@@ -172,10 +172,15 @@ def token_nll_and_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def perplexity_metrics(eval_prediction) -> dict:
-    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities)."""
+    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities); `inf` when
+    that exceeds a float (a huge but finite loss)."""
     stats = eval_prediction.predictions
     total_nll, total_tokens = float(stats[:, 0].sum()), float(stats[:, 1].sum())
-    return {"perplexity": math.exp(total_nll / max(total_tokens, 1.0)), "tokens": total_tokens}
+    try:
+        perplexity = math.exp(total_nll / max(total_tokens, 1.0))
+    except OverflowError:
+        perplexity = math.inf
+    return {"perplexity": perplexity, "tokens": total_tokens}
 
 
 class SfrnnTrainer(Trainer):
@@ -208,9 +213,24 @@ class SfrnnTrainer(Trainer):
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+        """The Trainer's evaluation during training; a non-finite evaluation loss stops training (`TrainingDiverged`)
+        before this step's checkpoint is saved."""
+        metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler)
+        loss = metrics.get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged(self.state.global_step, f"the evaluation loss is {loss}",
+                                                  after_update=True))
+        return metrics
+
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, sealed by its manifest before any older checkpoint is rotated away: a kill at any
-        point leaves an intact checkpoint to resume from."""
+        point leaves an intact checkpoint to resume from. Weights that are not finite are never saved: training stops
+        (`TrainingDiverged`), the last checkpoint kept."""
+        bad = next((name for name, p in self.model.named_parameters() if not bool(p.detach().isfinite().all())), None)
+        if bad is not None:
+            raise TrainingDiverged(self._diverged(self.state.global_step, f"the weight {bad} is not finite",
+                                                  after_update=True))
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer's rotation waits for the seal
         try:
             super()._save_checkpoint(model, trial)
@@ -269,10 +289,11 @@ class SfrnnTrainer(Trainer):
             bad = next(name for name, grad in named if not bool(grad.isfinite().all()))
             raise TrainingDiverged(self._diverged(step, f"the gradient of {bad} is not finite"))
 
-    def _diverged(self, step: int, what: str) -> str:
+    def _diverged(self, step: int, what: str, after_update: bool = False) -> str:
         intact, _ = newest_intact(self.args.output_dir)
         kept = f"the last checkpoint, {intact}, is kept" if intact else "no checkpoint was written yet"
-        return (f"Training diverged at step {step}: {what}. Stopped before the update; {kept}. Lower "
+        stopped = "Stopped before saving this step" if after_update else "Stopped before the update"
+        return (f"Training diverged at step {step}: {what}. {stopped}; {kept}. Lower "
                 f"training.lr (now {self.experiment.training.lr}), or check the data and inputs.")
 
     def finish_from(self, checkpoint: str) -> None:
