@@ -322,6 +322,54 @@ def test_a_resume_applies_changed_optimizer_settings_at_the_schedules_position(t
     assert differing  # the changed rate changed the updates
 
 
+def _killed_after_checkpoint_2(tmp_path, *overrides):
+    """A 4-step run checkpointed every 2 steps, as if killed while writing checkpoint-4."""
+    run(tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2, *overrides))
+    out = tmp_path / "run"
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "results.json").unlink()
+    return out
+
+
+def test_a_resume_names_a_data_file_whose_content_changed_even_with_the_same_size_and_mtime(
+        tmp_path, monkeypatch, caplog):
+    _killed_after_checkpoint_2(tmp_path)
+    experiment = tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2, "training.resume_from_checkpoint=true")
+    train = tmp_path / "train.txt"
+    stat, text = train.stat(), train.read_text()
+    train.write_text(text.replace("cat", "dog"))  # same size
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    trainer = _keep_trainer(monkeypatch)
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
+        run(experiment)
+    changed = [r.getMessage() for r in caplog.records if "other data than it was trained on" in r.getMessage()]
+    assert len(changed) == 1 and str(train) in changed[0] and "content changed" in changed[0]
+    tokenizer = trainer["trainer"].processing_class
+    seen = " ".join(tokenizer.decode(row["input_ids"]) for row in trainer["trainer"].train_dataset)
+    assert " cat " not in f" {seen} " and " dog " in f" {seen} "  # the new text, not the `datasets` cache's old one
+
+
+def test_a_checkpoint_resumed_outside_its_run_keeps_its_own_tokenizer(tmp_path, monkeypatch):
+    out = _killed_after_checkpoint_2(tmp_path)
+    moved = tmp_path / "elsewhere" / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", moved)
+    vocabulary = json.loads((moved / "tokenizer.json").read_text())["model"]["vocab"]
+    experiment = tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2,
+                                 f"training.output_dir={tmp_path / 'new'}", f"training.resume_from_checkpoint={moved}")
+    train = tmp_path / "train.txt"
+    train.write_text("zebra " + train.read_text())  # a rebuilt word tokenizer would shift every id
+    trainer = _keep_trainer(monkeypatch)
+    run(experiment)
+    assert trainer["trainer"].processing_class.get_vocab() == vocabulary
+
+
+def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(tmp_path):
+    _killed_after_checkpoint_2(tmp_path, "training.trainer_args.save_only_model=true")
+    with pytest.raises(ConfigError, match="checkpoint-2: it holds no optimizer.pt"):
+        run(tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2,
+                            "training.trainer_args.save_only_model=true", "training.resume_from_checkpoint=true"))
+
+
 def test_resume_with_no_intact_checkpoint_at_a_named_path_is_refused(tmp_path):
     run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2))
     checkpoint = tmp_path / "run" / "checkpoint-2"

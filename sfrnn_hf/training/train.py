@@ -35,7 +35,7 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
@@ -53,10 +53,11 @@ from .config import (
     passed_to_trainer,
     shipped_configs,
 )
-from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data
+from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data, text_file_digests
 from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
 
 EXPERIMENT_FILE = "experiment.yaml"
+DATA_DIGESTS_FILE = "data_sha256.json"  # in each checkpoint: the content of the local data files it was trained on
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,8 +194,9 @@ class SfrnnTrainer(Trainer):
     - evaluation without a recurrent-state cache.
     """
 
-    def __init__(self, *args, experiment: ExperimentConfig, **kwargs):
+    def __init__(self, *args, experiment: ExperimentConfig, data_digests: dict[str, str] | None = None, **kwargs):
         self.experiment = experiment
+        self.data_digests = data_digests or {}  # `data.text_file_digests`, written into each checkpoint
         training = experiment.training
         adam = {"lr": training.lr, "betas": (training.adam_beta1, training.adam_beta2), "eps": training.adam_eps}
         super().__init__(*args, optimizer_cls_and_kwargs=(torch.optim.Adam, adam), **kwargs)
@@ -240,6 +242,7 @@ class SfrnnTrainer(Trainer):
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
             write_atomically(os.path.join(folder, EXPERIMENT_FILE), experiment_yaml(self.experiment))
+            write_atomically(os.path.join(folder, DATA_DIGESTS_FILE), json.dumps(self.data_digests, indent=1))
             write_manifest(folder)  # sealed last: a checkpoint without its manifest was not completely written
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -396,15 +399,16 @@ class RunTrainingArguments(TrainingArguments):
 
 
 def _load_or_build_tokenizer(experiment: ExperimentConfig, resume: str | None):
-    """The checkpoint's tokenizer when fine-tuning; the run's own (`<run>/tokenizer`) when resuming, so a resumed run
-    sees the very same vocabulary; otherwise one built for this run's data settings."""
+    """The checkpoint's tokenizer when fine-tuning; the resumed checkpoint's own (else its run's `<run>/tokenizer`) when
+    resuming, so a resumed run sees the very same vocabulary wherever the checkpoint lies; otherwise one built for this
+    run's data settings."""
     pretrained = experiment.model.get("from_pretrained")
     if pretrained is not None and os.path.isfile(os.path.join(pretrained, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(pretrained)
-    if resume is not None:
-        folder = os.path.join(os.path.dirname(os.path.abspath(resume)), "tokenizer")
-        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(folder)
+    if resume is not None:  # the checkpoint's own (the Trainer saves it), else its run's
+        for folder in (resume, os.path.join(os.path.dirname(os.path.abspath(resume)), "tokenizer")):
+            if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+                return AutoTokenizer.from_pretrained(folder)
     return build_tokenizer(experiment.data, load_raw_text(experiment.data))
 
 
@@ -477,6 +481,29 @@ def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[s
         return []
     with open(path) as handle:
         return changed_settings(yaml.safe_load(handle) or {}, experiment.to_dict())
+
+
+def data_changed_since(checkpoint: str, digests: dict[str, str]) -> list[str]:
+    """Each local data file whose content differs from the one `checkpoint` was trained on (its `data_sha256.json`;
+    none recorded: [])."""
+    path = os.path.join(checkpoint, DATA_DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        before = json.load(handle)
+    return [f"data file {name}: its content changed (sha256 {before.get(name, '<absent>')[:12]} -> "
+            f"{digests.get(name, '<absent>')[:12]})" for name in sorted(before | digests)
+            if before.get(name) != digests.get(name)]
+
+
+def check_optimizer_state(checkpoint: str) -> None:
+    """A checkpoint to continue training from holds the optimizer and schedule state (`save_only_model` writes none:
+    Adam would restart from zero moments); else `ConfigError` naming it."""
+    missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(checkpoint, name))]
+    if missing:
+        raise ConfigError(f"Cannot resume from {checkpoint}: it holds no {' or '.join(missing)} (saved with "
+                          "`save_only_model`?), so the optimizer would start over. Fine-tune its weights instead "
+                          f"(model.from_pretrained={checkpoint}) in a new output_dir.")
 
 
 def _finished(checkpoint: str, settings_changed: bool) -> bool:
@@ -566,9 +593,15 @@ def run(experiment: ExperimentConfig, callbacks=None):
             with open(results_path) as handle:
                 return None, json.load(handle)
 
+        if resume is not None and not finished:
+            check_optimizer_state(resume)
         with args.main_process_first(desc="tokenizer and data", local=False):
             tokenizer = _load_or_build_tokenizer(experiment, resume)
             data = prepare_data(experiment.data, tokenizer)
+            data_digests = text_file_digests(experiment.data)
+        if resume is not None:
+            for change in data_changed_since(resume, data_digests):
+                logger.warning(f"Resuming from {resume} on other data than it was trained on: {change}.")
 
         set_seed(training.seed)
         model = build_model(experiment.model, tokenizer)
@@ -591,6 +624,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
             preprocess_logits_for_metrics=token_nll_and_count,
             callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + list(callbacks or []),
             experiment=experiment,
+            data_digests=data_digests,
         )
         if finished:  # killed after its last checkpoint: finish without another step
             trainer.finish_from(resume)
