@@ -504,6 +504,26 @@ def test_no_token_is_written_to_the_run_folder(tmp_path):
         tmp_path / "run") == []
 
 
+def test_a_secret_of_any_type_is_never_printed_nor_written(tmp_path, capsys, caplog):
+    digits = "98765432109876543210"  # YAML reads it as an int
+    for secret in (digits, "hf_SECRETvalue0123456789"):
+        assert main(["--print-config", "--set", f"training.trainer_args.hub_token={secret}"]) == 0
+        assert secret not in capsys.readouterr().out
+    run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2))
+    out = tmp_path / "run"
+    (out / "results.json").unlink()  # killed in the final save: the resume writes the run's files again
+    with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):  # a resume that adds the token
+        run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2, f"training.trainer_args.hub_token={digits}",
+                            "training.resume_from_checkpoint=true"))
+    assert not any(digits in record.getMessage() for record in caplog.records)
+    assert digits not in capsys.readouterr().err
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert digits.encode() not in path.read_bytes(), path
+    for args_file in out.rglob("training_args.bin"):
+        assert torch.load(args_file, weights_only=False).hub_token is None, args_file
+
+
 def test_redaction_names_secrets_not_tokenizers():
     from sfrnn_hf.training.run_folder import REDACTED, redact_secrets
 

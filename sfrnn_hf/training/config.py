@@ -37,7 +37,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from ..configuration_sfrnn import SfrnnConfig
 from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
-from .run_folder import REDACTED
+from .run_folder import is_secret
 
 
 class ConfigError(ValueError):
@@ -196,7 +196,7 @@ def changed_settings(started: dict, now: dict) -> list[str]:
     before, after = _flatten(started), _flatten(now)
     return [f"{key}: {before.get(key, _UNSET)!r} -> {after.get(key, _UNSET)!r}" for key in sorted(before | after)
             if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)
-            and before.get(key) != REDACTED]  # a secret is not a setting (and was never written)
+            and not is_secret(key)]  # a secret is not a setting (never written, never shown)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ RUN_FILES = (LOCK_FILE, *RUN_MARKERS, "log_history.jsonl", "tokenizer", "merged"
              "adapter_config.json", "adapter_model.safetensors", ".write-test-*", "*.tmp-*")
 ADAPTER_CARD = "README.md"  # the card PEFT writes beside an adapter: the run's only when the adapter is there
 REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(r"token(?!iz)|secret|password|api_key", re.IGNORECASE)  # `hub_token`, not `tokenizer`
+_SECRET_KEY = re.compile(r"token(?!iz|s)|secret|password|api_key", re.IGNORECASE)  # `hub_token`; not `tokenizer`, `*_tokens_*`
 
 
 class OutputDirError(ValueError):
@@ -113,12 +113,17 @@ def clear(output_dir: str, action: str = "--overwrite") -> None:
             os.remove(path)
 
 
+def is_secret(key) -> bool:
+    """Whether a setting named `key` (`hub_token`, `HF_TOKEN`, `training.trainer_args.hub_token`...) holds a secret."""
+    return bool(_SECRET_KEY.search(str(key).rsplit(".", 1)[-1]))
+
+
 def redact_secrets(tree):
-    """A copy of a nested settings mapping with every string value under a key naming a token, secret, password or
-    API key replaced by `<redacted>`: what may be written to the run folder."""
+    """A copy of a nested settings mapping with every value (of any type) under a key naming a token, secret, password
+    or API key replaced by `<redacted>`: what may be printed or written to the run folder."""
     if isinstance(tree, dict):
-        return {key: REDACTED if _SECRET_KEY.search(str(key)) and isinstance(value, str) and value
-                else redact_secrets(value) for key, value in tree.items()}
+        return {key: REDACTED if is_secret(key) and value not in (None, "") else redact_secrets(value)
+                for key, value in tree.items()}
     if isinstance(tree, list):
         return [redact_secrets(value) for value in tree]
     return tree

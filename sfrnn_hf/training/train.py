@@ -54,7 +54,7 @@ from .config import (
     shipped_configs,
 )
 from .data import CausalLMCollator, DataError, build_tokenizer, load_raw_text, prepare_data, text_file_digests
-from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
+from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, is_secret, redact_secrets
 
 EXPERIMENT_FILE = "experiment.yaml"
 DATA_DIGESTS_FILE = "data_sha256.json"  # in each checkpoint: the content of the local data files it was trained on
@@ -388,7 +388,7 @@ class RunTrainingArguments(TrainingArguments):
     def __getstate__(self):
         state = dict(self.__dict__)
         for name in state:
-            if name.endswith("_token") and isinstance(state[name], str):
+            if is_secret(name):  # `hub_token`, of any type (YAML reads an all-digit token as an int)
                 state[name] = None
         return state
 
@@ -699,7 +699,7 @@ def main(argv=None):
         if cli.lora:  # the checkpoint defines the architecture: keep only the mode from the config's model section
             experiment.model = {k: v for k, v in experiment.model.items() if k in ("from_pretrained", "gradient_mode")}
         if cli.print_config:
-            print(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+            print(yaml.safe_dump(redact_secrets(experiment.to_dict()), sort_keys=False))
             return 0
         _, results = run(experiment)
     except (ConfigError, OutputDirError, DataError, FileNotFoundError) as error:
