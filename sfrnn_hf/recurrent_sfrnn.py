@@ -242,6 +242,8 @@ def resolve_dsf_backend(requested: str, device: torch.device) -> DsfBackend:
         name = {"cpu": "fused", "cuda": "triton" if TRITON_AVAILABLE else "fused_kernel"}.get(device.type, "reference")
     if name == "triton" and not TRITON_AVAILABLE:
         raise ValueError("dsf_backend='triton' needs Triton installed (pip install triton); use 'fused_kernel'.")
+    if name == "triton" and device.type != "cuda":
+        raise ValueError(f"dsf_backend='triton' runs on CUDA only, not on {device.type}; use 'auto' or 'fused'.")
     # GPU: the backward in long chunks (large matmuls); CPU: short, cache-sized chunks.
     chunk = 1024 if device.type == "cuda" else DSF_CHUNK
     ops = {

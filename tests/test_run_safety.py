@@ -387,6 +387,24 @@ def test_non_finite_learning_rate_is_refused_at_config_time(tmp_path):
             tiny_experiment(tmp_path, f"training.lr={value}")
 
 
+@pytest.mark.parametrize("override, named", [
+    ("model.initializer_range=.inf", "initializer_range"), ("model.initializer_range=.nan", "initializer_range"),
+    ("model.layer_norm_eps=-1", "layer_norm_eps"), ("model.layer_norm_eps=.inf", "layer_norm_eps"),
+    ("training.trainer_args.label_smoothing_factor=.nan", "training.trainer_args.label_smoothing_factor"),
+])
+def test_a_setting_out_of_range_is_refused_at_config_time_naming_it(tmp_path, override, named):
+    with pytest.raises(ConfigError, match=f"{named}.*(positive finite|finite)"):
+        tiny_experiment(tmp_path, "model.block_type=prenorm", override)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs on CUDA")
+def test_a_backend_the_device_cannot_run_is_refused_before_the_folder_is_claimed(tmp_path):
+    with pytest.raises(ConfigError, match="dsf_backend.*triton.*CUDA only"):
+        run(tiny_experiment(tmp_path, "model.dsf_backend=triton", "model.gradient_mode=dsf"))
+    assert not (tmp_path / "run" / "experiment.yaml").exists()
+    run(tiny_experiment(tmp_path, "model.dsf_backend=auto", "model.gradient_mode=dsf"))  # the retry is not refused
+
+
 def test_a_diverging_run_stops_with_exit_3_keeping_its_last_good_checkpoint(tmp_path, capsys):
     train = write_corpus(tmp_path / "train.txt", 64, seed=1)
     argv = ["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",

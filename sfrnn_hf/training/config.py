@@ -387,6 +387,7 @@ def check_model_section(model: dict) -> SfrnnConfig | None:
         if not os.path.isfile(os.path.join(str(pretrained), "config.json")):
             raise ConfigError(f"`model.from_pretrained`: {pretrained!r} is not a checkpoint folder (no config.json).")
         return None
+    _check_finite("model", model)
     try:
         return SfrnnConfig(vocab_size=2, **model)
     except ValueError as error:
@@ -488,7 +489,15 @@ def check_config(config: ExperimentConfig) -> None:
             raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
 
 
+def _check_finite(section: str, values: dict) -> None:
+    """Every float of `values` (a section read from YAML, not checked by a typed field) is finite."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"`{section}.{key}` must be a finite number, got {value!r}.")
+
+
 def _check_trainer_args(trainer_args: dict):
+    _check_finite("training.trainer_args", trainer_args)
     for key in trainer_args:
         _check_not_owned(f"training.trainer_args.{key}", key)
         if key not in _trainer_fields():

@@ -42,7 +42,7 @@ from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
 from ..modeling_sfrnn import SfrnnForCausalLM
-from ..recurrent_sfrnn import SfrnnRecurrentLayer
+from ..recurrent_sfrnn import SfrnnRecurrentLayer, resolve_dsf_backend
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .config import (
     ConfigError,
@@ -575,6 +575,11 @@ def run(experiment: ExperimentConfig, callbacks=None):
     model_check = check_model_section(experiment.model)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_check is not None:
+        try:  # a backend this device cannot run fails here, before the output folder is claimed
+            resolve_dsf_backend(model_check.dsf_backend, torch.device(device))
+        except ValueError as error:
+            raise ConfigError(f"`model.dsf_backend`: {error}") from None
     if experiment.training.bf16 and model_check is not None:
         check_bf16_autocast(model_check, device)
     training = experiment.training
