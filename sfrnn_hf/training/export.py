@@ -18,6 +18,7 @@ replaced whole or, on any failure, left whole.
 
 import argparse
 import copy
+import ctypes
 import fnmatch
 import json
 import math
@@ -147,10 +148,14 @@ def check_replaceable(folder: Path) -> None:
 
 
 def _replace(folder: Path, staging: Path) -> None:
-    """Rename the complete `staging` folder to `folder`, the earlier `folder` (if any) moved aside first and deleted
-    last."""
+    """Put the complete `staging` folder at `folder`: one atomic swap where the system has one (Linux
+    `renameat2(RENAME_EXCHANGE)`), then the earlier folder, now at `staging`, deleted; elsewhere the earlier folder is
+    moved aside first."""
     if not folder.exists():
         os.rename(staging, folder)
+        return
+    if _exchange(staging, folder):
+        shutil.rmtree(staging)
         return
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     os.rename(folder, old)
@@ -160,6 +165,16 @@ def _replace(folder: Path, staging: Path) -> None:
         os.rename(old, folder)
         raise
     shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def upload_folder(folder, repo_id, token=None, private=False) -> str:
