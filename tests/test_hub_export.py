@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
 
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf.training import export as export_module
@@ -377,3 +378,29 @@ def test_export_checks_every_input_before_writing_anything(tmp_path, word_tokeni
     with pytest.raises(SystemExit, match="not an intact checkpoint.*manifest"):
         export_module.main([str(checkpoint), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_whose_code_differs_from_the_code_that_loads_it_gets_a_warning(tmp_path, word_tokenizer, caplog):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8))
+    folder = export_for_hub(model, word_tokenizer, tmp_path / "hub", datasets=["ptb_text_only"])
+    with caplog.at_level("WARNING", logger="sfrnn_hf.modeling_sfrnn"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert not [r for r in caplog.records if "modeling_sfrnn.py" in r.getMessage()]  # as saved: silent
+    with open(folder / "modeling_sfrnn.py", "a") as handle:
+        handle.write("\nEDITED = True\n")
+    with caplog.at_level("WARNING", logger="sfrnn_hf.modeling_sfrnn"):
+        AutoModelForCausalLM.from_pretrained(folder)  # the installed package's code runs
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "modeling_sfrnn.py changed after the model was saved" in messages
+    assert "modeling_sfrnn.py differ from the code running now" in messages
+    remote = textwrap.dedent("""
+        import sys
+        sys.modules["sfrnn_hf"] = None
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    """)
+    done = subprocess.run([sys.executable, "-c", remote, str(folder)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "modeling_sfrnn.py changed after the model was saved" in done.stderr  # the folder's own code runs: it says so
