@@ -1,6 +1,7 @@
 """A training run never ends silently wrong and never loses work: it owns its output folder, resumes from the newest
 intact checkpoint, stops on divergence, names bad data files before training, and writes no secret."""
 
+import errno
 import fcntl
 import json
 import math
@@ -478,6 +479,70 @@ def test_results_json_is_strict_json_even_with_a_non_finite_number():
         raise ValueError(constant)
 
     assert json.loads(text, parse_constant=refuse) == {"validation_perplexity": None, "train_loss": None, "step": 3}
+
+
+# --- one line naming the cause ----------------------------------------------------------------------------------------
+
+
+def _main_argv(tmp_path, *settings):
+    train = write_corpus(tmp_path / "train.txt", 64, seed=1)
+    argv = ["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",
+            "--set", "model.hidden_size=16", "--set", "training.batch_size=8", "--set", "training.max_steps=4",
+            "--set", "training.report_to=none", "--set", "training.trainer_args.save_strategy=steps",
+            "--set", "training.trainer_args.save_steps=2", "--output-dir", str(tmp_path / "run")]
+    for setting in settings:
+        argv += ["--set", setting]
+    return argv
+
+
+def _one_line_exit(capsys, argv, code):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == code
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # after the progress bars: the one line, no traceback
+    assert "Traceback" not in err and error.startswith("sfrnn-train: ") and not error.endswith(":"), err[-2000:]
+    return error
+
+
+def test_yaml_errors_are_one_line_naming_the_override_or_the_file(tmp_path, capsys):
+    assert "training.lr=[1," in _one_line_exit(capsys, ["--print-config", "--set", "training.lr=[1,"], 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  lr: [1\n")
+    assert f"{bad} is not valid YAML (line 3" in _one_line_exit(capsys, [str(bad), "--print-config"], 2)
+
+
+def test_ctrl_c_and_a_full_disk_end_in_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    original_step = train_module.SfrnnTrainer.training_step
+    steps = []
+
+    def interrupted(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.SfrnnTrainer, "training_step", interrupted)
+    assert "interrupted" in _one_line_exit(capsys, _main_argv(tmp_path), 130)
+    monkeypatch.undo()
+
+    def disk_full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, MANIFEST))
+
+    monkeypatch.setattr(train_module, "write_manifest", disk_full)
+    assert "no space left writing" in _one_line_exit(capsys, _main_argv(tmp_path) + ["--resume"], 2)
+    monkeypatch.undo()
+    main(_main_argv(tmp_path) + ["--resume"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["global_step"] == 4
+
+
+def test_a_resume_that_changes_the_architecture_is_refused_naming_the_setting(tmp_path, capsys):
+    main(_main_argv(tmp_path))
+    out = tmp_path / "run"
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "results.json").unlink()
+    error = _one_line_exit(capsys, _main_argv(tmp_path, "model.hidden_size=32") + ["--resume"], 2)
+    assert "another architecture" in error and "model.hidden_size: 16 -> 32" in error
 
 
 # --- data ------------------------------------------------------------------------------------------------------------

@@ -305,7 +305,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         path = key.strip().split(".")
         if len(path) < 2 or not all(path):
             raise ConfigError(f"Override key {key!r} must be section.key (e.g. training.lr), got {key!r}.")
-        parsed.append((path, yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"Override {item!r}: the value {raw!r} is not valid YAML ({reason}).") from None
+        parsed.append((path, value))
     return parsed
 
 
@@ -332,7 +337,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
             try:
                 raw = yaml.safe_load(handle) or {}
             except yaml.YAMLError as error:
-                raise ConfigError(f"Config {source} is not valid YAML: {error}") from error
+                mark = getattr(error, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ConfigError(f"Config {source} is not valid YAML{where}: {reason}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
     for path, value in parse_overrides(list(overrides)):

@@ -18,6 +18,7 @@ point of the curves), `results.json` (best validation and test perplexity), `exp
 import argparse
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import sys
 
 import torch
 import yaml
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -506,6 +508,24 @@ def check_optimizer_state(checkpoint: str) -> None:
                           f"(model.from_pretrained={checkpoint}) in a new output_dir.")
 
 
+def check_same_architecture(model, checkpoint: str, changes: list[str]) -> None:
+    """The model this run builds has the parameter names and shapes of the `checkpoint` it resumes; else `ConfigError`
+    naming the differing tensors and the model settings that changed (rather than a size mismatch inside torch)."""
+    path = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(path):  # a LoRA checkpoint holds its adapter only
+        return
+    with safe_open(path, "pt") as handle:
+        saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    differ = sorted(name for name in saved.keys() | built.keys() if saved.get(name) != built.get(name))
+    if differ:
+        model_changes = [change for change in changes if change.startswith("model.")] or ["(none recorded)"]
+        raise ConfigError(f"Cannot resume from {checkpoint}: this run builds another architecture ("
+                          f"{', '.join(f'{name} {saved.get(name)} -> {built.get(name)}' for name in differ[:3])}). "
+                          f"Model settings changed: {'; '.join(model_changes)}. Resume with the checkpoint's settings "
+                          "or start a new run.")
+
+
 def _finished(checkpoint: str, settings_changed: bool) -> bool:
     """Whether `checkpoint` ends its run: its step reached the steps planned by the same settings."""
     with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
@@ -612,6 +632,8 @@ def run(experiment: ExperimentConfig, callbacks=None):
         model = build_model(experiment.model, tokenizer)
         if training.bf16 and model_check is None:
             check_bf16_autocast(model.config, device)
+        if resume is not None and not experiment.lora.enabled:
+            check_same_architecture(model, resume, changes)
         if experiment.lora.enabled:
             model = apply_lora(model, experiment.lora)
         if main_process:  # the run really starts: its settings and vocabulary go beside its checkpoints
@@ -711,6 +733,13 @@ def main(argv=None):
         parser.exit(2, f"sfrnn-train: error: {error}\n")
     except TrainingDiverged as error:
         parser.exit(3, f"sfrnn-train: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "sfrnn-train: interrupted. Every sealed checkpoint is intact: continue with --resume.\n")
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        parser.exit(2, f"sfrnn-train: error: no space left writing {error.filename or 'the run'} ({error.strerror}). "
+                       "Every sealed checkpoint is intact: free space, then continue with --resume.\n")
     print(json.dumps(results, indent=2))
     return 0
 
