@@ -570,6 +570,37 @@ def test_bad_data_files_are_named_in_one_line_before_training(tmp_path, capsys, 
     assert not (tmp_path / "run" / "experiment.yaml").exists()
 
 
+@pytest.mark.parametrize("content", ["\u200b\u200c\n\u200d\n", "<unk> <eos>\n<pad> <bos>\n"])
+def test_a_training_file_without_a_learnable_token_is_refused_before_training(tmp_path, content):
+    bad = tmp_path / "invisible.txt"
+    bad.write_text(content)
+    with pytest.raises(DataError, match="no text|no word besides"):
+        run(tiny_experiment(tmp_path, f"data.train_files=[{bad}]"))
+    assert not (tmp_path / "run" / "experiment.yaml").exists()
+
+
+def test_a_byte_order_mark_is_not_glued_to_the_first_word(tmp_path):
+    experiment = tiny_experiment(tmp_path)
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())
+    trainer, _ = run(experiment)
+    assert not [word for word in trainer.processing_class.get_vocab() if "\ufeff" in word]
+
+
+def test_characters_streamed_across_lines_keep_the_line_break(tmp_path):
+    trainer, _ = run(tiny_experiment(tmp_path, "data.tokenizer=char", "data.sequences=stream"))
+    tokenizer = trainer.processing_class
+    streamed = "".join(tokenizer.decode(row["input_ids"]) for row in trainer.train_dataset)
+    assert "\n" in streamed and "<unk>" not in streamed
+    assert streamed.replace("<bos>", "").replace("<eos>", "") in (tmp_path / "train.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on CUDA")
+def test_fp16_without_cuda_is_refused_rather_than_silently_ignored(tmp_path):
+    with pytest.raises(ConfigError, match="fp16.*needs CUDA"):
+        run(tiny_experiment(tmp_path, "training.trainer_args.fp16=true"))
+
+
 # --- secrets ---------------------------------------------------------------------------------------------------------
 
 

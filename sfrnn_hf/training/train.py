@@ -605,6 +605,9 @@ def run(experiment: ExperimentConfig, callbacks=None):
     training = experiment.training
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
+    if args.fp16 and device != "cuda":
+        raise ConfigError(f"`training.fp16: true` needs CUDA; on {device} it would silently train in fp32. Use "
+                          "`training.bf16: true` (bf16 autocast runs on CPU) or fp32.")
     main_process = args.process_index == 0
     check_source_outside_output(experiment, args.output_dir)
     check_writable(args.output_dir)
