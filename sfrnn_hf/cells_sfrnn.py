@@ -385,8 +385,8 @@ class MinGRU(Cell):
     name, title, gates, recurrent_gates, saved_gates = "mingru", "minGRU", 2, 0, 2
 
     def step(self, input_projection, state, weight_hh, bias_hh):
-        x_z, candidate = input_projection.chunk(2, dim=-1)
-        return torch.lerp(state, candidate, torch.sigmoid(x_z))
+        x_z, candidate = input_projection.chunk(2, dim=-1)  # under autocast: lower precision than the fp32 state
+        return torch.lerp(state, candidate.to(state.dtype), torch.sigmoid(x_z).to(state.dtype))
 
     def step_saving_gates(self, input_projection, state, step_weights, gates, new_state):
         d = state.shape[-1]

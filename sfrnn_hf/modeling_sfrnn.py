@@ -183,9 +183,18 @@ class SfrnnPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then, for a local folder, `check_folder_code`."""
+        """`PreTrainedModel.from_pretrained`, then, for a local folder, `check_folder_code`; a feedback diagonal outside
+        [0, 1] (or not finite) is refused, naming the layer."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         check_folder_code(str(pretrained_model_name_or_path), model.config)
+        for name, module in model.named_modules():
+            if isinstance(module, SfrnnRecurrentLayer):
+                a = module.feedback
+                if not bool(((a >= 0) & (a <= 1)).all()):  # NaN fails both
+                    bad = a[~((a >= 0) & (a <= 1))][0].item()
+                    raise ValueError(f"{pretrained_model_name_or_path}: `{name}.feedback` holds {bad}; a feedback "
+                                     "diagonal must lie in [0, 1] (a contracting, finite decay). The checkpoint is "
+                                     "damaged or was edited.")
         return model
 
     def update_calibrated_feedback(self) -> bool:
@@ -454,6 +463,11 @@ def _positions_from_boundaries(cu_seq_lens: torch.Tensor, batch: int, time: int)
     """`position_ids` `(1, time)` restarting at each boundary of `cu_seq_lens` (one flattened row)."""
     if batch != 1:
         raise ValueError(f"`cu_seq_lens_q` describes one flattened row, but the batch has {batch} rows.")
+    if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.is_floating_point():
+        raise ValueError(f"`cu_seq_lens_q` must be a 1-D integer tensor of boundaries [0, ..., {time}], got "
+                         f"{cu_seq_lens.tolist()}.")
+    if int(cu_seq_lens[0]) != 0 or not bool((cu_seq_lens[1:] > cu_seq_lens[:-1]).all()):
+        raise ValueError(f"`cu_seq_lens_q` must start at 0 and increase strictly, got {cu_seq_lens.tolist()}.")
     if int(cu_seq_lens[-1]) != time:
         raise ValueError(f"`cu_seq_lens_q` ends at {int(cu_seq_lens[-1])}, but the row has {time} positions.")
     steps = torch.arange(time, device=cu_seq_lens.device)
@@ -507,9 +521,9 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         labelled = shift_labels != ignore_index  # (batch, time)
         logits = self.lm_head(hidden_states[labelled])  # (labelled tokens, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if num_items_in_batch is None:
-            return nn.functional.cross_entropy(logits, shift_labels[labelled])
         total = nn.functional.cross_entropy(logits, shift_labels[labelled], reduction="sum")
+        if num_items_in_batch is None:  # the mean; a batch without a labelled token has loss 0, not 0 / 0
+            return total / labelled.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
