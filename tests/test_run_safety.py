@@ -225,6 +225,19 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path):
     assert json.loads((out / "results.json").read_text())["global_step"] == 6
 
 
+def test_a_finished_run_resumed_with_evaluate_test_reports_its_test_perplexity(tmp_path):
+    common = ["training.max_steps=4", *SAVE_EVERY_2, f"data.test_files=[{write_corpus(tmp_path / 'test.txt', 8, 3)}]"]
+    _, want = run(tiny_experiment(tmp_path / "with_test", *common, "training.evaluate_test=true", validation=True))
+    run(tiny_experiment(tmp_path, *common, validation=True))  # evaluate_test=false
+    final = _weights(tmp_path / "run")
+    _, results = run(tiny_experiment(tmp_path, *common, "training.evaluate_test=true",
+                                     "training.resume_from_checkpoint=true", validation=True))
+    assert results["test_perplexity"] == want["test_perplexity"] is not None
+    assert results["global_step"] == 4 and results["train_loss"] == want["train_loss"]
+    _assert_same_weights(_weights(tmp_path / "run"), final)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test_perplexity"] == want["test_perplexity"]
+
+
 def _damage_empty(folder):
     shutil.rmtree(folder)
     os.mkdir(folder)

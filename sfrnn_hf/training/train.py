@@ -533,6 +533,14 @@ def _finished(checkpoint: str, settings_changed: bool) -> bool:
     return not settings_changed and state["global_step"] >= state.get("max_steps", float("inf"))
 
 
+def _test_perplexity_missing(experiment: ExperimentConfig, recorded: dict) -> bool:
+    """Whether a finished run's `results.json` lacks the test perplexity that `training.evaluate_test` now asks for
+    and the data has a test split."""
+    data = experiment.data
+    has_test = data.dataset != "text" or bool(data.test_files)
+    return experiment.training.evaluate_test and has_test and recorded.get("test_perplexity") is None
+
+
 def _as_json(results: dict) -> str:
     """`results` as strict JSON: a non-finite number becomes null."""
     clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
@@ -615,11 +623,14 @@ def run(experiment: ExperimentConfig, callbacks=None):
         results_path = os.path.join(args.output_dir, "results.json")
         resume, changes = _claim_output_dir(experiment, args.output_dir, main_process)
         finished = resume is not None and _finished(resume, bool(changes))
+        recorded = {}
         if (finished or resume is None and training.resume_from_checkpoint is True) and os.path.isfile(results_path):
             # a finished run; without a checkpoint `_claim_output_dir` cleared any unfinished one's `results.json`
             logger.info(f"The run in {args.output_dir} is finished (checkpoint {resume}): nothing to train.")
             with open(results_path) as handle:
-                return None, json.load(handle)
+                recorded = json.load(handle)
+            if not (finished and _test_perplexity_missing(experiment, recorded)):
+                return None, recorded
 
         if resume is not None and not finished:
             check_optimizer_state(resume)
@@ -656,9 +667,9 @@ def run(experiment: ExperimentConfig, callbacks=None):
             experiment=experiment,
             data_digests=data_digests,
         )
-        if finished:  # killed after its last checkpoint: finish without another step
+        if finished:  # killed after its last checkpoint, or asked for a test perplexity: no further step
             trainer.finish_from(resume)
-            results = {"global_step": trainer.state.global_step}
+            results = {**recorded, "global_step": trainer.state.global_step}
         else:
             train_output = trainer.train(resume_from_checkpoint=resume)
             results = {
