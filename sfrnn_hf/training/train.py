@@ -569,7 +569,7 @@ def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_proces
         raise ConfigError(
             f"{output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
             f"(training.resume_from_checkpoint=true), start over with --overwrite "
-            f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
+            f"(training.overwrite_output_dir=true: deletes that run's files), or choose another output_dir.")
     if _finished_without_checkpoint(experiment, output_dir):
         return None, []
     if main_process and (found or training.resume_from_checkpoint is True):
@@ -715,7 +715,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an output_dir holding an earlier run (deletes its contents)")
+                        help="start over in an output_dir holding an earlier run (deletes that run's files only)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser, parser.parse_args(argv)
