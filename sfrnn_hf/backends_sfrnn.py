@@ -9,6 +9,7 @@ Hub-exported file: imports only torch and its flat siblings.
 """
 
 import functools
+import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -57,6 +58,9 @@ def resolve_dsf_backend(requested: str, device: torch.device, cell) -> DsfBacken
         name = {"cpu": "fused", "cuda": "triton" if triton else "fused_kernel"}.get(device.type, "reference")
     if name == "triton" and not TRITON_AVAILABLE:
         raise ValueError("dsf_backend='triton' needs Triton installed (pip install triton); use 'fused_kernel'.")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"dsf_backend='triton' runs on CUDA only (or under TRITON_INTERPRET=1), not on "
+                         f"{device.type}; use 'auto' or 'fused'.")
     if name == "triton" and not cell.has_triton_backward:
         raise ValueError(f"dsf_backend='triton': the {cell.name!r} cell has no Triton backward; use 'fused_kernel' "
                          f"(or 'auto', which picks it for this cell).")

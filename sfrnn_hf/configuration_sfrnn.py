@@ -169,8 +169,10 @@ class SfrnnConfig(PreTrainedConfig):
         if self.lstm_expose_cell_state and CELLS[self.cell_type].state_vectors == 1:
             raise ValueError(f"`lstm_expose_cell_state=True` needs a cell whose state holds more than `h` "
                              f"(cell_type='lstm'), got cell_type={self.cell_type!r}.")
-        if not self.initializer_range > 0:
-            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
+        for name in ("initializer_range", "layer_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
         for note in settings_without_effect(self):
             logger.warning(note)
         super().__post_init__(**kwargs)

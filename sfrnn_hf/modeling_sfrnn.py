@@ -8,7 +8,9 @@ reverse diagonal scan (`cells_sfrnn.py`, `scan_sfrnn.py`). The recurrent state b
 Hub-exported file: imports only torch, transformers and its flat siblings.
 """
 
+import hashlib
 import math
+import os
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.utils import logging
 
 from .configuration_sfrnn import SfrnnConfig
 from .recurrence_sfrnn import effective_mask
@@ -120,6 +123,44 @@ class SfrnnBlock(GradientCheckpointingLayer):
         return hidden_states, final_state
 
 
+logger = logging.get_logger(__name__)
+CODE_DIGESTS = "sfrnn_code_sha256"  # config.json: the SHA-256 of each code file saved beside the weights
+
+
+def code_digests(folder: str) -> dict[str, str]:
+    """`{file name: SHA-256}` of the flat code files (`*_sfrnn.py`) in `folder`."""
+    digests = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith("_sfrnn.py"):
+            with open(os.path.join(folder, name), "rb") as handle:
+                digests[name] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
+
+
+def check_folder_code(folder: str, config) -> list[str]:
+    """Warn (and return the warnings) where the code files in a model `folder` differ from the code running now (the
+    installed package's, or the folder's own when loaded as remote code) or from the digests recorded when the folder
+    was saved: the same folder would then give other results with and without the package."""
+    if not os.path.isdir(folder):
+        return []
+    in_folder = code_digests(folder)
+    running = code_digests(os.path.dirname(os.path.abspath(__file__)))
+    recorded = getattr(config, CODE_DIGESTS, None) or {}
+    notes = []
+    edited = sorted(name for name, digest in recorded.items() if name in in_folder and in_folder[name] != digest)
+    if edited:
+        notes.append(f"{folder}: {', '.join(edited)} changed after the model was saved (SHA-256 differs from the one "
+                     "in config.json).")
+    differ = sorted(name for name, digest in in_folder.items() if name in running and running[name] != digest)
+    if differ:
+        notes.append(f"{folder}: its {', '.join(differ)} differ from the code running now "
+                     f"({os.path.dirname(os.path.abspath(__file__))}): this load runs the latter, and loading the "
+                     "folder with trust_remote_code=True where sfrnn_hf is not imported runs the former.")
+    for note in notes:
+        logger.warning(note)
+    return notes
+
+
 class SfrnnPreTrainedModel(PreTrainedModel):
     config: SfrnnConfig
     config_class = SfrnnConfig
@@ -138,7 +179,24 @@ class SfrnnPreTrainedModel(PreTrainedModel):
         """Also writes the flat code files and the full `auto_map`, so that the folder loads with
         `trust_remote_code=True` where this package is not installed."""
         self.config.auto_map = dict(AUTO_MAP)
+        setattr(self.config, CODE_DIGESTS, code_digests(os.path.dirname(os.path.abspath(__file__))))
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then, for a local folder, `check_folder_code`; a feedback diagonal outside
+        [0, 1] (or not finite) is refused, naming the layer."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_folder_code(str(pretrained_model_name_or_path), model.config)
+        for name, module in model.named_modules():
+            if isinstance(module, SfrnnRecurrentLayer):
+                a = module.feedback
+                if not bool(((a >= 0) & (a <= 1)).all()):  # NaN fails both
+                    bad = a[~((a >= 0) & (a <= 1))][0].item()
+                    raise ValueError(f"{pretrained_model_name_or_path}: `{name}.feedback` holds {bad}; a feedback "
+                                     "diagonal must lie in [0, 1] (a contracting, finite decay). The checkpoint is "
+                                     "damaged or was edited.")
+        return model
 
     def update_calibrated_feedback(self) -> bool:
         """Move every calibrated feedback (`feedback_type="calibrated"`) once, from the diag(J) statistics its layer
@@ -405,6 +463,11 @@ def _positions_from_boundaries(cu_seq_lens: torch.Tensor, batch: int, time: int)
     """`position_ids` `(1, time)` restarting at each boundary of `cu_seq_lens` (one flattened row)."""
     if batch != 1:
         raise ValueError(f"`cu_seq_lens_q` describes one flattened row, but the batch has {batch} rows.")
+    if cu_seq_lens.dim() != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.is_floating_point():
+        raise ValueError(f"`cu_seq_lens_q` must be a 1-D integer tensor of boundaries [0, ..., {time}], got "
+                         f"{cu_seq_lens.tolist()}.")
+    if int(cu_seq_lens[0]) != 0 or not bool((cu_seq_lens[1:] > cu_seq_lens[:-1]).all()):
+        raise ValueError(f"`cu_seq_lens_q` must start at 0 and increase strictly, got {cu_seq_lens.tolist()}.")
     if int(cu_seq_lens[-1]) != time:
         raise ValueError(f"`cu_seq_lens_q` ends at {int(cu_seq_lens[-1])}, but the row has {time} positions.")
     steps = torch.arange(time, device=cu_seq_lens.device)
@@ -458,9 +521,9 @@ class SfrnnForCausalLM(SfrnnPreTrainedModel, GenerationMixin):
         labelled = shift_labels != ignore_index  # (batch, time)
         logits = self.lm_head(hidden_states[labelled])  # (labelled tokens, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if num_items_in_batch is None:
-            return nn.functional.cross_entropy(logits, shift_labels[labelled])
         total = nn.functional.cross_entropy(logits, shift_labels[labelled], reduction="sum")
+        if num_items_in_batch is None:  # the mean; a batch without a labelled token has loss 0, not 0 / 0
+            return total / labelled.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch

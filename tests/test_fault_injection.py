@@ -1,10 +1,12 @@
 """Fault injection: a tiny training run killed with SIGKILL at many points (inside steps, between the files of a
-checkpoint, before its seal, during evaluation, during the final save, before the results) and resumed, every time,
-ends with the weights and results of the uninterrupted run, bit for bit."""
+checkpoint, before its seal, between the seal and the rotation of older checkpoints, during evaluation, during the final
+save, before the results) and resumed, every time, ends with the weights and results of the uninterrupted run, bit for
+bit. An export killed anywhere leaves its output folder as the earlier export or the new one, whole."""
 
 import json
 import multiprocessing
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,10 +17,14 @@ from training_helpers import write_corpus
 
 # 10 steps (48 sentences, batch 8: 6 an epoch), evaluated and checkpointed every 2 steps. Counts per event in one
 # uninterrupted run: 10 steps; 6 weight files (5 checkpoints + the final best model); 20 state files (optimizer,
-# scheduler, RNG, args per checkpoint); 5 seals; 5 evaluations + 1 final (2 batches each); 6 save_model calls.
+# scheduler, RNG, args per checkpoint); 5 seals, each followed by a rotation (the 3rd on deletes one); 5 evaluations +
+# 1 final (2 batches each); 6 save_model calls.
 KILL_POINTS = ([f"step:{n}" for n in range(1, 11)] + [f"weights:{n}" for n in range(1, 7)]
                + [f"state:{n}" for n in range(1, 21, 3)] + [f"seal:{n}" for n in range(1, 6)]
-               + [f"evaluate:{n}" for n in range(1, 13, 2)] + [f"final:{n}" for n in range(1, 7)] + ["results:1"])
+               + [f"rotate:{n}" for n in (3, 5)] + [f"evaluate:{n}" for n in range(1, 13, 2)]
+               + [f"final:{n}" for n in range(1, 7)] + ["results:1"])
+# An export: its weights, its card, the swap into place, the deletion of the earlier folder.
+EXPORT_KILL_POINTS = ["weights:1", "card:1", "replace:1", "cleanup:2"]
 
 
 def _config(tmp_path) -> str:
@@ -80,3 +86,30 @@ def test_killed_anywhere_and_resumed_the_run_ends_bit_identical(tmp_path, proces
         survived.append(point)
     assert survived == KILL_POINTS
     print(f"{len(KILL_POINTS)} kill points tried, {len(survived)} survived bit-identical")
+
+
+def _contents(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_export_killed_anywhere_leaves_the_earlier_export_or_the_new_one_whole(tmp_path, processes):
+    import fault_driver
+
+    run = tmp_path / "run"
+    assert _drive(processes, _config(tmp_path), run) == 0
+
+    def export(checkpoint, output, kill_at=None):
+        process = processes.Process(target=fault_driver.export, args=(str(checkpoint), str(output), kill_at))
+        process.start()
+        process.join(timeout=300)
+        return process.exitcode
+
+    assert export(run / "checkpoint-8", tmp_path / "old" / "hub") == 0
+    assert export(run, tmp_path / "new" / "hub") == 0
+    old, new = _contents(tmp_path / "old" / "hub"), _contents(tmp_path / "new" / "hub")
+    assert old != new
+    for point in EXPORT_KILL_POINTS:
+        output = tmp_path / point.replace(":", "-") / "hub"
+        shutil.copytree(tmp_path / "old" / "hub", output)
+        assert export(run, output, kill_at=point) == -9, f"{point} was never reached"
+        assert _contents(output) in (old, new), point

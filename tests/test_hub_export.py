@@ -13,8 +13,11 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
 
 from sfrnn_hf import GRADIENT_MODES, SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.training import export as export_module
+from sfrnn_hf.training.checkpoints import MANIFEST, write_manifest
 from sfrnn_hf.training.export import GRADIENT_MODE_NAMES, export_for_hub, recorded_perplexities
 
 REMOTE_USER = textwrap.dedent("""
@@ -296,3 +299,108 @@ def test_plain_auto_tokenizer_without_the_package_does_not_ask(tmp_path, word_to
     output = run_as_user(tmp_path, NO_PACKAGE + "from transformers import AutoTokenizer\n"
                                                 f"AutoTokenizer.from_pretrained({str(folder)!r})\n")
     assert PROMPT_TEXT not in output and "model of type" not in output
+
+
+def _run_folder(folder, tokenizer, dataset="ptb", seed=0):
+    """What `sfrnn-train` leaves: the final model and tokenizer, `results.json`, `experiment.yaml`."""
+    torch.manual_seed(seed)
+    SfrnnForCausalLM(SfrnnConfig(vocab_size=len(tokenizer), hidden_size=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "results.json").write_text(json.dumps({"validation_perplexity": 150.25, "test_perplexity": 140.5}))
+    (folder / "experiment.yaml").write_text(yaml.safe_dump({"data": {"dataset": dataset}}))
+    return folder
+
+
+def _contents(folder):
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_the_commands_help_examples_run_taking_the_dataset_from_the_run(tmp_path, word_tokenizer, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    demo = _run_folder(tmp_path / "demo", word_tokenizer)
+    examples = [line.split("#")[0].split()[1:] for line in export_module.__doc__.splitlines()
+                if line.strip().startswith("sfrnn-export ")]
+    assert len(examples) == 2
+    for argv in examples:
+        argv = [str(demo) if arg == "outputs/demo" else str(tmp_path / arg) if arg.startswith("hub/") else arg
+                for arg in argv]
+        assert export_module.main(argv) == (1 if "--repo-id" in argv else 0)  # 1: offline, not uploaded
+        card = ModelCard.load(Path(argv[1]) / "README.md")
+        assert {r.dataset_split: r.metric_value for r in card.data.eval_results} == {"validation": 150.25, "test": 140.5}
+        assert {r.dataset_name for r in card.data.eval_results} == {"Penn Treebank"}
+
+
+def test_a_failed_or_repeated_export_never_leaves_a_folder_that_mixes_two(tmp_path, word_tokenizer, monkeypatch):
+    first = _run_folder(tmp_path / "first", word_tokenizer)
+    out = tmp_path / "hub"
+    assert export_module.main([str(first), str(out), "--dataset", "ptb_text_only"]) == 0
+    before = _contents(out)
+    second = tmp_path / "second"  # another model, no tokenizer, no measured perplexity
+    torch.manual_seed(1)
+    SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8)).save_pretrained(second)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped after the weights were written, before the card
+
+    monkeypatch.setattr(ModelCard, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.main([str(second), str(out)])
+    monkeypatch.undo()
+    assert _contents(out) == before and [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+    assert export_module.main([str(second), str(out)]) == 0
+    after = _contents(out)
+    assert after[Path("model.safetensors")] == (second / "model.safetensors").read_bytes()
+    assert not any(name.name.startswith("tokenizer") for name in after)  # not the first export's tokenizer
+    assert "150.25" not in after[Path("README.md")].decode()  # nor its perplexity
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        export_module.main([str(first), str(out)])
+    assert _contents(out) == {**after, Path("notes.txt"): b"mine"}
+
+
+def test_export_checks_every_input_before_writing_anything(tmp_path, word_tokenizer):
+    local = _run_folder(tmp_path / "local", word_tokenizer, dataset="text")
+    with pytest.raises(SystemExit, match="--dataset"):  # a perplexity on local files names no Hub dataset
+        export_module.main([str(local), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--tokenizer.*no tokenizer"):
+        export_module.main([str(local), str(tmp_path / "out"), "--tokenizer", str(tmp_path), "--dataset", "x"])
+    checkpoint = _run_folder(tmp_path / "checkpoint-4", word_tokenizer)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    write_manifest(str(checkpoint))
+    assert export_module.main([str(checkpoint), str(tmp_path / "intact"), "--dataset", "ptb_text_only"]) == 0
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x5A
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="checkpoint-4 is not an intact checkpoint.*checksum"):
+        export_module.main([str(checkpoint), str(tmp_path / "out"), "--dataset", "ptb_text_only"])
+    (checkpoint / MANIFEST).unlink()  # an sfrnn-train checkpoint never sealed
+    with pytest.raises(SystemExit, match="not an intact checkpoint.*manifest"):
+        export_module.main([str(checkpoint), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_whose_code_differs_from_the_code_that_loads_it_gets_a_warning(tmp_path, word_tokenizer, caplog):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8))
+    folder = export_for_hub(model, word_tokenizer, tmp_path / "hub", datasets=["ptb_text_only"])
+    with caplog.at_level("WARNING", logger="sfrnn_hf.modeling_sfrnn"):
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert not [r for r in caplog.records if "modeling_sfrnn.py" in r.getMessage()]  # as saved: silent
+    with open(folder / "modeling_sfrnn.py", "a") as handle:
+        handle.write("\nEDITED = True\n")
+    with caplog.at_level("WARNING", logger="sfrnn_hf.modeling_sfrnn"):
+        AutoModelForCausalLM.from_pretrained(folder)  # the installed package's code runs
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "modeling_sfrnn.py changed after the model was saved" in messages
+    assert "modeling_sfrnn.py differ from the code running now" in messages
+    remote = textwrap.dedent("""
+        import sys
+        sys.modules["sfrnn_hf"] = None
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    """)
+    done = subprocess.run([sys.executable, "-c", remote, str(folder)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "modeling_sfrnn.py changed after the model was saved" in done.stderr  # the folder's own code runs: it says so

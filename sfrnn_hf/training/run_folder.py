@@ -2,6 +2,7 @@
 kernel drops the lock of a killed process), and never mixed with an earlier run's files unless resumed."""
 
 import fcntl
+import fnmatch
 import os
 import re
 import shutil
@@ -11,8 +12,16 @@ from .checkpoints import checkpoints
 LOCK_FILE = ".sfrnn-run.lock"
 # What marks a folder as holding a run: its settings, its checkpoints, its results.
 RUN_MARKERS = ("experiment.yaml", "results.json")
+# Everything a run writes at the top of its folder (the Trainer's final save, the code files `save_pretrained` copies,
+# the tokenizer, LoRA's adapter and card, TensorBoard's `runs/`): all that `clear` may delete.
+RUN_FILES = (LOCK_FILE, *RUN_MARKERS, "log_history.jsonl", "tokenizer", "merged", "runs", "checkpoint-*",
+             "skipped-checkpoint-*", "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+             "model.safetensors.index.json", "training_args.bin", "*_sfrnn.py", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+             "adapter_config.json", "adapter_model.safetensors", ".write-test-*", "*.tmp-*")
+ADAPTER_CARD = "README.md"  # the card PEFT writes beside an adapter: the run's only when the adapter is there
 REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(r"token(?!iz)|secret|password|api_key", re.IGNORECASE)  # `hub_token`, not `tokenizer`
+_SECRET_KEY = re.compile(r"token(?!iz|s)|secret|password|api_key", re.IGNORECASE)  # `hub_token`; not `tokenizer`, `*_tokens_*`
 
 
 class OutputDirError(ValueError):
@@ -71,8 +80,29 @@ def earlier_run(output_dir: str) -> list[str]:
     return found + [os.path.basename(path) for path in checkpoints(output_dir)]
 
 
-def clear(output_dir: str) -> None:
-    """Delete everything in `output_dir` but the lock: the start of a clean run (`--overwrite`)."""
+def foreign_files(output_dir: str) -> list[str]:
+    """The entries at the top of `output_dir` that no run writes (`RUN_FILES`): a user's own, never deleted."""
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    adapter = "adapter_config.json" in names
+    return [name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
+            and not (adapter and name == ADAPTER_CARD)]
+
+
+def check_only_run_files(output_dir: str, action: str) -> None:
+    """Raise `OutputDirError` naming the first file in `output_dir` that is not a run's own: `action` (which would
+    delete the run's files) is refused rather than mixing or losing a user's files."""
+    foreign = foreign_files(output_dir)
+    if foreign:
+        raise OutputDirError(
+            f"{output_dir} holds files that are not a training run's ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): {action} would mix them with a new run. Move them out, or "
+            "choose another `training.output_dir`.")
+
+
+def clear(output_dir: str, action: str = "--overwrite") -> None:
+    """Delete the files of an earlier run in `output_dir` (`RUN_FILES`), all but the lock: the start of a clean run.
+    A folder holding anything else is refused (`check_only_run_files`) before anything is deleted."""
+    check_only_run_files(output_dir, action)
     for name in os.listdir(output_dir):
         if name == LOCK_FILE:
             continue
@@ -83,12 +113,17 @@ def clear(output_dir: str) -> None:
             os.remove(path)
 
 
+def is_secret(key) -> bool:
+    """Whether a setting named `key` (`hub_token`, `HF_TOKEN`, `training.trainer_args.hub_token`...) holds a secret."""
+    return bool(_SECRET_KEY.search(str(key).rsplit(".", 1)[-1]))
+
+
 def redact_secrets(tree):
-    """A copy of a nested settings mapping with every string value under a key naming a token, secret, password or
-    API key replaced by `<redacted>`: what may be written to the run folder."""
+    """A copy of a nested settings mapping with every value (of any type) under a key naming a token, secret, password
+    or API key replaced by `<redacted>`: what may be printed or written to the run folder."""
     if isinstance(tree, dict):
-        return {key: REDACTED if _SECRET_KEY.search(str(key)) and isinstance(value, str) and value
-                else redact_secrets(value) for key, value in tree.items()}
+        return {key: REDACTED if is_secret(key) and value not in (None, "") else redact_secrets(value)
+                for key, value in tree.items()}
     if isinstance(tree, list):
         return [redact_secrets(value) for value in tree]
     return tree

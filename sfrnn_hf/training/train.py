@@ -18,6 +18,7 @@ point of the curves), `results.json` (best validation and test perplexity), `exp
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import json
 import math
@@ -27,6 +28,7 @@ import sys
 
 import torch
 import yaml
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -36,12 +38,14 @@ from transformers import (
     set_seed,
 )
 from transformers.integrations import is_tensorboard_available
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
 from ..modeling_sfrnn import SfrnnForCausalLM
+from ..backends_sfrnn import resolve_dsf_backend
 from ..recurrent_sfrnn import SfrnnRecurrentLayer
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .config import (
@@ -53,11 +57,13 @@ from .config import (
     passed_to_trainer,
     shipped_configs,
 )
-from .data import CausalLMCollator, DataError, build_tokenizer, is_character_level, load_raw_text, prepare_data
+from .data import (CausalLMCollator, DataError, build_tokenizer, is_character_level, load_raw_text, prepare_data,
+                   text_file_digests)
 from .gradient_schedule import GradientModeSchedule, parse_schedule
-from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, redact_secrets
+from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, is_secret, redact_secrets
 
 EXPERIMENT_FILE = "experiment.yaml"
+DATA_DIGESTS_FILE = "data_sha256.json"  # in each checkpoint: the content of the local data files it was trained on
 
 
 class TrainingDiverged(RuntimeError):
@@ -173,12 +179,17 @@ def token_nll_and_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def perplexity_metrics(eval_prediction, character_level: bool = False) -> dict:
-    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities); with
-    `character_level` (a token is a character) also bits per character, `total NLL / total tokens / ln 2`."""
+    """Corpus perplexity `exp(total NLL / total predicted tokens)` (not a mean of per-batch perplexities), `inf` when
+    that exceeds a float (a huge but finite loss); with `character_level` (a token is a character) also bits per
+    character, `total NLL / total tokens / ln 2`."""
     stats = eval_prediction.predictions
     total_nll, total_tokens = float(stats[:, 0].sum()), float(stats[:, 1].sum())
     mean_nll = total_nll / max(total_tokens, 1.0)
-    metrics = {"perplexity": math.exp(mean_nll), "tokens": total_tokens}
+    try:
+        perplexity = math.exp(mean_nll)
+    except OverflowError:
+        perplexity = math.inf
+    metrics = {"perplexity": perplexity, "tokens": total_tokens}
     if character_level:
         metrics["bits_per_character"] = mean_nll / math.log(2)
     return metrics
@@ -194,8 +205,9 @@ class SfrnnTrainer(Trainer):
     - evaluation without a recurrent-state cache.
     """
 
-    def __init__(self, *args, experiment: ExperimentConfig, **kwargs):
+    def __init__(self, *args, experiment: ExperimentConfig, data_digests: dict[str, str] | None = None, **kwargs):
         self.experiment = experiment
+        self.data_digests = data_digests or {}  # `data.text_file_digests`, written into each checkpoint
         training = experiment.training
         adam = {"lr": training.lr, "betas": (training.adam_beta1, training.adam_beta2), "eps": training.adam_eps}
         super().__init__(*args, optimizer_cls_and_kwargs=(torch.optim.Adam, adam), **kwargs)
@@ -214,12 +226,57 @@ class SfrnnTrainer(Trainer):
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+        """The Trainer's evaluation during training; a non-finite evaluation loss stops training (`TrainingDiverged`)
+        before this step's checkpoint is saved."""
+        metrics = super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler)
+        loss = metrics.get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged(self.state.global_step, f"the evaluation loss is {loss}",
+                                                  after_update=True))
+        return metrics
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint, sealed by its manifest before any older checkpoint is rotated away: a kill at any
+        point leaves an intact checkpoint to resume from. Weights that are not finite are never saved: training stops
+        (`TrainingDiverged`), the last checkpoint kept."""
+        bad = next((name for name, p in self.model.named_parameters() if not bool(p.detach().isfinite().all())), None)
+        if bad is not None:
+            raise TrainingDiverged(self._diverged(self.state.global_step, f"the weight {bad} is not finite",
+                                                  after_update=True))
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # the Trainer's rotation waits for the seal
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
             write_atomically(os.path.join(folder, EXPERIMENT_FILE), experiment_yaml(self.experiment))
+            write_atomically(os.path.join(folder, DATA_DIGESTS_FILE), json.dumps(self.data_digests, indent=1))
             write_manifest(folder)  # sealed last: a checkpoint without its manifest was not completely written
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume restored the checkpoint's optimizer and schedule: this run's `training.lr`, `weight_decay`,
+        `adam_beta1/2` and `adam_eps`. The schedule keeps its position: each group's learning rate becomes the new base
+        rate times the schedule's current factor, so `experiment.yaml` records what runs."""
+        training = self.experiment.training
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper holds it
+        for index, group in enumerate(self.optimizer.param_groups):
+            factor = group["lr"] / scheduler.base_lrs[index] if scheduler.base_lrs[index] else 1.0
+            group.update(lr=training.lr * factor, initial_lr=training.lr, betas=(training.adam_beta1, training.adam_beta2),
+                         eps=training.adam_eps)
+            if group["params"]:  # every trainable parameter decays (`get_decay_parameter_names`)
+                group["weight_decay"] = training.weight_decay
+        scheduler.base_lrs = [training.lr] * len(scheduler.base_lrs)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -246,10 +303,11 @@ class SfrnnTrainer(Trainer):
             bad = next(name for name, grad in named if not bool(grad.isfinite().all()))
             raise TrainingDiverged(self._diverged(step, f"the gradient of {bad} is not finite"))
 
-    def _diverged(self, step: int, what: str) -> str:
+    def _diverged(self, step: int, what: str, after_update: bool = False) -> str:
         intact, _ = newest_intact(self.args.output_dir)
         kept = f"the last checkpoint, {intact}, is kept" if intact else "no checkpoint was written yet"
-        return (f"Training diverged at step {step}: {what}. Stopped before the update; {kept}. Lower "
+        stopped = "Stopped before saving this step" if after_update else "Stopped before the update"
+        return (f"Training diverged at step {step}: {what}. {stopped}; {kept}. Lower "
                 f"training.lr (now {self.experiment.training.lr}), or check the data and inputs.")
 
     def finish_from(self, checkpoint: str) -> None:
@@ -341,7 +399,7 @@ class RunTrainingArguments(TrainingArguments):
     def __getstate__(self):
         state = dict(self.__dict__)
         for name in state:
-            if name.endswith("_token") and isinstance(state[name], str):
+            if is_secret(name):  # `hub_token`, of any type (YAML reads an all-digit token as an int)
                 state[name] = None
         return state
 
@@ -352,24 +410,26 @@ class RunTrainingArguments(TrainingArguments):
 
 
 def _load_or_build_tokenizer(experiment: ExperimentConfig, resume: str | None):
-    """The checkpoint's tokenizer when fine-tuning; the run's own (`<run>/tokenizer`) when resuming, so a resumed run
-    sees the very same vocabulary; otherwise one built for this run's data settings."""
+    """The checkpoint's tokenizer when fine-tuning; the resumed checkpoint's own (else its run's `<run>/tokenizer`) when
+    resuming, so a resumed run sees the very same vocabulary wherever the checkpoint lies; otherwise one built for this
+    run's data settings."""
     pretrained = experiment.model.get("from_pretrained")
     if pretrained is not None and os.path.isfile(os.path.join(pretrained, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(pretrained)
-    if resume is not None:
-        folder = os.path.join(os.path.dirname(os.path.abspath(resume)), "tokenizer")
-        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(folder)
+    if resume is not None:  # the checkpoint's own (the Trainer saves it), else its run's
+        for folder in (resume, os.path.join(os.path.dirname(os.path.abspath(resume)), "tokenizer")):
+            if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+                return AutoTokenizer.from_pretrained(folder)
     return build_tokenizer(experiment.data, load_raw_text(experiment.data))
 
 
 def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str | None:
     """The checkpoint a resume continues from, or None to start from step 0.
 
-    `True`: the newest intact checkpoint in `output_dir`; newer, damaged ones are named in a warning and removed (the
-    run rewrites them). A run that never completed a checkpoint starts over, with a warning. A path must be intact.
-    Raises `ConfigError` naming what is wrong when there is no run to resume.
+    `True`: the newest intact checkpoint in `output_dir`; newer, damaged ones are named in a warning and moved aside to
+    `skipped-checkpoint-<step>` (never deleted: the run rewrites `checkpoint-<step>`). A run that never completed a
+    checkpoint starts over, with a warning. A path must be intact, and `output_dir` must be its own run's folder or
+    hold no run. Raises `ConfigError` naming what is wrong when there is no run to resume.
     """
     if not requested:
         return None
@@ -378,17 +438,50 @@ def resolve_resume(requested, output_dir: str, main_process: bool = True) -> str
         if checkpoint is None and not earlier_run(output_dir) and not skipped:
             raise ConfigError(f"Nothing to resume in {output_dir}: it holds no run. Run without --resume to start one.")
         for folder, reason in skipped:
-            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}. "
+            kept = _set_aside(folder) if main_process else folder
+            logger.warning(f"Skipping the damaged checkpoint {folder}: {reason}; it is kept as {kept}. "
                            f"{f'Resuming from {checkpoint}' if checkpoint else 'No intact checkpoint: starting over'}.")
-            if main_process:
-                shutil.rmtree(folder)
         if checkpoint is None:
             logger.warning(f"The run in {output_dir} has no intact checkpoint: it starts over from step 0.")
         return checkpoint
     reason = damage(requested) if os.path.isdir(requested) else f"{requested} is not a folder"
     if reason is not None:
         raise ConfigError(f"Cannot resume from {requested}: {reason}.")
+    own_folder = os.path.dirname(os.path.abspath(requested))
+    if not _same_folder(own_folder, output_dir) and earlier_run(output_dir):
+        raise ConfigError(
+            f"Cannot resume {requested} into {output_dir}: that folder holds another run "
+            f"({', '.join(earlier_run(output_dir)[:3])}). Resume into the checkpoint's own run folder ({own_folder}) "
+            "or into an empty `training.output_dir`.")
     return requested
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _set_aside(checkpoint: str) -> str:
+    """Rename a skipped `checkpoint-<step>` to a free `skipped-checkpoint-<step>[.n]` beside it (outside the
+    Trainer's rotation, which globs `checkpoint-*`); returns the new path."""
+    parent, name = os.path.split(checkpoint)
+    target, n = os.path.join(parent, f"skipped-{name}"), 1
+    while os.path.exists(target):
+        target, n = os.path.join(parent, f"skipped-{name}.{n}"), n + 1
+    os.rename(checkpoint, target)
+    return target
+
+
+def check_source_outside_output(experiment: ExperimentConfig, output_dir: str) -> None:
+    """`model.from_pretrained` (the base of a LoRA or fine-tuning run) must lie outside `output_dir` and not contain
+    it: the run would overwrite or delete its own source."""
+    source = experiment.model.get("from_pretrained")
+    if source is None or not os.path.isdir(source):
+        return
+    source, output = os.path.realpath(source), os.path.realpath(output_dir)
+    if os.path.commonpath([source, output]) in (source, output):
+        raise ConfigError(f"`model.from_pretrained` {experiment.model['from_pretrained']!r} and `training.output_dir` "
+                          f"{output_dir!r} overlap: the run would overwrite the model it starts from. Choose another "
+                          "output_dir.")
 
 
 def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[str]:
@@ -401,11 +494,60 @@ def settings_changed_since_start(experiment: ExperimentConfig, folder) -> list[s
         return changed_settings(yaml.safe_load(handle) or {}, experiment.to_dict())
 
 
+def data_changed_since(checkpoint: str, digests: dict[str, str]) -> list[str]:
+    """Each local data file whose content differs from the one `checkpoint` was trained on (its `data_sha256.json`;
+    none recorded: [])."""
+    path = os.path.join(checkpoint, DATA_DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        before = json.load(handle)
+    return [f"data file {name}: its content changed (sha256 {before.get(name, '<absent>')[:12]} -> "
+            f"{digests.get(name, '<absent>')[:12]})" for name in sorted(before | digests)
+            if before.get(name) != digests.get(name)]
+
+
+def check_optimizer_state(checkpoint: str) -> None:
+    """A checkpoint to continue training from holds the optimizer and schedule state (`save_only_model` writes none:
+    Adam would restart from zero moments); else `ConfigError` naming it."""
+    missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not os.path.isfile(os.path.join(checkpoint, name))]
+    if missing:
+        raise ConfigError(f"Cannot resume from {checkpoint}: it holds no {' or '.join(missing)} (saved with "
+                          "`save_only_model`?), so the optimizer would start over. Fine-tune its weights instead "
+                          f"(model.from_pretrained={checkpoint}) in a new output_dir.")
+
+
+def check_same_architecture(model, checkpoint: str, changes: list[str]) -> None:
+    """The model this run builds has the parameter names and shapes of the `checkpoint` it resumes; else `ConfigError`
+    naming the differing tensors and the model settings that changed (rather than a size mismatch inside torch)."""
+    path = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(path):  # a LoRA checkpoint holds its adapter only
+        return
+    with safe_open(path, "pt") as handle:
+        saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    built = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    differ = sorted(name for name in saved.keys() | built.keys() if saved.get(name) != built.get(name))
+    if differ:
+        model_changes = [change for change in changes if change.startswith("model.")] or ["(none recorded)"]
+        raise ConfigError(f"Cannot resume from {checkpoint}: this run builds another architecture ("
+                          f"{', '.join(f'{name} {saved.get(name)} -> {built.get(name)}' for name in differ[:3])}). "
+                          f"Model settings changed: {'; '.join(model_changes)}. Resume with the checkpoint's settings "
+                          "or start a new run.")
+
+
 def _finished(checkpoint: str, settings_changed: bool) -> bool:
     """Whether `checkpoint` ends its run: its step reached the steps planned by the same settings."""
     with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as handle:
         state = json.load(handle)
     return not settings_changed and state["global_step"] >= state.get("max_steps", float("inf"))
+
+
+def _test_perplexity_missing(experiment: ExperimentConfig, recorded: dict) -> bool:
+    """Whether a finished run's `results.json` lacks the test perplexity that `training.evaluate_test` now asks for
+    and the data has a test split."""
+    data = experiment.data
+    has_test = data.dataset != "text" or bool(data.test_files)
+    return experiment.training.evaluate_test and has_test and recorded.get("test_perplexity") is None
 
 
 def _as_json(results: dict) -> str:
@@ -419,8 +561,9 @@ def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_proces
     """Make `output_dir` this run's: `(checkpoint to resume or None, settings changed since that checkpoint)`.
 
     A resume compares its settings with the ones the checkpoint was trained with (a warning names each change); a
-    resumed run with no intact checkpoint starts over in a cleared folder; a new run into a folder holding another
-    run is refused, or clears it first with `training.overwrite_output_dir`."""
+    resumed run with no intact checkpoint starts over in a folder cleared of that run's files; a new run into a folder
+    holding another run is refused, or clears it first with `training.overwrite_output_dir`. Only a run's own files
+    are ever deleted: a folder holding anything else is refused (`run_folder.clear`)."""
     training = experiment.training
     resume = resolve_resume(training.resume_from_checkpoint, output_dir, main_process)
     if resume:
@@ -435,10 +578,26 @@ def _claim_output_dir(experiment: ExperimentConfig, output_dir: str, main_proces
         raise ConfigError(
             f"{output_dir} holds an earlier run ({', '.join(found[:4])}). Continue it with --resume "
             f"(training.resume_from_checkpoint=true), start over with --overwrite "
-            f"(training.overwrite_output_dir=true: deletes its contents), or choose another output_dir.")
+            f"(training.overwrite_output_dir=true: deletes that run's files), or choose another output_dir.")
+    if _finished_without_checkpoint(experiment, output_dir):
+        return None, []
     if main_process and (found or training.resume_from_checkpoint is True):
-        clear(output_dir)
+        clear(output_dir, "--overwrite" if training.overwrite_output_dir else "starting the run over")
     return None, []
+
+
+def _finished_without_checkpoint(experiment: ExperimentConfig, output_dir: str) -> bool:
+    """Whether a resume meets a finished run (its `results.json`) that kept no intact checkpoint: it resumes as
+    finished. A changed setting cannot apply to it: `ConfigError` naming each."""
+    if experiment.training.resume_from_checkpoint is not True or not os.path.isfile(
+            os.path.join(output_dir, "results.json")):
+        return False
+    changes = settings_changed_since_start(experiment, output_dir)
+    if changes:
+        raise ConfigError(f"The run in {output_dir} is finished and kept no checkpoint to continue from, so these "
+                          f"changes cannot apply: {'; '.join(changes)}. Resume without them, start over with "
+                          "--overwrite, or choose another output_dir.")
+    return True
 
 
 def run(experiment: ExperimentConfig, callbacks=None):
@@ -453,30 +612,51 @@ def run(experiment: ExperimentConfig, callbacks=None):
     model_check = check_model_section(experiment.model)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_check is not None:
+        try:  # a backend this device cannot run fails here, before the output folder is claimed
+            resolve_dsf_backend(model_check.dsf_backend, torch.device(device), model_check.cell_type)
+        except ValueError as error:
+            raise ConfigError(f"`model.dsf_backend`: {error}") from None
     if experiment.training.bf16 and model_check is not None:
         check_bf16_autocast(model_check, device)
     training = experiment.training
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
+    if args.fp16 and device != "cuda":
+        raise ConfigError(f"`training.fp16: true` needs CUDA; on {device} it would silently train in fp32. Use "
+                          "`training.bf16: true` (bf16 autocast runs on CPU) or fp32.")
     main_process = args.process_index == 0
+    check_source_outside_output(experiment, args.output_dir)
     check_writable(args.output_dir)
     with RunLock(args.output_dir) if main_process else contextlib.nullcontext():
         results_path = os.path.join(args.output_dir, "results.json")
         resume, changes = _claim_output_dir(experiment, args.output_dir, main_process)
         finished = resume is not None and _finished(resume, bool(changes))
-        if finished and os.path.isfile(results_path):
+        recorded = {}
+        if (finished or resume is None and training.resume_from_checkpoint is True) and os.path.isfile(results_path):
+            # a finished run; without a checkpoint `_claim_output_dir` cleared any unfinished one's `results.json`
             logger.info(f"The run in {args.output_dir} is finished (checkpoint {resume}): nothing to train.")
             with open(results_path) as handle:
-                return None, json.load(handle)
+                recorded = json.load(handle)
+            if not (finished and _test_perplexity_missing(experiment, recorded)):
+                return None, recorded
 
+        if resume is not None and not finished:
+            check_optimizer_state(resume)
         with args.main_process_first(desc="tokenizer and data", local=False):
             tokenizer = _load_or_build_tokenizer(experiment, resume)
             data = prepare_data(experiment.data, tokenizer)
+            data_digests = text_file_digests(experiment.data)
+        if resume is not None:
+            for change in data_changed_since(resume, data_digests):
+                logger.warning(f"Resuming from {resume} on other data than it was trained on: {change}.")
 
         set_seed(training.seed)
         model = build_model(experiment.model, tokenizer)
         if training.bf16 and model_check is None:
             check_bf16_autocast(model.config, device)
+        if resume is not None and not experiment.lora.enabled:
+            check_same_architecture(model, resume, changes)
         if experiment.lora.enabled:
             model = apply_lora(model, experiment.lora)
         schedule = []
@@ -499,10 +679,11 @@ def run(experiment: ExperimentConfig, callbacks=None):
             callbacks=[JsonLogCallback(os.path.join(args.output_dir, "log_history.jsonl"))] + schedule
             + list(callbacks or []),
             experiment=experiment,
+            data_digests=data_digests,
         )
-        if finished:  # killed after its last checkpoint: finish without another step
+        if finished:  # killed after its last checkpoint, or asked for a test perplexity: no further step
             trainer.finish_from(resume)
-            results = {"global_step": trainer.state.global_step}
+            results = {**recorded, "global_step": trainer.state.global_step}
         else:
             train_output = trainer.train(resume_from_checkpoint=resume)
             results = {
@@ -552,7 +733,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint in output_dir, or from CHECKPOINT")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an output_dir holding an earlier run (deletes its contents)")
+                        help="start over in an output_dir holding an earlier run (deletes that run's files only)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
     return parser, parser.parse_args(argv)
@@ -577,13 +758,20 @@ def main(argv=None):
         if cli.lora:  # the checkpoint defines the architecture: keep only the mode from the config's model section
             experiment.model = {k: v for k, v in experiment.model.items() if k in ("from_pretrained", "gradient_mode")}
         if cli.print_config:
-            print(yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+            print(yaml.safe_dump(redact_secrets(experiment.to_dict()), sort_keys=False))
             return 0
         _, results = run(experiment)
     except (ConfigError, OutputDirError, DataError, FileNotFoundError) as error:
         parser.exit(2, f"sfrnn-train: error: {error}\n")
     except TrainingDiverged as error:
         parser.exit(3, f"sfrnn-train: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "sfrnn-train: interrupted. Every sealed checkpoint is intact: continue with --resume.\n")
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        parser.exit(2, f"sfrnn-train: error: no space left writing {error.filename or 'the run'} ({error.strerror}). "
+                       "Every sealed checkpoint is intact: free space, then continue with --resume.\n")
     print(json.dumps(results, indent=2))
     return 0
 
