@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
 from .configuration_sfrnn import SfrnnConfig
+from .lora_targets import register_with_peft
 from .recurrent_sfrnn import SfrnnRecurrentLayer, effective_mask, linspace_feedback
 
 
@@ -92,6 +93,7 @@ class SfrnnBlock(GradientCheckpointingLayer):
     def __init__(self, config: SfrnnConfig, layer_idx: int):
         super().__init__()
         self.block_type = config.block_type
+        self.layer_idx = layer_idx  # its own: PEFT may wrap `recurrent` in a module that lacks it
         self.recurrent = SfrnnRecurrentLayer(config, layer_idx)
         recurrent_width = self.recurrent.output_size
         prenorm = config.block_type == "prenorm"
@@ -105,7 +107,7 @@ class SfrnnBlock(GradientCheckpointingLayer):
                 branch_output.is_residual_branch_output = True  # GPT-2 scaled init, see `_init_weights`
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.recurrent.layer_idx}, block_type={self.block_type}"
+        return f"layer_idx={self.layer_idx}, block_type={self.block_type}"
 
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """hidden_states `(batch, time, d)` -> `(batch, time, d)`, final state `(batch, S)`."""
@@ -624,5 +626,6 @@ SfrnnConfig.register_for_auto_class("AutoConfig")
 SfrnnModel.register_for_auto_class("AutoModel")
 SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SfrnnForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+register_with_peft()  # PEFT's LoRA defaults for sfrnn, also where this file is a checkpoint's remote code
 
 __all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache"]
