@@ -12,7 +12,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -150,6 +150,11 @@ class SfrnnPreTrainedModel(PreTrainedModel):
             if isinstance(module, SfrnnRecurrentLayer):
                 moved = module.update_calibrated_feedback() or moved
         return moved
+
+    def calibrated_feedback_callback(self) -> "CalibratedFeedbackCallback":
+        """The Trainer callback that moves a calibrated feedback once per optimizer step: `Trainer(model, ...,
+        callbacks=[model.calibrated_feedback_callback()])` (with remote code too; `sfrnn-train` adds it itself)."""
+        return CalibratedFeedbackCallback()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -614,6 +619,17 @@ class SfrnnForSequenceClassification(SfrnnPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+class CalibratedFeedbackCallback(TrainerCallback):
+    """Moves a calibrated DSF feedback once per optimizer step, from all its micro-batches and processes
+    (`SfrnnPreTrainedModel.update_calibrated_feedback`). `SfrnnTrainer` installs it; add it to a plain `Trainer`
+    that trains a model with `feedback_type="calibrated"`."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+        if getattr(base.config, "feedback_type", None) == "calibrated":
+            base.update_calibrated_feedback()
+
+
 # `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,
 # so the whole map is set in `save_pretrained`.
 AUTO_MAP = {
@@ -628,4 +644,5 @@ SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SfrnnForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 register_with_peft()  # PEFT's LoRA defaults for sfrnn, also where this file is a checkpoint's remote code
 
-__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache"]
+__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache",
+           "CalibratedFeedbackCallback"]

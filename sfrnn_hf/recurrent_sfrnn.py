@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging
 
 from .cells_sfrnn import cell_step, default_step_matmul, get_cell
@@ -298,6 +299,20 @@ def dsf_layer_states(cell, inputs, initial_state, weights, mask, feedback, backe
 
 _logged_backends = set()
 _PENDING_FORWARDS_WARNING = 256
+_optimizer_steps = 0  # every `torch.optim.Optimizer.step()` of this process
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+_STEP_WITHOUT_CALIBRATION = (
+    "An optimizer step passed without moving the calibrated feedback (`feedback_type='calibrated'`): its diag(J) "
+    "statistics pile up and the feedback never changes. With a Trainer add "
+    "`callbacks=[model.calibrated_feedback_callback()]`; in a hand-written loop call "
+    "`model.update_calibrated_feedback()` after each `optimizer.step()`.")
 
 
 @torch.no_grad()
@@ -349,6 +364,7 @@ class SfrnnRecurrentLayer(nn.Module):
         self._backends = {}  # (config.dsf_backend, device type) -> DsfBackend
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
         self.pending_calibration = None  # [diag(J) total (S,), count, forwards] since the last feedback update
+        self.calibration_since_step = 0  # the optimizer step count when the pending statistics began
 
     def record_calibration(self, total: torch.Tensor, count: torch.Tensor) -> None:
         """Add one training forward's diag(J) statistics (`total` `(S,)` summed over `count` real positions) to the
@@ -356,15 +372,18 @@ class SfrnnRecurrentLayer(nn.Module):
         total, count = total.detach().to(self.feedback.dtype), count.detach().to(self.feedback.dtype)
         if self.pending_calibration is None:
             self.pending_calibration = [total, count, 1]
+            self.calibration_since_step = _optimizer_steps
         else:
+            if _optimizer_steps != self.calibration_since_step:  # statistics from before a step stayed unapplied
+                logger.warning_once(_STEP_WITHOUT_CALIBRATION)
             self.pending_calibration[0] = self.pending_calibration[0] + total
             self.pending_calibration[1] = self.pending_calibration[1] + count
             self.pending_calibration[2] += 1
         if self.pending_calibration[2] == _PENDING_FORWARDS_WARNING:
             logger.warning(f"Layer {self.layer_idx}: {_PENDING_FORWARDS_WARNING} training forwards recorded diag(J) "
                            "statistics for the calibrated feedback, which never moved: call "
-                           "model.update_calibrated_feedback() after each optimizer step (sfrnn-train's Trainer does, "
-                           "through CalibratedFeedbackCallback).")
+                           "model.update_calibrated_feedback() after each optimizer step (sfrnn-train's Trainer does; "
+                           "a plain Trainer through callbacks=[model.calibrated_feedback_callback()]).")
 
     @torch.no_grad()
     def update_calibrated_feedback(self) -> bool:
