@@ -55,3 +55,15 @@ def test_the_block_runs_as_written(tmp_path, path, index, code):
     # README: the package installed (this checkout, importable, not imported); a card: no package at all.
     prefix = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" if path.name == "README.md" else NO_PACKAGE
     run_as_user(tmp_path, prefix + code, timeout=600)
+
+
+MACHINE_PATH = re.compile(r"(?<![\w.~/-])/(?:work|root|home|tmp|Users|opt|mnt|data)/[\w./-]*")
+
+
+def test_the_documentation_names_no_machine_paths():
+    """Docs and the commands in them name paths relative to the repository, never one machine's folders."""
+    texts = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("model_cards/*.md"), *ROOT.glob("examples/**/*"),
+             *ROOT.glob("benchmarks/*"), *ROOT.glob("sfrnn_hf/**/*.md")]
+    found = {str(path.relative_to(ROOT)): MACHINE_PATH.findall(path.read_text())
+             for path in texts if path.is_file() and path.suffix in (".md", ".py", ".sh", ".yaml")}
+    assert {path: paths for path, paths in found.items() if paths} == {}
