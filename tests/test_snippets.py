@@ -67,3 +67,15 @@ def test_the_documentation_names_no_machine_paths():
     found = {str(path.relative_to(ROOT)): MACHINE_PATH.findall(path.read_text())
              for path in texts if path.is_file() and path.suffix in (".md", ".py", ".sh", ".yaml")}
     assert {path: paths for path, paths in found.items() if paths} == {}
+
+
+def test_the_readme_launch_commands_each_write_their_own_folder():
+    """A run owns its output_dir: two README lines that train into one folder cannot run one after the other."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    for block in blocks:
+        launches = [line for line in block.splitlines() if re.match(r"(torchrun|accelerate launch) ", line)]
+        folders = [re.search(r"--output-dir (\S+)", line) for line in launches]
+        assert all(folders), [line for line, folder in zip(launches, folders) if not folder]
+        folders = [folder.group(1) for folder in folders]
+        assert len(set(folders)) == len(folders), folders
+    assert sum("torchrun" in block for block in blocks) >= 2
