@@ -446,6 +446,9 @@ class SfrnnRecurrentLayer(nn.Module):
 
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """
+        Under torch.compile a training forward over more than one step runs outside the graph (see
+        `_training_recurrence_outside_graph`).
+
         Args:
             hidden_states: `(batch, time, d)`.
             initial_state: `(batch, S)` or None (zeros).
@@ -454,6 +457,8 @@ class SfrnnRecurrentLayer(nn.Module):
         Returns:
             outputs `(batch, time, output_size)`, final state `(batch, S)` (None unless `need_final_state`).
         """
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and hidden_states.shape[1] > 1:
+            return _training_recurrence_outside_graph(self, hidden_states, initial_state, mask, need_final_state)
         batch = hidden_states.shape[0]
         if initial_state is None:
             initial_state = hidden_states.new_zeros(batch, self.state_size)
@@ -479,6 +484,13 @@ class SfrnnRecurrentLayer(nn.Module):
                                                   all_states, need_final_state)
         # The same outputs whether or not grad is enabled: reentrant checkpointing recomputes a no-grad forward.
         return outputs, final_state if need_final_state else None
+
+
+# A traced training recurrence is a Python loop over time unrolled into the graph and its backward: compiling costs
+# minutes and is redone for every new sequence length (a Trainer's padded batches: one per step, until dynamo's
+# recompile limit). Run eagerly instead (the fused op or torch's kernel): the rest of the model still compiles, and
+# `fullgraph=True` refuses the graph break.
+_training_recurrence_outside_graph = torch.compiler.disable(SfrnnRecurrentLayer.forward)
 
 
 __all__ = ["SfrnnRecurrentLayer", "mean_diagonal_jacobian", "dsf_states", "dsf_layer_states", "resolve_dsf_backend",
