@@ -79,3 +79,12 @@ def test_the_readme_launch_commands_each_write_their_own_folder():
         folders = [folder.group(1) for folder in folders]
         assert len(set(folders)) == len(folders), folders
     assert sum("torchrun" in block for block in blocks) >= 2
+
+
+def test_the_readme_commands_read_no_run_folder_that_only_a_long_training_makes():
+    """`runs/...` is where training writes: a README command may write there (`--output-dir`), never read from it;
+    commands that need a trained model name the committed checkpoint."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    reads = [line for block in blocks for line in block.splitlines()
+             if re.search(r"(?<!--output-dir )(?<![\w/.-])runs/", line)]
+    assert reads == []
