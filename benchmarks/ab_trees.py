@@ -4,7 +4,9 @@ backward of the recurrent stack (3 x 512, batch 32, fp32). Prints the median tim
 BPTT/DSF ratio, and per mode the paired ratio of the second tree's time to the first's (median over the rounds).
 BPTT runs torch's own kernel in both trees, so its difference between the trees shows the noise.
 
-    python benchmarks/ab_trees.py main=/work/main branch=/work/wt13e --cell gru --lengths 256 1024 --repeats 6
+    python benchmarks/ab_trees.py main=../sfrnn-main branch=../sfrnn-branch --cell gru --lengths 256 1024 --repeats 6
+
+(each NAME=PATH a checkout of this repository, e.g. made with `git worktree add ../sfrnn-main main`).
 """
 
 import argparse

@@ -3,13 +3,12 @@ Feedbacks (DSF, arXiv 2503.23104), a fixed diagonal replacement of the state Jac
 reverse diagonal scan plus parallel one-step gradients.
 
 `import sfrnn_hf` registers the `sfrnn` model type with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and
-`AutoModelForSequenceClassification`, and its LoRA defaults with PEFT (`lora_targets.py`).
+`AutoModelForSequenceClassification`; `modeling_sfrnn` registers its LoRA defaults with PEFT (`lora_targets.py`).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_sfrnn import BLOCK_TYPES, CELL_TYPES, GRADIENT_MODES, SfrnnConfig
-from .lora_targets import register_with_peft
 from .modeling_sfrnn import (
     SfrnnCache,
     SfrnnForCausalLM,
@@ -23,7 +22,6 @@ AutoConfig.register(SfrnnConfig.model_type, SfrnnConfig, exist_ok=True)
 AutoModel.register(SfrnnConfig, SfrnnModel, exist_ok=True)
 AutoModelForCausalLM.register(SfrnnConfig, SfrnnForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(SfrnnConfig, SfrnnForSequenceClassification, exist_ok=True)
-register_with_peft()  # LoraConfig without targets adapts the recurrent weights
 
 __version__ = "0.1.0"
 __all__ = [

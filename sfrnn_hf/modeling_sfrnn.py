@@ -14,7 +14,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from .configuration_sfrnn import SfrnnConfig
+from .lora_targets import register_with_peft
 from .recurrence_sfrnn import effective_mask
 from .recurrent_sfrnn import SfrnnRecurrentLayer, linspace_feedback
 
@@ -96,6 +97,7 @@ class SfrnnBlock(GradientCheckpointingLayer):
     def __init__(self, config: SfrnnConfig, layer_idx: int):
         super().__init__()
         self.block_type = config.block_type
+        self.layer_idx = layer_idx  # its own: PEFT may wrap `recurrent` in a module that lacks it
         self.recurrent = SfrnnRecurrentLayer(config, layer_idx)
         recurrent_width = self.recurrent.output_size
         prenorm = config.block_type == "prenorm"
@@ -109,7 +111,7 @@ class SfrnnBlock(GradientCheckpointingLayer):
                 branch_output.is_residual_branch_output = True  # GPT-2 scaled init, see `_init_weights`
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.recurrent.layer_idx}, block_type={self.block_type}"
+        return f"layer_idx={self.layer_idx}, block_type={self.block_type}"
 
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """hidden_states `(batch, time, d)` -> `(batch, time, d)`, final state `(batch, S)`."""
@@ -207,6 +209,11 @@ class SfrnnPreTrainedModel(PreTrainedModel):
             if isinstance(module, SfrnnRecurrentLayer):
                 moved = module.update_calibrated_feedback() or moved
         return moved
+
+    def calibrated_feedback_callback(self) -> "CalibratedFeedbackCallback":
+        """The Trainer callback that moves a calibrated feedback once per optimizer step: `Trainer(model, ...,
+        callbacks=[model.calibrated_feedback_callback()])` (with remote code too; `sfrnn-train` adds it itself)."""
+        return CalibratedFeedbackCallback()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -675,6 +682,17 @@ class SfrnnForSequenceClassification(SfrnnPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+class CalibratedFeedbackCallback(TrainerCallback):
+    """Moves a calibrated DSF feedback once per optimizer step, from all its micro-batches and processes
+    (`SfrnnPreTrainedModel.update_calibrated_feedback`). `SfrnnTrainer` installs it; add it to a plain `Trainer`
+    that trains a model with `feedback_type="calibrated"`."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+        if getattr(base.config, "feedback_type", None) == "calibrated":
+            base.update_calibrated_feedback()
+
+
 # `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,
 # so the whole map is set in `save_pretrained`.
 AUTO_MAP = {
@@ -687,5 +705,7 @@ SfrnnConfig.register_for_auto_class("AutoConfig")
 SfrnnModel.register_for_auto_class("AutoModel")
 SfrnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 SfrnnForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+register_with_peft()  # PEFT's LoRA defaults for sfrnn, also where this file is a checkpoint's remote code
 
-__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache"]
+__all__ = ["SfrnnPreTrainedModel", "SfrnnModel", "SfrnnForCausalLM", "SfrnnForSequenceClassification", "SfrnnCache",
+           "CalibratedFeedbackCallback"]

@@ -20,6 +20,7 @@ Hub-exported file: imports only torch, transformers and its flat siblings.
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.utils import logging
 
 from .backends_sfrnn import DsfBackend, dsf_layer_states, resolve_dsf_backend
@@ -34,6 +35,20 @@ logger = logging.get_logger(__name__)
 
 _logged_backends = set()
 _PENDING_FORWARDS_WARNING = 256
+_optimizer_steps = 0  # every `torch.optim.Optimizer.step()` of this process
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+_STEP_WITHOUT_CALIBRATION = (
+    "An optimizer step passed without moving the calibrated feedback (`feedback_type='calibrated'`): its diag(J) "
+    "statistics pile up and the feedback never changes. With a Trainer add "
+    "`callbacks=[model.calibrated_feedback_callback()]`; in a hand-written loop call "
+    "`model.update_calibrated_feedback()` after each `optimizer.step()`.")
 
 
 @torch.no_grad()
@@ -84,6 +99,7 @@ class SfrnnRecurrentLayer(nn.Module):
         self._backends = {}  # (config.dsf_backend, device type) -> DsfBackend
         self.register_buffer("feedback", torch.empty(self.state_size), persistent=True)
         self.pending_calibration = None  # [diag(J) total (S,), count, forwards] since the last feedback update
+        self.calibration_since_step = 0  # the optimizer step count when the pending statistics began
 
     def record_calibration(self, total: torch.Tensor, count: torch.Tensor) -> None:
         """Add one training forward's diag(J) statistics (`total` `(S,)` summed over `count` real positions) to the
@@ -91,15 +107,18 @@ class SfrnnRecurrentLayer(nn.Module):
         total, count = total.detach().to(self.feedback.dtype), count.detach().to(self.feedback.dtype)
         if self.pending_calibration is None:
             self.pending_calibration = [total, count, 1]
+            self.calibration_since_step = _optimizer_steps
         else:
+            if _optimizer_steps != self.calibration_since_step:  # statistics from before a step stayed unapplied
+                logger.warning_once(_STEP_WITHOUT_CALIBRATION)
             self.pending_calibration[0] = self.pending_calibration[0] + total
             self.pending_calibration[1] = self.pending_calibration[1] + count
             self.pending_calibration[2] += 1
         if self.pending_calibration[2] == _PENDING_FORWARDS_WARNING:
             logger.warning(f"Layer {self.layer_idx}: {_PENDING_FORWARDS_WARNING} training forwards recorded diag(J) "
                            "statistics for the calibrated feedback, which never moved: call "
-                           "model.update_calibrated_feedback() after each optimizer step (sfrnn-train's Trainer does, "
-                           "through CalibratedFeedbackCallback).")
+                           "model.update_calibrated_feedback() after each optimizer step (sfrnn-train's Trainer does; "
+                           "a plain Trainer through callbacks=[model.calibrated_feedback_callback()]).")
 
     @torch.no_grad()
     def update_calibrated_feedback(self) -> bool:
@@ -153,6 +172,9 @@ class SfrnnRecurrentLayer(nn.Module):
 
     def forward(self, hidden_states, initial_state=None, mask=None, need_final_state=False):
         """
+        Under torch.compile a training forward over more than one step runs outside the graph (see
+        `_training_recurrence_outside_graph`).
+
         Args:
             hidden_states: `(batch, time, d)`.
             initial_state: `(batch, S)` or None (zeros).
@@ -161,6 +183,8 @@ class SfrnnRecurrentLayer(nn.Module):
         Returns:
             outputs `(batch, time, output_size)`, final state `(batch, S)` (None unless `need_final_state`).
         """
+        if torch.compiler.is_compiling() and torch.is_grad_enabled() and hidden_states.shape[1] > 1:
+            return _training_recurrence_outside_graph(self, hidden_states, initial_state, mask, need_final_state)
         batch = hidden_states.shape[0]
         if initial_state is None:
             initial_state = hidden_states.new_zeros(batch, self.state_size)
@@ -186,6 +210,13 @@ class SfrnnRecurrentLayer(nn.Module):
                                                   all_states, need_final_state)
         # The same outputs whether or not grad is enabled: reentrant checkpointing recomputes a no-grad forward.
         return outputs, final_state if need_final_state else None
+
+
+# A traced training recurrence is a Python loop over time unrolled into the graph and its backward: compiling costs
+# minutes and is redone for every new sequence length (a Trainer's padded batches: one per step, until dynamo's
+# recompile limit). Run eagerly instead (the fused op or torch's kernel): the rest of the model still compiles, and
+# `fullgraph=True` refuses the graph break.
+_training_recurrence_outside_graph = torch.compiler.disable(SfrnnRecurrentLayer.forward)
 
 
 __all__ = ["SfrnnRecurrentLayer", "mean_diagonal_jacobian", "linspace_feedback"]

@@ -1,7 +1,6 @@
-"""torch.compile: `fullgraph=True` compiles the eval forward (padding and state cache included) and a training step in
-`bptt`, `dsf` and `ft_bptt`, with the eager model's values and gradients; `diag_jacobian` and a calibrated feedback,
-which run the fused op (its gate buffers do not trace), compile with a graph break around that op and are refused by
-`fullgraph=True`.
+"""torch.compile: `fullgraph=True` compiles the eval forward (padding and state cache included) with the eager model's
+values; a training step compiles in every mode with the eager values and gradients, its recurrence run outside the
+graph (a traced time loop is unrolled and recompiled for every sequence length), so `fullgraph=True` refuses it.
 Tiny models: compiling is what costs here (seconds to a minute each on 2 CPU cores)."""
 
 import copy
@@ -52,13 +51,17 @@ def test_fullgraph_eval_forward_equals_eager_with_padding_and_cache():
     assert got.past_key_values.get_seq_length() == 7
 
 
-def test_fullgraph_training_step_in_every_traceable_mode_equals_eager():
+def test_a_compiled_training_step_in_every_mode_equals_eager():
+    """The recurrence of a training forward runs outside the graph (eagerly); the rest of the model compiles."""
     model = tiny("gru").train()
     input_ids, labels, mask = padded_batch(VOCAB, 3, 7, "right")
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
-    compiled = torch.compile(model, fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):  # (first: a cached graph would be reused)
+        torch.compile(copy.deepcopy(model), fullgraph=True)(**batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
     grads = {}
-    for mode in ("bptt", "dsf", "ft_bptt"):  # one compiled module: a mode switch recompiles (guarded on the config)
+    for mode in ("bptt", "dsf", "ft_bptt"):
         model.config.gradient_mode = mode
         loss, grads[mode] = recurrent_grads(compiled, batch)
         want_loss, want = recurrent_grads(model, batch)
@@ -76,6 +79,26 @@ def test_fullgraph_training_step_in_every_traceable_mode_equals_eager():
         compiled(**batch).loss.backward()
         optimizer.step()
     assert compiled(**batch).loss.item() < before
+
+
+@pytest.mark.parametrize("mode", ["bptt", "dsf"])
+def test_new_sequence_lengths_do_not_recompile_a_training_step(mode):
+    """A Trainer's padded batches change length at every step: a traced time loop was unrolled and compiled anew for
+    each length (minutes a step). Once dynamo marks the length dynamic, further lengths reuse the graphs."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = tiny("gru", gradient_mode=mode).train()
+    compiled = torch.compile(model, backend=counting_backend)
+    compiled_graphs = []
+    for length in (5, 6, 8, 11, 13):
+        input_ids, labels, mask = padded_batch(VOCAB, 3, length, "right")
+        compiled(input_ids=input_ids, labels=labels, attention_mask=mask).loss.backward()
+        compiled_graphs.append(len(graphs))
+    assert compiled_graphs[1] == compiled_graphs[-1], compiled_graphs  # no graph after the second length
 
 
 @pytest.mark.parametrize("settings", [{"gradient_mode": "diag_jacobian"}, {"feedback_type": "calibrated"}])

@@ -13,10 +13,24 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from .checkpoints import newest_intact
 from .config import load_config
+from .run_folder import earlier_run
 from .train import run
 
 PROMPT = "the company said"
+
+
+def claim_demo_folder(output_dir: str, overrides: list) -> str:
+    """Let the demo run again where an earlier one left files: resume (`--resume`) from its newest intact checkpoint,
+    else start over (`sfrnn-train` clears the folder). Appends the override to `overrides`; returns what happens."""
+    if not earlier_run(output_dir):
+        return f"a fresh run in {output_dir}"
+    overrides.append("training.resume_from_checkpoint=true")
+    checkpoint, _ = newest_intact(output_dir)
+    if checkpoint is not None:
+        return f"{output_dir} holds an earlier demo run: resuming it from {checkpoint}"
+    return f"{output_dir} holds an earlier demo run with no intact checkpoint: starting over (its files are replaced)"
 
 
 def main(argv=None) -> dict:
@@ -45,14 +59,18 @@ def main(argv=None) -> dict:
     ]
     if cli.eval_samples is not None:
         overrides.append(f"data.max_eval_samples={cli.eval_samples}")
+    start_note = claim_demo_folder(cli.output_dir, overrides)
     experiment = load_config("ptb_gru_1x256", overrides)
     print(f"== sfrnn demo: GRU 1 x 256 language model on Penn Treebank (sentence level), gradient_mode=dsf, "
-          f"CPU, {cli.steps} steps of 64 sentences ==", flush=True)
+          f"CPU, {cli.steps} steps of 64 sentences ==\n{start_note}", flush=True)
     start = time.monotonic()
     trainer, results = run(experiment)
-    sentences = results["global_step"] * experiment.training.batch_size
-    print(f"\ntrained {results['global_step']} steps ({sentences} sentences, "
-          f"{sentences / len(trainer.train_dataset):.2f} epochs) in {results['train_runtime_s']:.0f} s")
+    if trainer is None:  # resumed a finished run
+        print(f"\nthe earlier run had finished its {results['global_step']} steps: nothing to train; its results:")
+    else:
+        sentences = results["global_step"] * experiment.training.batch_size
+        print(f"\ntrained {results['global_step']} steps ({sentences} sentences, "
+              f"{sentences / len(trainer.train_dataset):.2f} epochs) in {results['train_runtime_s']:.0f} s")
     measured = cli.eval_samples or "all 3370"
     print(f"validation perplexity ({measured} PTB validation sentences): {results['validation_perplexity']:.2f}")
     print(f"checkpoint and tokenizer saved in {cli.output_dir}/")

@@ -44,8 +44,8 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
-from ..modeling_sfrnn import SfrnnForCausalLM
 from ..backends_sfrnn import resolve_dsf_backend
+from ..modeling_sfrnn import CalibratedFeedbackCallback, SfrnnForCausalLM
 from ..recurrent_sfrnn import SfrnnRecurrentLayer
 from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .config import (
@@ -322,17 +322,6 @@ class SfrnnTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return super().prediction_step(model, {**inputs, "use_cache": False}, prediction_loss_only, ignore_keys)
-
-
-class CalibratedFeedbackCallback(TrainerCallback):
-    """Moves a calibrated DSF feedback once per optimizer step, from all its micro-batches and processes
-    (`SfrnnPreTrainedModel.update_calibrated_feedback`). `SfrnnTrainer` installs it; add it to a plain `Trainer`
-    that trains a model with `feedback_type="calibrated"`."""
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
-        if getattr(base.config, "feedback_type", None) == "calibrated":
-            base.update_calibrated_feedback()
 
 
 class JsonLogCallback(TrainerCallback):
