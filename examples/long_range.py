@@ -201,6 +201,10 @@ def table(records: list[dict], modes: list[str]) -> str:
                     "" if r is None else (f"{r['value']:.2f}" if task == "recall" else f"{r['value']:.3f}")
                     for r in values) + " |")
         parts.append("")
+    lengths = sorted({r["length"] for r in records})
+    seconds = {n: sum(r["train_seconds"] for r in records if r["length"] == n) for n in lengths}
+    parts.append("Training seconds, all settings of a length summed (see each JSON's `load_average`): "
+                 + ", ".join(f"T = {n}: {s:.0f} s" for n, s in seconds.items()) + ".\n")
     return "\n".join(parts)
 
 
@@ -217,7 +221,11 @@ def carrier_summary(record: dict) -> dict:
 
 def carriers_table(records: list[dict], modes: list[str]) -> str:
     """A row per setting: the units that carry the far information at the end, their memory, and the feedback."""
-    rows = ["| task | cell | T | mode | units with share >= 0.5 | best unit: share / memory / a | units with memory "
+    rows = ["At the end of training (`carriers` in each JSON), per state unit: its *share*, the part of its final "
+            "value (after the query; after the last value) that the far information (the key; the first marked value) "
+            "explains; its *memory*, its mean diag(J_t) over the held-out sequences; its DSF feedback *a* (`dsf` modes "
+            "only).\n",
+            "| task | cell | T | mode | units with share >= 0.5 | best unit: share / memory / a | units with memory "
             ">= 0.9 | mean memory | mean a |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (TASKS.index(r["task"]), r["cell"], r["length"], modes.index(r["mode"]))):
         s = carrier_summary(r)
@@ -270,7 +278,8 @@ def main(argv=None):
         doc = Path(args.results_doc)
         text = doc.read_text()
         if RESULTS_BLOCK[0] in text:
-            write_atomically(str(doc), replace_block(text, RESULTS_BLOCK, f"{report}\n{carriers_table(records, args.modes)}"))
+            block = f"{report}\n{carriers_table(records, args.modes)}"
+            write_atomically(str(doc), replace_block(text, RESULTS_BLOCK, block))
 
 
 if __name__ == "__main__":
