@@ -245,6 +245,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(ROOT / "docs" / "figures" / "long_range"))
@@ -266,7 +268,8 @@ def main(argv=None):
             path = record_path(output, task, cell, length, mode)
             if path.exists():
                 continue
-            record = train_setting(task, cell, length, mode, width=args.width, steps=args.steps, seed=args.seed)
+            record = train_setting(task, cell, length, mode, width=args.width, steps=args.steps, batch=args.batch,
+                                   learning_rate=args.learning_rate, seed=args.seed)
             write_atomically(str(path), json.dumps(record, indent=1))
             print(f"{task} {cell} T={length} {mode}: {record['metric']} {record['value']:.3f} "
                   f"({record['train_seconds']:.0f} s)", flush=True)
