@@ -94,11 +94,16 @@ def build_model(task: str, cell: str, mode: str, width: int, seed: int) -> Sfrnn
     return SfrnnForSequenceClassification(config)
 
 
+def model_inputs(batch: dict, labels: bool = False) -> dict:
+    """The keyword arguments of the model's forward in a task's batch (`far` is for the analysis only)."""
+    keys = ("input_ids", "inputs_embeds", "labels") if labels else ("input_ids", "inputs_embeds")
+    return {key: batch[key] for key in keys if key in batch}
+
+
 def final_states(model, batch: dict) -> torch.Tensor:
     """The layer's state after the last step `(batch, S)` (the LSTM's `[h, c]`), without grad."""
-    inputs = {key: batch[key] for key in ("input_ids", "inputs_embeds") if key in batch}
     with torch.no_grad():
-        return model.model(**inputs, use_cache=True).past_key_values.get_state(0)
+        return model.model(**model_inputs(batch), use_cache=True).past_key_values.get_state(0)
 
 
 def explained_share(states: torch.Tensor, target: torch.Tensor, classes: bool) -> torch.Tensor:
@@ -132,9 +137,8 @@ def carriers(model, task: str, evaluation: dict) -> dict:
 
 def evaluate(model, task: str, evaluation: dict) -> float:
     """Accuracy (recall) or mean squared error (adding) on the held-out sequences."""
-    inputs = {key: evaluation[key] for key in ("input_ids", "inputs_embeds") if key in evaluation}
     with torch.no_grad():
-        logits = model.eval()(**inputs).logits
+        logits = model.eval()(**model_inputs(evaluation)).logits
     model.train()
     if task == "recall":
         return (logits.argmax(-1) == evaluation["labels"]).float().mean().item()
@@ -152,9 +156,7 @@ def train_setting(task: str, cell: str, length: int, mode: str, width: int = 32,
     evaluation = make_batch(task, torch.Generator().manual_seed(seed + 1), eval_size, length, width)
     losses, started = [], time.perf_counter()
     for step in range(1, steps + 1):
-        data = make_batch(task, batches, batch, length, width)
-        inputs = {key: data[key] for key in ("input_ids", "inputs_embeds", "labels") if key in data}
-        loss = model(**inputs).loss
+        loss = model(**model_inputs(make_batch(task, batches, batch, length, width), labels=True)).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{task} {cell} T={length} {mode}: loss {loss.item()} at step {step}.")
         optimizer.zero_grad(set_to_none=True)
