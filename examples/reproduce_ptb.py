@@ -569,8 +569,8 @@ def export_mode(args, mode: str, experiment) -> Path:
         "seed": str(record["seed"]),
         "model kept": f"the best validation epoch, {record['best_epoch']} of {training.epochs:g}",
     }
-    exported = export_for_hub(
-        model, tokenizer, Path(args.export_to) / name, datasets=["ptb_text_only"], perplexity=measured.get("validation"),
+    exported = export_for_hub(  # the card names the folder as it is addressed from the repository's root
+        model, tokenizer, Path(args.export_to) / name, repo_id=str(Path(args.export_to) / name), datasets=["ptb_text_only"], perplexity=measured.get("validation"),
         test_perplexity=measured.get("test"), eval_command=mode_command(args, mode),
         data_description=f"Penn Treebank, word level ({len(tokenizer):,} tokens, the special ones included), the "
                          "standard train split",

@@ -106,3 +106,14 @@ def test_a_bad_schedule_is_refused_naming_the_entry(tmp_path, schedule, named):
 def test_the_callback_names_a_bad_initial_mode():
     with pytest.raises(ValueError, match="'dfs'"):
         GradientModeSchedule("dfs", parse_schedule([{"after_steps": 1, "gradient_mode": "bptt"}]))
+
+
+def test_a_run_recorded_before_the_schedule_existed_resumes_without_a_change(tmp_path):
+    from sfrnn_hf.training.config import changed_settings
+
+    experiment = tiny_experiment(tmp_path)
+    recorded = experiment.to_dict()
+    del recorded["training"]["gradient_mode_schedule"]  # an experiment.yaml written by an older version
+    assert changed_settings(recorded, experiment.to_dict()) == []
+    assert changed_settings(recorded, tiny_experiment(tmp_path, SWITCH_AT_3).to_dict()) == [
+        "training.gradient_mode_schedule: [] -> [{'after_steps': 3, 'gradient_mode': 'bptt'}]"]

@@ -195,8 +195,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def changed_settings(started: dict, now: dict) -> list[str]:
     """What a resume would change in the run it continues: `"section.key: <started> -> <now>"` for every setting
-    (`ExperimentConfig.to_dict()` form, nested mappings key by key) that differs, except `RESUMABLE_CHANGES`."""
-    before, after = _flatten(started), _flatten(now)
+    (`ExperimentConfig.to_dict()` form, nested mappings key by key) that differs, except `RESUMABLE_CHANGES`. A
+    setting a record lacks (written before the setting existed) counts as its default."""
+    defaults = _flatten({section: _as_plain(value()) for section, value in
+                         (("data", DataConfig), ("training", TrainingConfig), ("lora", LoraSection))})
+    before, after = defaults | _flatten(started), defaults | _flatten(now)
     return [f"{key}: {before.get(key, _UNSET)!r} -> {after.get(key, _UNSET)!r}" for key in sorted(before | after)
             if key not in RESUMABLE_CHANGES and before.get(key, _UNSET) != after.get(key, _UNSET)
             and not is_secret(key)]  # a secret is not a setting (never written, never shown)

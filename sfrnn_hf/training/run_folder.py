@@ -16,7 +16,7 @@ RUN_MARKERS = ("experiment.yaml", "results.json")
 # the tokenizer, LoRA's adapter and card, TensorBoard's `runs/`): all that `clear` may delete.
 RUN_FILES = (LOCK_FILE, *RUN_MARKERS, "log_history.jsonl", "tokenizer", "merged", "runs", "checkpoint-*",
              "skipped-checkpoint-*", "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-             "model.safetensors.index.json", "training_args.bin", "*_sfrnn.py", "tokenizer.json", "tokenizer_config.json",
+             "model.safetensors.index.json", "training_args.bin", "*_sfrnn.py", "lora_targets.py", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
              "adapter_config.json", "adapter_model.safetensors", ".write-test-*", "*.tmp-*")
 ADAPTER_CARD = "README.md"  # the card PEFT writes beside an adapter: the run's only when the adapter is there
