@@ -3,6 +3,7 @@ wall-clock budget made them depend on the machine's load); it ends with the text
 on a folder an earlier demo left: resumed from its intact checkpoint (finished: nothing to train), else started over,
 and it says which."""
 
+import os
 import shutil
 
 import pytest
@@ -18,8 +19,12 @@ def test_the_demo_runs_again_in_its_folder_with_the_same_numbers(tmp_path, capsy
     args = ["--steps", "3", "--eval-samples", "40", "--output-dir", folder]
     runs = [demo.main(args)]
     assert "a fresh run in" in capsys.readouterr().out
-    for checkpoint in checkpoints(folder):  # an interrupted run: no intact checkpoint left
+    for checkpoint in checkpoints(folder):  # a finished run whose checkpoints are gone: kept, not retrained
         shutil.rmtree(checkpoint)
+    assert demo.main(args)["validation_perplexity"] == runs[0]["validation_perplexity"]
+    out = capsys.readouterr().out
+    assert "a finished demo run (no checkpoint left): keeping it" in out and "nothing to train" in out, out
+    os.remove(os.path.join(folder, "results.json"))  # an interrupted run: no intact checkpoint, no results
     runs.append(demo.main(args))
     out = capsys.readouterr().out
     assert "no intact checkpoint: starting over" in out and "trained 3 steps" in out, out

@@ -109,12 +109,15 @@ def test_every_shipped_config_loads():
     names = shipped_configs()
     ptb = [n for n in names if n.startswith("ptb_")]
     wikitext = [n for n in names if n.startswith("wt103_")]
-    assert sorted(ptb) == ["ptb_gru_1x1024", "ptb_gru_1x256", "ptb_gru_3x1024", "ptb_gru_3x256"]
+    assert sorted(ptb) == ["ptb_char_gru_1x512", "ptb_gru_1x1024", "ptb_gru_1x256", "ptb_gru_3x1024", "ptb_gru_3x256"]
     # depth {1,3,6,12} x 512, width {128,256,512,1024} x 3 layers, cells at 3 x 512, context 1024
     assert sorted(wikitext) == sorted(["wt103_gru_1x512", "wt103_gru_3x512", "wt103_gru_6x512", "wt103_gru_12x512",
                                        "wt103_gru_3x128", "wt103_gru_3x256", "wt103_gru_3x1024", "wt103_rnn_3x512",
                                        "wt103_lstm_3x512", "wt103_gru_3x512_ctx1024"])
-    for name in ptb:
+    char = load_config("ptb_char_gru_1x512")  # the character-level study (docs/results.md, "What DSF buys")
+    assert (char.data.dataset, char.data.sequences, char.data.max_length) == ("ptb_char", "stream", 128)
+    assert (char.training.epochs, char.training.batch_size, char.model["hidden_size"]) == (6, 128, 512)
+    for name in (n for n in ptb if n.startswith("ptb_gru_")):  # the paper's word-level protocol
         config = load_config(name)
         assert (config.training.epochs, config.training.batch_size, config.training.lr) == (30, 128, 1e-3)
         assert (config.training.weight_decay, config.training.scheduler) == (1e-4, "step")
@@ -243,6 +246,7 @@ training:
   report_to: none
   dataloader_num_workers: 0
   evaluate_test: true
+  gradient_mode_schedule: []
   trainer_args:
     restore_callback_states_from_checkpoint: true
     disable_tqdm: true

@@ -30,6 +30,8 @@ def claim_demo_folder(output_dir: str, overrides: list) -> str:
     checkpoint, _ = newest_intact(output_dir)
     if checkpoint is not None:
         return f"{output_dir} holds an earlier demo run: resuming it from {checkpoint}"
+    if os.path.isfile(os.path.join(output_dir, "results.json")):  # finished, its checkpoints gone: kept as it is
+        return f"{output_dir} holds a finished demo run (no checkpoint left): keeping it"
     return f"{output_dir} holds an earlier demo run with no intact checkpoint: starting over (its files are replaced)"
 
 
