@@ -3,6 +3,7 @@ interpreter where sfrnn_hf cannot be imported, with bit-identical logits, a work
 its model card carries valid Hub metadata and states the mode and the feedback the model has."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -328,6 +329,21 @@ def test_the_commands_help_examples_run_taking_the_dataset_from_the_run(tmp_path
         card = ModelCard.load(Path(argv[1]) / "README.md")
         assert {r.dataset_split: r.metric_value for r in card.data.eval_results} == {"validation": 150.25, "test": 140.5}
         assert {r.dataset_name for r in card.data.eval_results} == {"Penn Treebank"}
+
+
+@pytest.mark.parametrize("dataset", ["ptb_char", "ptb"])
+def test_the_card_of_a_character_level_run_gives_bits_per_character(tmp_path, word_tokenizer, dataset):
+    run = _run_folder(tmp_path / "run", word_tokenizer, dataset=dataset)
+    assert export_module.main([str(run), str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): [cell.strip(" *") for cell in line.split("|")[2:-1]]
+            for line in card.splitlines() if line.startswith(("| validation |", "| test |"))}
+    if dataset == "ptb":  # a token is a word: perplexity only
+        assert "bits per character" not in card and rows == {"validation": ["150.25"], "test": ["140.50"]}
+        return
+    assert "| split | perplexity | bits per character |" in card
+    for split, perplexity in (("validation", 150.25), ("test", 140.5)):  # bits per character = log2(perplexity)
+        assert rows[split] == [f"{perplexity:.4f}", f"{math.log2(perplexity):.4f}"]
 
 
 def test_a_failed_or_repeated_export_never_leaves_a_folder_that_mixes_two(tmp_path, word_tokenizer, monkeypatch):

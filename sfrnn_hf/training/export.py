@@ -27,6 +27,7 @@ import shutil
 import sys
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -35,7 +36,7 @@ import yaml
 
 from ..cells_sfrnn import CELLS
 from .checkpoints import MANIFEST, damage
-from .data import update_saved_tokenizer
+from .data import is_character_level, update_saved_tokenizer
 from .run_folder import RUN_FILES
 
 GRADIENT_MODE_NAMES = {
@@ -72,10 +73,11 @@ def feedback_description(model) -> str:
 
 def model_card(model, *, repo_id, datasets=(), perplexity=None, test_perplexity=None, eval_dataset=None,
                eval_command=None, license="apache-2.0", data_description=None, training_details=None,
-               example_prompt="the company said"):
+               example_prompt="the company said", character_level=False):
     """The model card (`huggingface_hub.ModelCard`): Hub YAML metadata and a body from the package's template.
     `perplexity` and `test_perplexity` are the validation and test perplexity measured on `eval_dataset` (default:
-    the first of `datasets`)."""
+    the first of `datasets`); with `character_level` (a token is a character) the card gives bits per character
+    beside them, log2 of the perplexity."""
     config = model.config
     model_name = repo_id.split("/")[-1]
     eval_dataset = eval_dataset or (datasets[0] if datasets else None)
@@ -100,6 +102,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, test_perplexity=
         num_parameters=f"{model.num_parameters():,}", feedback=feedback_description(model),
         data_description=data_description or ", ".join(DATASET_NAMES.get(d, d) for d in datasets) or "not recorded",
         training_details=training_details or {}, perplexities=perplexities,
+        bits_per_character={split: math.log2(value) for split, value in perplexities.items()} if character_level else {},
         eval_dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset), eval_command=eval_command,
         example_prompt=example_prompt,
     )
@@ -252,13 +255,16 @@ def check_checkpoint(checkpoint) -> None:
             raise ExportError(f"{checkpoint} is not an intact checkpoint: {reason}. Export an intact one.")
 
 
-def run_datasets(checkpoint) -> list[str]:
-    """The Hub dataset the run that wrote `checkpoint` was trained and measured on, from its `experiment.yaml`
-    (`HUB_DATASET_OF_RUN`); empty when none is recorded or the run read local files."""
+def run_data(checkpoint) -> dict:
+    """The `data` section of the `experiment.yaml` of the run that wrote `checkpoint` (empty when none is recorded)."""
     path = Path(checkpoint) / "experiment.yaml"
-    if not path.exists():
-        return []
-    dataset = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("dataset")
+    return ((yaml.safe_load(path.read_text()) or {}).get("data") or {}) if path.exists() else {}
+
+
+def run_datasets(checkpoint) -> list[str]:
+    """The Hub dataset the run that wrote `checkpoint` was trained and measured on (`HUB_DATASET_OF_RUN`); empty when
+    none is recorded or the run read local files."""
+    dataset = run_data(checkpoint).get("dataset")
     return [HUB_DATASET_OF_RUN[dataset]] if dataset in HUB_DATASET_OF_RUN else []
 
 
@@ -272,6 +278,8 @@ def main(argv=None):
     perplexity = args.perplexity if args.perplexity is not None else recorded.get("validation")
     test_perplexity = args.test_perplexity if args.test_perplexity is not None else recorded.get("test")
     datasets = args.dataset or run_datasets(args.checkpoint)
+    recorded_data = run_data(args.checkpoint)
+    data = SimpleNamespace(dataset=recorded_data.get("dataset"), tokenizer=recorded_data.get("tokenizer"))
     try:  # every input, before anything is written
         check_checkpoint(args.checkpoint)
         if args.tokenizer and not has_tokenizer:
@@ -289,7 +297,7 @@ def main(argv=None):
     folder = export_for_hub(model, tokenizer, args.output, repo_id=args.repo_id, datasets=datasets,
                             perplexity=perplexity, test_perplexity=test_perplexity, eval_command=args.eval_command,
                             license=args.license, data_description=args.data_description,
-                            training_details=dict(args.detail))
+                            training_details=dict(args.detail), character_level=is_character_level(data))
     print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
     if not args.repo_id:
         print("not uploaded: no --repo-id given.")
