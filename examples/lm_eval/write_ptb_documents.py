@@ -3,12 +3,13 @@ checkpoint's perplexity (tasks `sfrnn_ptb_valid`, `sfrnn_ptb_test` in this folde
 
     python examples/lm_eval/write_ptb_documents.py runs/ptb_gru_1x256          # -> ptb_lm_eval/{validation,test}.jsonl
     lm_eval --model hf \\
-        --model_args pretrained=runs/ptb_gru_1x256,trust_remote_code=True,add_bos_token=False \\
+        --model_args pretrained=runs/ptb_gru_1x256,trust_remote_code=True \\
         --tasks sfrnn_ptb_valid,sfrnn_ptb_test --include_path examples/lm_eval --batch_size 32
 
 Each line of a split is one document: its tokens after `<bos>`, `<eos>` included, cut at `--max-length` tokens with
-the `<bos>` (65 in the paper's protocol), as `sfrnn_hf.training.data.sentence_dataset` cuts them. lm-eval puts the tokenizer's
-`<bos>` before each document itself; `add_bos_token=False` keeps it from adding a second one.
+the `<bos>` (65 in the paper's protocol), as `sfrnn_hf.training.data.sentence_dataset` cuts them. The tasks score a document as the
+continuation of an empty context: lm-eval encodes it without special tokens and puts the tokenizer's `<bos>` before
+it once.
 """
 
 import argparse

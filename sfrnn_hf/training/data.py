@@ -236,7 +236,7 @@ def sentence_documents(lines: list[str], tokenizer, max_length: int) -> list[str
     """What an external harness must score to reproduce the `sentence` layout's perplexity with a word-level
     tokenizer: per line, the tokens `sentence_dataset` predicts (after `<bos>`, cut at `max_length`, `<eos>` included
     unless cut), joined by spaces. Scored after a `<bos>` prefix and encoded without special tokens (lm-evaluation-
-    harness: `loglikelihood_rolling`, `add_bos_token=False`), each word is one token, so the harness's word
+    harness: the continuation of an empty context, examples/lm_eval), each word is one token, so the harness's word
     perplexity is this package's token perplexity."""
     rows = sentence_dataset(lines, tokenizer, max_length)["input_ids"]
     return [" ".join(tokenizer.convert_ids_to_tokens(row[1:])) for row in rows]
