@@ -368,6 +368,12 @@ def step_seconds(cost: dict) -> dict[str, float]:
     return {run["mode"]: run["median_s"] for run in cost["runs"] if run["dtype"] == "float32"}
 
 
+def costed(row: dict, seconds: dict) -> bool:
+    """Whether the step time of every epoch of `row` was measured: the cost runs measure the paper's modes, so the
+    paper's runs and the schedules between them (not dsf_calibrated, whose step also gathers statistics)."""
+    return len(RUNS[row["mode"]]) == 1 and all(mode in seconds for mode in row["gradient_modes"])
+
+
 def cumulative_cost(row: dict, seconds: dict) -> list[float]:
     """Training cost at the end of each epoch: the steps each epoch took, each at the measured step time of the
     gradient mode that epoch trained with (a scheduled run pays DSF's price, then BPTT's)."""
@@ -382,6 +388,7 @@ def cumulative_cost(row: dict, seconds: dict) -> list[float]:
 def targets_table(rows: list[dict], seconds: dict, unit: str) -> str:
     """For each target quality (the best validation value each of bptt, dsf, ft_bptt reached): the training cost
     (steps x measured step time) at which each run first reached it, and which run got there first, by how much."""
+    rows = [row for row in rows if costed(row, seconds)]
     costs = {row["mode"]: cumulative_cost(row, seconds) for row in rows}
     head = (f"| target: validation {unit} of | value | " + " | ".join(row["mode"] for row in rows)
             + " | first |\n|---|---|" + "---|" * (len(rows) + 1))
@@ -422,7 +429,7 @@ def plot(rows: list[dict], path: Path, seconds: dict | None = None) -> None:
             total += epoch_seconds
             elapsed.append(total)
         by_time.plot(elapsed, row["validation_quality"], marker="o", label=row["mode"])
-        if seconds:
+        if seconds and costed(row, seconds):
             axes[2].plot([c / 3600 for c in cumulative_cost(row, seconds)], row["validation_quality"], marker="o",
                          label=row["mode"])
     by_epoch.set_xlabel("epoch")
