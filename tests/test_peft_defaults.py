@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sfrnn_hf import SfrnnConfig, SfrnnForCausalLM
+from sfrnn_hf.cells_sfrnn import CELLS
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -102,6 +103,22 @@ def test_explicit_targets_are_kept():
 def test_a_wrong_target_says_what_to_use(targets, message):
     with pytest.raises(ValueError, match=message):
         get_peft_model(tiny(), LoraConfig(task_type="CAUSAL_LM", **targets))
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_defaults_adapt_the_matrices_each_cell_has(cell):
+    # The reference: which recurrent parameters of a built model are non-empty matrices (IndRNN's weight_hh is a
+    # vector, minGRU's is empty); the defaults adapt exactly those, and the adapted model trains.
+    base = tiny(cell)
+    matrices = {name.rsplit(".", 1)[1] for name, p in base.named_parameters()
+                if ".recurrent.weight_" in name and p.dim() == 2 and p.numel()}
+    adapted = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    assert wrapped_parameters(adapted) == {(i, n) for i in range(2) for n in matrices}
+    adapted(**batch()).loss.backward()
+    assert all(p.grad is not None for name, p in adapted.named_parameters() if "lora_" in name)
+    for absent in {"weight_ih", "weight_hh"} - matrices:
+        with pytest.raises(ValueError, match=f"'{absent}' is not a LoRA-able recurrent parameter of an {cell} model"):
+            get_peft_model(tiny(cell), LoraConfig(target_modules=[], target_parameters=[absent]))
 
 
 def test_other_model_types_keep_peft_defaults():
