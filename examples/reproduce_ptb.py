@@ -224,11 +224,11 @@ def mode_experiment(args, mode: str):
     """The experiment config that `args` describe for `mode`, checked against the run its folder holds: a run
     continued, put in the table or published must be the run these flags describe (refused by name otherwise)."""
     folder = Path(args.output) / mode
-    overrides = [*mode_overrides(args, mode), f"training.output_dir={folder}", f"training.epochs={args.epochs}",
+    overrides = [*mode_overrides(args, mode), f"training.output_dir={folder}", f"training.num_train_epochs={args.epochs}",
                  f"training.seed={args.seed}", "training.save_total_limit=2",
-                 "training.trainer_args.restore_callback_states_from_checkpoint=true", *args.set]
+                 "training.restore_callback_states_from_checkpoint=true", *args.set]
     if args.sampling != "random":
-        overrides.append(f"training.trainer_args.train_sampling_strategy={args.sampling}")
+        overrides.append(f"training.train_sampling_strategy={args.sampling}")
     if args.hidden:
         overrides.append(f"model.hidden_size={args.hidden}")
     if args.max_train_samples:
@@ -560,8 +560,9 @@ def export_mode(args, mode: str, experiment) -> Path:
     if not (folder / "results.json").exists():
         raise SystemExit(f"[{mode}] not finished (no {folder / 'results.json'}): nothing to export.")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder / "tokenizer")
-    training, config = experiment.training, model.config
+    training, trainer_args, config = experiment.training, experiment.trainer_args, model.config
     name = f"sfrnn-{config.cell_type}-{config.num_hidden_layers}x{config.hidden_size}-ptb-{mode}"
+    epochs = trainer_args["num_train_epochs"]
     measured = recorded_perplexities(folder)
     sampling = {"random": "drawn uniformly at random (the paper's protocol)",
                 "group_by_length": "grouped by length (not the paper's protocol)"}[record["sampling"]]
@@ -569,12 +570,13 @@ def export_mode(args, mode: str, experiment) -> Path:
         "training run": f"`{mode}`: {', '.join(f'`{o}`' for o in RUNS[mode])}",
         "batches": f"{training.batch_size} sentences {sampling}, one sentence a sequence (`<bos> ... <eos>`, at most "
                    f"{experiment.data.max_length} tokens)",
-        "optimizer": f"Adam, lr {training.lr:g}, coupled weight decay {training.weight_decay:g}, "
-                     + ("no clipping" if training.max_grad_norm == 0 else f"gradient norm clipped at {training.max_grad_norm:g}"),
-        "schedule": f"{training.epochs:g} epochs, StepLR x{training.step_gamma:g} every "
-                    f"{training.step_every * training.epochs:.3g} epochs",
+        "optimizer": f"Adam, lr {trainer_args['learning_rate']:g}, coupled weight decay "
+                     f"{trainer_args.get('weight_decay', 0.0):g}, " + (
+                         "no clipping" if trainer_args["max_grad_norm"] == 0
+                         else f"gradient norm clipped at {trainer_args['max_grad_norm']:g}"),
+        "schedule": f"{epochs:g} epochs, StepLR x{training.step_gamma:g} every {training.step_every * epochs:.3g} epochs",
         "seed": str(record["seed"]),
-        "model kept": f"the best validation epoch, {record['best_epoch']} of {training.epochs:g}",
+        "model kept": f"the best validation epoch, {record['best_epoch']} of {epochs:g}",
     }
     exported = export_for_hub(  # the card names the folder as it is addressed from the repository's root
         model, tokenizer, Path(args.export_to) / name, repo_id=str(Path(args.export_to) / name), datasets=["ptb_text_only"], perplexity=measured.get("validation"),

@@ -24,5 +24,5 @@ if __name__ == "__main__":
             "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         },
-        os.path.join(experiment.training.output_dir, f"rank{os.environ.get('RANK', 'single')}.pt"),
+        os.path.join(experiment.trainer_args["output_dir"], f"rank{os.environ.get('RANK', 'single')}.pt"),
     )

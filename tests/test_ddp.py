@@ -32,10 +32,9 @@ def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_pat
                   "feedback_momentum": 0.5},
         "data": {"dataset": "text", "tokenizer": "word", "sequences": "sentence", "max_length": 16,
                  "train_files": [train]},
-        "training": {"output_dir": str(tmp_path / "ddp"), "batch_size": 8, "max_steps": 3, "lr": 1.0e-2,
+        "training": {"output_dir": str(tmp_path / "ddp"), "batch_size": 8, "max_steps": 3, "learning_rate": 1.0e-2,
                      "eval_strategy": "no", "evaluate_test": False, "logging_steps": 1, "report_to": "none",
-                     "trainer_args": {"disable_tqdm": True, "save_strategy": "no",
-                                      "train_sampling_strategy": "sequential"}},
+                     "disable_tqdm": True, "save_strategy": "no", "train_sampling_strategy": "sequential"},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

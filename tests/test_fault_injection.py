@@ -33,10 +33,10 @@ def _config(tmp_path) -> str:
         "data": {"dataset": "text", "tokenizer": "word", "sequences": "sentence", "max_length": 16,
                  "train_files": [write_corpus(tmp_path / "train.txt", 48, seed=1)],
                  "validation_files": [write_corpus(tmp_path / "valid.txt", 16, seed=2)]},
-        "training": {"batch_size": 8, "max_steps": 10, "lr": 1.0e-2, "eval_strategy": "steps", "eval_steps": 2,
-                     "eval_batch_size": 8, "evaluate_test": False, "logging_steps": 1, "report_to": "none",
-                     "save_total_limit": 2, "trainer_args": {"disable_tqdm": True, "save_strategy": "steps",
-                                                             "save_steps": 2}},
+        "training": {"batch_size": 8, "max_steps": 10, "learning_rate": 1.0e-2, "eval_strategy": "steps",
+                     "eval_steps": 2, "per_device_eval_batch_size": 8, "evaluate_test": False, "logging_steps": 1,
+                     "report_to": "none", "save_total_limit": 2, "disable_tqdm": True, "save_strategy": "steps",
+                     "save_steps": 2},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -14,8 +14,8 @@ from sfrnn_hf.training.train import run
 from training_helpers import tiny_experiment
 
 # 24 sentences, batch 8: 3 optimizer steps an epoch, 6 steps in all; checkpoints at every step.
-COMMON = ["model.gradient_mode=dsf", "training.max_steps=6", "training.trainer_args.save_strategy=steps",
-          "training.trainer_args.save_steps=1", "training.save_total_limit=null"]
+COMMON = ["model.gradient_mode=dsf", "training.max_steps=6", "training.save_strategy=steps",
+          "training.save_steps=1", "training.save_total_limit=null"]
 SWITCH_AT_3 = "training.gradient_mode_schedule=[{after_steps: 3, gradient_mode: bptt}]"
 
 
@@ -79,7 +79,7 @@ def test_resuming_on_either_side_of_the_switch_is_exact(tmp_path, resume_at):
 def test_a_switch_after_an_epoch_takes_the_trainers_steps_per_epoch(tmp_path):
     # 20 sentences, batch 8 as 2 x 4: 5 micro-batches an epoch -> 3 optimizer steps (the last one a single micro-batch).
     modes = ModeOfEachStep()
-    run(tiny_experiment(tmp_path, "model.gradient_mode=dsf", "training.max_steps=-1", "training.epochs=3",
+    run(tiny_experiment(tmp_path, "model.gradient_mode=dsf", "training.max_steps=-1", "training.num_train_epochs=3",
                         "training.gradient_accumulation_steps=2",
                         "training.gradient_mode_schedule=[{after_epochs: 2, gradient_mode: ft_bptt}]", train_lines=20),
         callbacks=[modes])
@@ -109,7 +109,7 @@ def test_the_callback_names_a_bad_initial_mode():
 
 
 def test_a_run_recorded_before_the_schedule_existed_resumes_without_a_change(tmp_path):
-    from sfrnn_hf.training.config import changed_settings
+    from sfrnn_hf.training.run_folder import changed_settings
 
     experiment = tiny_experiment(tmp_path)
     recorded = experiment.to_dict()

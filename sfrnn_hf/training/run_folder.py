@@ -1,13 +1,15 @@
 """A training run owns its `output_dir`: checked writable before any data is prepared, locked for the run's life (the
 kernel drops the lock of a killed process), and never mixed with an earlier run's files unless resumed."""
 
+import dataclasses
 import fcntl
 import fnmatch
 import os
-import re
 import shutil
 
 from .checkpoints import checkpoints
+from .config import DataConfig, LoraSection, TrainingConfig, canonical_training, trainer_default, trainer_fields
+from .config_reading import is_secret
 
 LOCK_FILE = ".sfrnn-run.lock"
 # What marks a folder as holding a run: its settings, its checkpoints, its results.
@@ -21,7 +23,10 @@ RUN_FILES = (LOCK_FILE, *RUN_MARKERS, "log_history.jsonl", "tokenizer", "merged"
              "adapter_config.json", "adapter_model.safetensors", ".write-test-*", "*.tmp-*")
 ADAPTER_CARD = "README.md"  # the card PEFT writes beside an adapter: the run's only when the adapter is there
 REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(r"token(?!iz|s)|secret|password|api_key", re.IGNORECASE)  # `hub_token`; not `tokenizer`, `*_tokens_*`
+# Settings a resumed run may change without changing its updates: where and how it logs, saves and evaluates.
+RESUMABLE_CHANGES = tuple(f"training.{key}" for key in (
+    "output_dir", "resume_from_checkpoint", "logging_steps", "report_to", "save_total_limit", "evaluate_test",
+    "per_device_eval_batch_size", "dataloader_num_workers", "overwrite_output_dir")) + ("data.num_proc",)
 
 
 class OutputDirError(ValueError):
@@ -113,11 +118,6 @@ def clear(output_dir: str, action: str = "--overwrite") -> None:
             os.remove(path)
 
 
-def is_secret(key) -> bool:
-    """Whether a setting named `key` (`hub_token`, `HF_TOKEN`, `training.trainer_args.hub_token`...) holds a secret."""
-    return bool(_SECRET_KEY.search(str(key).rsplit(".", 1)[-1]))
-
-
 def redact_secrets(tree):
     """A copy of a nested settings mapping with every value (of any type) under a key naming a token, secret, password
     or API key replaced by `<redacted>`: what may be printed or written to the run folder."""
@@ -127,3 +127,34 @@ def redact_secrets(tree):
     if isinstance(tree, list):
         return [redact_secrets(value) for value in tree]
     return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """`{"training": {"lr_scheduler_kwargs": {"a": 1}}}` -> `{"training.lr_scheduler_kwargs.a": 1}`."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(started: dict, now: dict) -> list[str]:
+    """What a resume would change in the run it continues: `"section.key: <started> -> <now>"` for every setting
+    (`ExperimentConfig.to_dict()` form, also an earlier config's names) that differs, except `RESUMABLE_CHANGES`. A
+    setting a record lacks (written before the setting existed) counts as its default."""
+    before, after = (_flatten({**tree, "training": canonical_training(tree.get("training") or {})})
+                     for tree in (started, now))
+    defaults = _flatten({"data": dataclasses.asdict(DataConfig()), "training": dataclasses.asdict(TrainingConfig()),
+                         "lora": dataclasses.asdict(LoraSection())})
+
+    def value(settings, key):
+        section, _, name = key.partition(".")
+        if key in settings or key in defaults:
+            return settings.get(key, defaults.get(key))
+        return trainer_default(name) if section == "training" and name in trainer_fields() else "<unset>"
+
+    return [f"{key}: {value(before, key)!r} -> {value(after, key)!r}" for key in sorted(before | after)
+            if key not in RESUMABLE_CHANGES and value(before, key) != value(after, key)
+            and not is_secret(key)]  # a secret is not a setting (never written, never shown)

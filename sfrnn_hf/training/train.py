@@ -1,8 +1,8 @@
 """Train (or LoRA-fine-tune) an sfrnn language model with `transformers.Trainer`, from a YAML config.
 
     sfrnn-train ptb_gru_1x256                                  # a shipped config (sfrnn_hf/training/configs/)
-    sfrnn-train my.yaml model.gradient_mode=bptt training.epochs=3
-    sfrnn-train ptb_gru_1x256 --set training.lr=5e-4 --output-dir runs/x
+    sfrnn-train my.yaml model.gradient_mode=bptt training.num_train_epochs=3
+    sfrnn-train ptb_gru_1x256 --set training.learning_rate=5e-4 --output-dir runs/x
     sfrnn-train ptb_gru_1x256 --lora runs/ptb/ --output-dir runs/ptb-lora
     torchrun --nproc_per_node 4 -m sfrnn_hf.training.train ptb_gru_3x1024       # DDP; same global batch
     accelerate launch --num_processes 4 -m sfrnn_hf.training.train ptb_gru_3x1024
@@ -32,6 +32,7 @@ from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -44,6 +45,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
+from ..lora_targets import check_lora_targets, recurrent_lora_parameters
 from ..backends_sfrnn import resolve_dsf_backend
 from ..modeling_sfrnn import CalibratedFeedbackCallback, SfrnnForCausalLM
 from ..recurrent_sfrnn import SfrnnRecurrentLayer
@@ -51,16 +53,15 @@ from .checkpoints import damage, newest_intact, write_atomically, write_manifest
 from .config import (
     ConfigError,
     ExperimentConfig,
-    changed_settings,
     check_model_section,
     load_config,
-    passed_to_trainer,
     shipped_configs,
 )
 from .data import (CausalLMCollator, DataError, build_tokenizer, is_character_level, load_raw_text, prepare_data,
                    text_file_digests)
 from .gradient_schedule import GradientModeSchedule, parse_schedule
-from .run_folder import OutputDirError, RunLock, check_writable, clear, earlier_run, is_secret, redact_secrets
+from .run_folder import (OutputDirError, RunLock, changed_settings, check_writable, clear, earlier_run, is_secret,
+                         redact_secrets)
 
 EXPERIMENT_FILE = "experiment.yaml"
 DATA_DIGESTS_FILE = "data_sha256.json"  # in each checkpoint: the content of the local data files it was trained on
@@ -208,8 +209,9 @@ class SfrnnTrainer(Trainer):
     def __init__(self, *args, experiment: ExperimentConfig, data_digests: dict[str, str] | None = None, **kwargs):
         self.experiment = experiment
         self.data_digests = data_digests or {}  # `data.text_file_digests`, written into each checkpoint
-        training = experiment.training
-        adam = {"lr": training.lr, "betas": (training.adam_beta1, training.adam_beta2), "eps": training.adam_eps}
+        training_args = kwargs["args"]
+        adam = {"lr": training_args.learning_rate, "betas": (training_args.adam_beta1, training_args.adam_beta2),
+                "eps": training_args.adam_epsilon}
         super().__init__(*args, optimizer_cls_and_kwargs=(torch.optim.Adam, adam), **kwargs)
         self.add_callback(CalibratedFeedbackCallback())
 
@@ -264,18 +266,18 @@ class SfrnnTrainer(Trainer):
             self._apply_optimizer_settings()
 
     def _apply_optimizer_settings(self) -> None:
-        """After a resume restored the checkpoint's optimizer and schedule: this run's `training.lr`, `weight_decay`,
-        `adam_beta1/2` and `adam_eps`. The schedule keeps its position: each group's learning rate becomes the new base
+        """After a resume restored the checkpoint's optimizer and schedule: this run's `learning_rate`, `weight_decay`,
+        `adam_beta1/2` and `adam_epsilon`. The schedule keeps its position: each group's learning rate becomes the new base
         rate times the schedule's current factor, so `experiment.yaml` records what runs."""
-        training = self.experiment.training
+        args = self.args
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper holds it
         for index, group in enumerate(self.optimizer.param_groups):
             factor = group["lr"] / scheduler.base_lrs[index] if scheduler.base_lrs[index] else 1.0
-            group.update(lr=training.lr * factor, initial_lr=training.lr, betas=(training.adam_beta1, training.adam_beta2),
-                         eps=training.adam_eps)
+            group.update(lr=args.learning_rate * factor, initial_lr=args.learning_rate,
+                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
             if group["params"]:  # every trainable parameter decays (`get_decay_parameter_names`)
-                group["weight_decay"] = training.weight_decay
-        scheduler.base_lrs = [training.lr] * len(scheduler.base_lrs)
+                group["weight_decay"] = args.weight_decay
+        scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def create_optimizer(self, *args, **kwargs):
@@ -308,7 +310,7 @@ class SfrnnTrainer(Trainer):
         kept = f"the last checkpoint, {intact}, is kept" if intact else "no checkpoint was written yet"
         stopped = "Stopped before saving this step" if after_update else "Stopped before the update"
         return (f"Training diverged at step {step}: {what}. {stopped}; {kept}. Lower "
-                f"training.lr (now {self.experiment.training.lr}), or check the data and inputs.")
+                f"training.learning_rate (now {self.args.learning_rate}), or check the data and inputs.")
 
     def finish_from(self, checkpoint: str) -> None:
         """The state of a run whose last checkpoint is `checkpoint`, without training another step: its trainer
@@ -343,43 +345,47 @@ def _report_to(value):
 
 
 def training_arguments(experiment: ExperimentConfig, has_validation: bool, world_size: int) -> TrainingArguments:
-    """The `TrainingArguments` of a run: this package's defaults, then `training.trainer_args`, then what the
-    `training` keys set (the keys passed unchanged, `passed_to_trainer`, and the ones computed here)."""
-    training = experiment.training
-    per_step = world_size * training.gradient_accumulation_steps
+    """The `TrainingArguments` of a run, built by `HfArgumentParser`: defaults for running an sfrnn model, then the
+    fields the config's `training` section sets, then the ones its `TrainingConfig` keys derive (`config.SET_BY`)."""
+    training, given = experiment.training, experiment.trainer_args
+    accumulation, eval_strategy = given.get("gradient_accumulation_steps", 1), given["eval_strategy"]
+    per_step = world_size * accumulation
     if training.batch_size % per_step:
         raise ConfigError(
             f"`training.batch_size` ({training.batch_size}) must be a multiple of world size x accumulation steps "
-            f"({world_size} x {training.gradient_accumulation_steps})."
+            f"({world_size} x {accumulation})."
         )
     per_device = training.batch_size // per_step
-    evaluate = has_validation and training.eval_strategy != "no"
+    evaluate = has_validation and eval_strategy != "no"
     cosine = training.scheduler == "warmup_cosine"
-    defaults = dict(  # `training.trainer_args` may change these
-        save_strategy=training.eval_strategy if evaluate else "epoch",
-        save_steps=training.eval_steps,
-        lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio} if cosine else {},
+    defaults = dict(  # the config's `training` section may change these
+        save_strategy=eval_strategy if evaluate else "epoch",
+        save_steps=given.get("eval_steps"),
         # Without CUDA, multi-process (gloo) and bf16 autocast need accelerate's explicit CPU mode.
-        use_cpu=not torch.cuda.is_available() and (training.bf16 or world_size > 1),
+        use_cpu=not torch.cuda.is_available() and (given.get("bf16", False) or world_size > 1),
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every parameter gets a gradient at every step, in every mode
         remove_unused_columns=False,  # the collator builds the model's inputs
     )
-    derived = dict(  # the fields each `_derives` key of TrainingConfig names
+    derived = dict(  # the fields `config.SET_BY` names, and the ones whose config value means more
         per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=training.eval_batch_size or per_device,
+        per_device_eval_batch_size=given["per_device_eval_batch_size"] or per_device,
         lr_scheduler_type="cosine_with_min_lr" if cosine else "constant",  # `step`: SfrnnTrainer.create_scheduler
+        lr_scheduler_kwargs={"min_lr_rate": training.min_lr_ratio} if cosine else {},
         warmup_steps=training.warmup_ratio if cosine else 0,  # a float below 1: a fraction of the run
-        eval_strategy=training.eval_strategy if evaluate else "no",
+        eval_strategy=eval_strategy if evaluate else "no",
         load_best_model_at_end=evaluate,
         metric_for_best_model="perplexity" if evaluate else None,
         greater_is_better=False if evaluate else None,
-        report_to=_report_to(training.report_to),
+        report_to=_report_to(given["report_to"]),
     )
-    kwargs = {**defaults, **training.trainer_args, **passed_to_trainer(training), **derived}
+    kwargs = {**defaults, **given, **derived}
     if kwargs.get("save_strategy") == "steps" and kwargs.get("save_steps") is None:
         kwargs["save_steps"] = 500
-    return RunTrainingArguments(**kwargs)
+    try:
+        return HfArgumentParser(RunTrainingArguments).parse_dict(kwargs)[0]
+    except ValueError as error:  # TrainingArguments' own checks (combinations of fields)
+        raise ConfigError(f"training: {error}") from None
 
 
 class RunTrainingArguments(TrainingArguments):
@@ -606,11 +612,18 @@ def run(experiment: ExperimentConfig, callbacks=None):
             resolve_dsf_backend(model_check.dsf_backend, torch.device(device), model_check.cell_type)
         except ValueError as error:
             raise ConfigError(f"`model.dsf_backend`: {error}") from None
-    if experiment.training.bf16 and model_check is not None:
-        check_bf16_autocast(model_check, device)
+    if experiment.lora.enabled:  # the targets the base model's cell has, checked before the folder is claimed
+        base = SfrnnConfig.from_pretrained(experiment.model["from_pretrained"])
+        try:
+            check_lora_targets(experiment.lora.target_modules, experiment.lora.target_parameters,
+                               recurrent_lora_parameters(base), base.cell_type)
+        except ValueError as error:
+            raise ConfigError(f"lora.{error}") from None
     training = experiment.training
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
+    if args.bf16 and model_check is not None:
+        check_bf16_autocast(model_check, device)
     if args.fp16 and device != "cuda":
         raise ConfigError(f"`training.fp16: true` needs CUDA; on {device} it would silently train in fp32. Use "
                           "`training.bf16: true` (bf16 autocast runs on CPU) or fp32.")
@@ -640,9 +653,9 @@ def run(experiment: ExperimentConfig, callbacks=None):
             for change in data_changed_since(resume, data_digests):
                 logger.warning(f"Resuming from {resume} on other data than it was trained on: {change}.")
 
-        set_seed(training.seed)
+        set_seed(args.seed)
         model = build_model(experiment.model, tokenizer)
-        if training.bf16 and model_check is None:
+        if args.bf16 and model_check is None:
             check_bf16_autocast(model.config, device)
         if resume is not None and not experiment.lora.enabled:
             check_same_architecture(model, resume, changes)
@@ -710,7 +723,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="sfrnn-train",
         description="Train an sfrnn language model (exact BPTT, DSF or FT-BPTT) with the transformers Trainer.",
-        epilog="Overrides: section.key=value, value read as YAML, e.g. model.gradient_mode=bptt training.lr=5e-4 "
+        epilog="Overrides: section.key=value, value read as YAML, e.g. model.gradient_mode=bptt training.learning_rate=5e-4 "
         "data.max_train_samples=1000. Sections: model, data, training, lora.",
     )
     parser.add_argument("config", nargs="?", help="YAML config file, or the name of a shipped config")
