@@ -6,7 +6,7 @@ bptt, ...), so background load hits all of them alike; reported: the median and 
 the peak memory of one step, and the ratio to exact BPTT through torch's fused kernels (`bptt`) from the same run,
 three ways: of the medians, of the best runs, and paired (the median over repeats of the ratio within a repeat).
 `dsf+lora` is DSF with a PEFT LoRA (rank 8) on weight_ih and weight_hh (`--lora`), compared with plain `dsf`;
-`dsf+calibrated` is DSF with `feedback_type="calibrated"` (`--calibrated`).
+`dsf_calibrated` is DSF whose forward also gathers the diag(J) statistics its diagonal is re-estimated from.
 
     python benchmarks/layer.py                                       # GRU 3 x 512, batch 32, T in {256, 1024}, fp32
     python benchmarks/layer.py --cells gru lstm rnn --dtypes float32 bfloat16 --lora
@@ -32,8 +32,7 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=list(GRADIENT_MODES), choices=list(GRADIENT_MODES))
     parser.add_argument("--lora", action="store_true", help="also time dsf with a LoRA on the recurrent weights")
-    parser.add_argument("--calibrated", action="store_true",
-                        help="also time dsf with feedback_type='calibrated' (the diagonal re-estimated every step)")
+    parser.add_argument("--calibrated", action="store_true", help="also time dsf_calibrated (as in --modes)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,17 +75,13 @@ def main():
         config = SfrnnConfig(vocab_size=16, hidden_size=args.hidden, num_hidden_layers=args.layers, cell_type=cell,
                              block_type="residual")
         base = SfrnnForCausalLM(config).model.to(device).train()
-        models = {mode: base for mode in args.modes}
+        models = {mode: base for mode in args.modes + ["dsf_calibrated"] * args.calibrated}
         if args.lora:
             peft_model = lora_model(base)
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:  # nonzero B, so the adapter's gradient path is exercised in full
                     torch.nn.init.normal_(param, std=0.01)
             models["dsf+lora"] = peft_model
-        if args.calibrated:
-            calibrated = copy.deepcopy(base)
-            calibrated.config.feedback_type = "calibrated"
-            models["dsf+calibrated"] = calibrated
         for length in args.lengths:
             embeds = torch.randn(args.batch, length, args.hidden, device=device, requires_grad=True)
             for dtype in args.dtypes:
@@ -103,7 +98,7 @@ def main():
                 if "dsf" in seconds:
                     for other, label in (("ft_bptt", "FT-BPTT / DSF"), ("dsf+lora", "DSF+LoRA / DSF"),
                                          ("diag_jacobian", "diag_jacobian / DSF"),
-                                         ("dsf+calibrated", "calibrated / DSF")):
+                                         ("dsf_calibrated", "calibrated / DSF")):
                         if other in seconds:
                             median, fastest, paired = timings.ratios(other, "dsf")
                             print(f"      {label} time: {median:.3f} (medians), {fastest:.3f} (best runs), "

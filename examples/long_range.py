@@ -163,7 +163,7 @@ def train_setting(task: str, cell: str, length: int, mode: str, width: int = 32,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        model.update_calibrated_feedback()  # a no-op unless feedback_type="calibrated"
+        model.update_calibrated_feedback()  # a no-op unless gradient_mode="dsf_calibrated"
         if step % log_every == 0 or step == steps:
             losses.append([step, loss.item()])
     seconds = time.perf_counter() - started

@@ -48,7 +48,7 @@ RUNS = {
     "bptt": ["model.gradient_mode=bptt"],
     "dsf": ["model.gradient_mode=dsf"],
     "ft_bptt": ["model.gradient_mode=ft_bptt"],
-    "dsf_calibrated": ["model.gradient_mode=dsf", "model.feedback_type=calibrated"],
+    "dsf_calibrated": ["model.gradient_mode=dsf_calibrated"],
     "diag_jacobian": ["model.gradient_mode=diag_jacobian"],
     "dsf_then_bptt": ["model.gradient_mode=dsf"],  # then exact BPTT after --switch-epoch epochs (mode_overrides)
 }

@@ -16,28 +16,34 @@ logger = logging.get_logger(__name__)
 CELL_TYPES = tuple(CELLS)
 GRADIENT_MODES = ("bptt", *FEEDBACKS)  # exact BPTT, or the DSF rule with one of the feedbacks
 BLOCK_TYPES = ("residual", "prenorm")
-FEEDBACK_TYPES = ("linspace", "calibrated")
 # Which op runs the DSF-family modes (`backends_sfrnn.resolve_dsf_backend`); "auto" picks by device.
 DSF_BACKENDS = ("auto", "reference", "fused", "fused_kernel", "triton")
 
 # Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
 # `model.config.gradient_mode = "dfs"` fails at once instead of at the next forward pass.
 _CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES,
-            "feedback_type": FEEDBACK_TYPES, "dsf_backend": DSF_BACKENDS}
+            "dsf_backend": DSF_BACKENDS}
+# Earlier configs named the calibrated feedback on a second axis: `gradient_mode="dsf", feedback_type="calibrated"` is
+# today's `gradient_mode="dsf_calibrated"` (outside `dsf` it had no effect).
+LEGACY_FEEDBACK_TYPES = ("linspace", "calibrated")
+
+
+def fold_feedback_type(settings: dict) -> dict:
+    """`settings` (SfrnnConfig fields) with an earlier release's `feedback_type` folded into `gradient_mode`."""
+    settings = dict(settings)
+    legacy = settings.pop("feedback_type", None)
+    if legacy is not None and legacy not in LEGACY_FEEDBACK_TYPES:
+        raise ValueError(f"`feedback_type` must be one of {list(LEGACY_FEEDBACK_TYPES)} (earlier configs; today "
+                         f"`gradient_mode='dsf_calibrated'`), got {legacy!r}.")
+    if legacy == "calibrated" and settings.get("gradient_mode", "dsf") == "dsf":
+        settings["gradient_mode"] = "dsf_calibrated"
+    return settings
 
 
 def _check_choice(name, value):
     allowed = _CHOICES[name]
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
-
-
-def calibration_without_effect(gradient_mode, feedback_type) -> str | None:
-    """Why `feedback_type="calibrated"` does nothing under `gradient_mode`, or None when it takes effect (`dsf`)."""
-    if feedback_type != "calibrated" or gradient_mode == "dsf":
-        return None
-    return (f"`feedback_type='calibrated'` has no effect with `gradient_mode={gradient_mode!r}`: the feedback is "
-            f"re-estimated only in `dsf` training steps (set gradient_mode='dsf', or feedback_type='linspace').")
 
 
 def settings_without_effect(config) -> list[str]:
@@ -48,17 +54,15 @@ def settings_without_effect(config) -> list[str]:
         return getattr(config, name) != getattr(type(config), name)
 
     notes = []
-    calibration = calibration_without_effect(config.gradient_mode, config.feedback_type)
-    if calibration:
-        notes.append(calibration)
-    if config.feedback_type != "calibrated" and changed("feedback_momentum"):
+    if config.gradient_mode != "dsf_calibrated" and changed("feedback_momentum"):
         notes.append(f"`feedback_momentum={config.feedback_momentum}` has no effect with "
-                     f"`feedback_type={config.feedback_type!r}`: it smooths a calibrated feedback only.")
-    if config.gradient_mode != "dsf":
+                     f"`gradient_mode={config.gradient_mode!r}`: it smooths the feedback of `dsf_calibrated` only.")
+    if config.gradient_mode not in ("dsf", "dsf_calibrated"):
         for name in ("feedback_min", "feedback_max"):
             if changed(name):
                 notes.append(f"`{name}={getattr(config, name)}` has no effect with "
-                             f"`gradient_mode={config.gradient_mode!r}`: the feedback diagonal is used by `dsf` only.")
+                             f"`gradient_mode={config.gradient_mode!r}`: the feedback diagonal is used by `dsf` and "
+                             "`dsf_calibrated` only.")
     if config.block_type == "residual":
         if config.intermediate_size not in (None, 4 * config.hidden_size):
             notes.append(f"`intermediate_size={config.intermediate_size}` has no effect with "
@@ -87,20 +91,22 @@ class SfrnnConfig(PreTrainedConfig):
         gradient_mode (`str`): how the state gradient is computed in training:
             `"bptt"` exact backpropagation through time (torch's fused kernels),
             `"dsf"` the diagonal state feedback `g_t = e_t + feedback * g_{t+1}`,
+            `"dsf_calibrated"` DSF whose diagonal moves towards the units' own memory (below),
             `"ft_bptt"` fully truncated (`g_t = e_t`),
             `"diag_jacobian"` the time-varying diagonal `g_t = e_t + diag(J_{t+1}) * g_{t+1}` (beyond the paper: each
             unit's own memory, from the gates the forward saved). Forward values are identical in every mode, and the mode may
             be changed on a live model (`model.config.gradient_mode = "bptt"`): it applies at the next forward.
         feedback_min, feedback_max (`float`): the fixed feedback diagonal is `linspace(feedback_min, feedback_max, S)`
             over the `S` state entries of a layer (`S = d`, or `2d` for the LSTM's `[h, c]`). The paper: 0 and 1.
-        feedback_type (`str`): `"linspace"` (the paper: the diagonal above, fixed) or `"calibrated"`: starting from
-            it, every `dsf` optimizer step moves the diagonal towards the step's mean diag(J_t) of each unit,
+        (`dsf_calibrated`, beyond the paper): starting from
+            that diagonal, every optimizer step moves it towards the step's mean diag(J_t) of each unit,
             `a <- clamp(m a + (1 - m) mean, 0, 1)` with `m = feedback_momentum`; saved with the checkpoint. The
             mean covers all the step's micro-batches and, under torch.distributed, all processes: accumulation and
             gradient checkpointing give the feedback and gradients of one large batch. Training forwards record the
             statistics; `model.update_calibrated_feedback()` applies them once per optimizer step (the Trainer of
             `sfrnn-train` calls it through `CalibratedFeedbackCallback`; a hand-written loop calls it after
-            `optimizer.step()`).
+            `optimizer.step()`). A config of earlier releases, `gradient_mode="dsf", feedback_type="calibrated"`,
+            loads as `gradient_mode="dsf_calibrated"`.
         feedback_momentum (`float`): `m` above, in [0, 1).
         dsf_backend (`str`): the op that runs `dsf`, `ft_bptt` and `diag_jacobian`, all computing the same gradients:
             `"auto"` (the measured fastest for the device: `fused` on CPU, `triton` on CUDA with Triton for a cell
@@ -120,11 +126,9 @@ class SfrnnConfig(PreTrainedConfig):
             each residual branch uses `initializer_range / sqrt(2 * num_hidden_layers)` (GPT-2). Recurrent weights use
             torch's `U(-1/sqrt(d), 1/sqrt(d))`.
 
-    A setting that changes nothing in the configuration it is part of (`feedback_type="calibrated"` outside `dsf`,
-    `feedback_momentum` without calibration, `feedback_min` / `feedback_max` outside `dsf`, `intermediate_size` or
-    `layer_norm_eps` in residual blocks) is named in a warning when the config is built
-    (`settings_without_effect`). Because `gradient_mode` may be switched on a live model, the recurrent layer also
-    warns, once, at a training forward whose mode leaves a calibrated feedback idle.
+    A setting that changes nothing in the configuration it is part of (`feedback_momentum` outside `dsf_calibrated`,
+    `feedback_min` / `feedback_max` outside the DSF modes, `intermediate_size` or `layer_norm_eps` in residual blocks)
+    is named in a warning when the config is built (`settings_without_effect`).
     """
 
     model_type = "sfrnn"
@@ -137,7 +141,6 @@ class SfrnnConfig(PreTrainedConfig):
     gradient_mode: str = "dsf"
     feedback_min: float = 0.0
     feedback_max: float = 1.0
-    feedback_type: str = "linspace"
     feedback_momentum: float = 0.9
     dsf_backend: str = "auto"
     block_type: str = "residual"
@@ -152,6 +155,9 @@ class SfrnnConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if "feedback_type" in kwargs:
+            self.gradient_mode = fold_feedback_type({"gradient_mode": self.gradient_mode,
+                                                     "feedback_type": kwargs.pop("feedback_type")})["gradient_mode"]
         for name in _CHOICES:
             _check_choice(name, getattr(self, name))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
@@ -178,6 +184,9 @@ class SfrnnConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def __setattr__(self, key, value):
+        if key == "feedback_type":
+            raise AttributeError("`feedback_type` is no setting any more: the calibrated feedback is "
+                                 "`gradient_mode='dsf_calibrated'`, the paper's fixed one `gradient_mode='dsf'`.")
         if key in _CHOICES:
             _check_choice(key, value)
         super().__setattr__(key, value)
@@ -193,5 +202,5 @@ class SfrnnConfig(PreTrainedConfig):
         return CELLS[self.cell_type].state_vectors
 
 
-__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "FEEDBACK_TYPES", "DSF_BACKENDS", "settings_without_effect",
-           "calibration_without_effect"]
+__all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "DSF_BACKENDS", "settings_without_effect",
+           "fold_feedback_type"]

@@ -201,7 +201,7 @@ class SfrnnPreTrainedModel(PreTrainedModel):
         return model
 
     def update_calibrated_feedback(self) -> bool:
-        """Move every calibrated feedback (`feedback_type="calibrated"`) once, from the diag(J) statistics its layer
+        """Move every calibrated feedback (`gradient_mode="dsf_calibrated"`) once, from the diag(J) statistics its layer
         recorded since the last call: call it once per optimizer step, after `optimizer.step()`, on every process.
         Returns whether any feedback moved."""
         moved = False
@@ -685,12 +685,11 @@ class SfrnnForSequenceClassification(SfrnnPreTrainedModel):
 class CalibratedFeedbackCallback(TrainerCallback):
     """Moves a calibrated DSF feedback once per optimizer step, from all its micro-batches and processes
     (`SfrnnPreTrainedModel.update_calibrated_feedback`). `SfrnnTrainer` installs it; add it to a plain `Trainer`
-    that trains a model with `feedback_type="calibrated"`."""
+    that trains a model with `gradient_mode="dsf_calibrated"` (a no-op where no statistics were recorded)."""
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
-        if getattr(base.config, "feedback_type", None) == "calibrated":
-            base.update_calibrated_feedback()
+        base.update_calibrated_feedback()
 
 
 # `register_for_auto_class` makes save_pretrained copy the code; it writes only the saved class into `auto_map`,

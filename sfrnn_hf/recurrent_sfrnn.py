@@ -8,7 +8,7 @@
 - `dsf` / `ft_bptt` / `diag_jacobian`: the DSF rule with a `Feedback` (a constant diagonal, none, or each step's own
   diag(J_t)). Its definition is the reference op `reference_sfrnn.dsf_states`; the fast ops take and return the same
   things (`fused_sfrnn`, `triton_sfrnn`); `backends_sfrnn.resolve_dsf_backend` picks one per layer and device, once.
-- `feedback_type="calibrated"` (with `dsf`): the diagonal is re-estimated once per optimizer step from the model's own
+- `dsf_calibrated`: DSF whose diagonal is re-estimated once per optimizer step from the model's own
   diag(J_t) (mean over all the step's micro-batches, processes and real steps, smoothed by `feedback_momentum`,
   clamped to [0, 1]). Each training forward only records the statistics the op returns; `update_calibrated_feedback`
   moves the feedback, called after the optimizer step (`CalibratedFeedbackCallback` does it in the Trainer). A
@@ -25,7 +25,6 @@ from transformers.utils import logging
 
 from .backends_sfrnn import DsfBackend, dsf_layer_states, resolve_dsf_backend
 from .cells_sfrnn import default_step_matmul, get_cell
-from .configuration_sfrnn import calibration_without_effect
 from .fused_sfrnn import recurrence_saving_gates
 from .recurrence_sfrnn import run_recurrence
 from .scan_sfrnn import FEEDBACKS, Feedback
@@ -45,7 +44,7 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 _STEP_WITHOUT_CALIBRATION = (
-    "An optimizer step passed without moving the calibrated feedback (`feedback_type='calibrated'`): its diag(J) "
+    "An optimizer step passed without moving the calibrated feedback (`gradient_mode='dsf_calibrated'`): its diag(J) "
     "statistics pile up and the feedback never changes. With a Trainer add "
     "`callbacks=[model.calibrated_feedback_callback()]`; in a hand-written loop call "
     "`model.update_calibrated_feedback()` after each `optimizer.step()`.")
@@ -142,14 +141,14 @@ class SfrnnRecurrentLayer(nn.Module):
 
     def extra_repr(self) -> str:
         config = self.config  # read now: the gradient mode may have been switched on the live model
-        feedback = (f"linspace({config.feedback_min}, {config.feedback_max})" if config.feedback_type == "linspace"
-                    else f"calibrated (momentum {config.feedback_momentum})")
+        feedback = (f"calibrated (momentum {config.feedback_momentum})" if config.gradient_mode == "dsf_calibrated"
+                    else f"linspace({config.feedback_min}, {config.feedback_max})")
         return (f"cell_type={self.cell_type}, hidden_size={self.hidden_size}, state_size={self.state_size}, "
                 f"output_size={self.output_size}, gradient_mode={config.gradient_mode}, feedback={feedback}")
 
     def feedback_for(self, gradient_mode: str) -> Feedback:
-        """The reverse scan's feedback in a DSF-family mode (`scan_sfrnn.FEEDBACKS`): `dsf` the feedback diagonal
-        (recording diag(J) statistics when calibrated), `ft_bptt` none, `diag_jacobian` each step's own diag(J_t)."""
+        """The reverse scan's feedback in a DSF-family mode (`scan_sfrnn.FEEDBACKS`): `dsf` the feedback diagonal,
+        `dsf_calibrated` the same recording diag(J) statistics, `ft_bptt` none, `diag_jacobian` each step's own diag(J_t)."""
         if gradient_mode not in FEEDBACKS:
             raise ValueError(f"gradient_mode {gradient_mode!r} has no DSF feedback; expected one of {list(FEEDBACKS)}.")
         return FEEDBACKS[gradient_mode].of_layer(self)
@@ -192,11 +191,6 @@ class SfrnnRecurrentLayer(nn.Module):
         weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(w.requires_grad for w in weights))
         mode = self.config.gradient_mode
-        if needs_grad and not torch.compiler.is_compiling():
-            # The mode may have been switched on the live model since the config was checked.
-            note = calibration_without_effect(mode, self.config.feedback_type)
-            if note:
-                logger.warning_once(note)
         if needs_grad and mode != "bptt":
             feedback = self.feedback_for(mode)
             states, statistics = dsf_layer_states(self.cell, hidden_states, initial_state, weights, mask, feedback,

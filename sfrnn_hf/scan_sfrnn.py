@@ -64,8 +64,7 @@ class ConstantFeedback(Feedback):
 
     @classmethod
     def of_layer(cls, layer):
-        feedback_type = CalibratedFeedback if layer.config.feedback_type == "calibrated" else ConstantFeedback
-        return feedback_type(layer.feedback)
+        return cls(layer.feedback)
 
     def decay(self, steps, step_jacobians):
         return self.diagonal.expand(steps, 1, -1)
@@ -79,8 +78,9 @@ class ConstantFeedback(Feedback):
 
 class CalibratedFeedback(ConstantFeedback):
     """A constant diagonal whose forward also returns diag(J_t) summed over the real positions, from which the
-    diagonal is re-estimated once per optimizer step (`config.feedback_type="calibrated"`)."""
+    diagonal is re-estimated once per optimizer step (`SfrnnRecurrentLayer.update_calibrated_feedback`)."""
 
+    gradient_mode = "dsf_calibrated"
     record_statistics = True
 
 
@@ -107,7 +107,8 @@ class DiagJacobianFeedback(Feedback):
 
 KERNEL_VARIANTS = ("none", "constant", "per_step")
 # `config.gradient_mode` -> the feedback it trains with (every mode but "bptt").
-FEEDBACKS = {feedback.gradient_mode: feedback for feedback in (ConstantFeedback, NoFeedback, DiagJacobianFeedback)}
+FEEDBACKS = {feedback.gradient_mode: feedback
+             for feedback in (ConstantFeedback, CalibratedFeedback, NoFeedback, DiagJacobianFeedback)}
 
 
 class JacobianStatistics(NamedTuple):

@@ -46,9 +46,9 @@ def _run(script, *args):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_layer_benchmark_reports_every_mode_and_ratio(cell):
     out = _run("layer.py", "--cells", cell, "--lengths", "8", "--hidden", "16", "--layers", "1", "--batch", "2",
-               "--repeats", "2", "--calibrated", "--lora")
+               "--repeats", "2", "--lora")
     rows = [line.split() for line in out.splitlines() if line.startswith(cell)]
-    assert [row[3] for row in rows] == ["bptt", "dsf", "ft_bptt", "diag_jacobian", "dsf+lora", "dsf+calibrated"]
+    assert [row[3] for row in rows] == ["bptt", "dsf", "dsf_calibrated", "ft_bptt", "diag_jacobian", "dsf+lora"]
     for row in rows:  # BPTT/mode three ways (medians, best runs, paired), each a positive ratio
         ratios = [float(cell.rstrip("x")) for cell in row[-3:]]
         assert all(ratio > 0 for ratio in ratios) and all(cell.endswith("x") for cell in row[-3:])

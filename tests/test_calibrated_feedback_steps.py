@@ -14,8 +14,8 @@ WARNING = "An optimizer step passed without moving the calibrated feedback"
 
 
 def calibrated_model():
-    return SfrnnForCausalLM(SfrnnConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, gradient_mode="dsf",
-                                        feedback_type="calibrated", feedback_momentum=0.5))
+    return SfrnnForCausalLM(SfrnnConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, gradient_mode="dsf_calibrated",
+                                        feedback_momentum=0.5))
 
 
 def train(model, steps, micro_batches, apply_statistics, log):

@@ -101,7 +101,7 @@ def test_new_sequence_lengths_do_not_recompile_a_training_step(mode):
     assert compiled_graphs[1] == compiled_graphs[-1], compiled_graphs  # no graph after the second length
 
 
-@pytest.mark.parametrize("settings", [{"gradient_mode": "diag_jacobian"}, {"feedback_type": "calibrated"}])
+@pytest.mark.parametrize("settings", [{"gradient_mode": "diag_jacobian"}, {"gradient_mode": "dsf_calibrated"}])
 def test_fused_op_modes_compile_with_a_graph_break_and_fullgraph_refuses_them(settings):
     model = tiny("gru", **settings).train()
     input_ids, labels, mask = padded_batch(VOCAB, 3, 7, "right")

@@ -67,9 +67,8 @@ def _warnings(caplog, logger):
 @pytest.mark.parametrize(
     "settings, named",
     [
-        (dict(feedback_type="calibrated", gradient_mode="bptt"), ("feedback_type='calibrated'", "gradient_mode='bptt'")),
-        (dict(feedback_type="calibrated", gradient_mode="diag_jacobian"), ("'calibrated'", "'diag_jacobian'")),
-        (dict(feedback_momentum=0.5), ("feedback_momentum=0.5", "feedback_type='linspace'")),
+        (dict(feedback_momentum=0.5), ("feedback_momentum=0.5", "gradient_mode='dsf'")),
+        (dict(feedback_momentum=0.5, gradient_mode="diag_jacobian"), ("feedback_momentum=0.5", "'diag_jacobian'")),
         (dict(feedback_min=0.3, gradient_mode="ft_bptt"), ("feedback_min=0.3", "gradient_mode='ft_bptt'")),
         (dict(feedback_max=0.7, gradient_mode="bptt"), ("feedback_max=0.7", "gradient_mode='bptt'")),
         (dict(intermediate_size=100), ("intermediate_size=100", "block_type='residual'")),
@@ -85,7 +84,8 @@ def test_a_setting_without_effect_is_named_with_the_value_that_idles_it(caplog, 
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(), dict(feedback_type="calibrated", feedback_momentum=0.5), dict(feedback_min=0.3, feedback_max=0.8),
+    [dict(), dict(gradient_mode="dsf_calibrated", feedback_momentum=0.5), dict(feedback_min=0.3, feedback_max=0.8),
+     dict(gradient_mode="dsf_calibrated", feedback_min=0.3),
      dict(block_type="prenorm", intermediate_size=100, layer_norm_eps=1e-6), dict(gradient_mode="bptt")],
 )
 def test_settings_that_take_effect_are_not_warned_about(caplog, settings):
@@ -95,30 +95,19 @@ def test_settings_that_take_effect_are_not_warned_about(caplog, settings):
     assert not _warnings(caplog, "sfrnn_hf.configuration_sfrnn")
 
 
-def test_switching_a_calibrated_model_out_of_dsf_warns_once_at_its_training_forward(caplog):
-    import torch
-    from transformers.utils.logging import warning_once
-
-    from sfrnn_hf import SfrnnForCausalLM
-
-    warning_once.cache_clear()  # transformers remembers the messages it has shown
-    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=11, hidden_size=4, num_hidden_layers=2,
-                                         feedback_type="calibrated"))
-    input_ids = torch.randint(0, 11, (2, 5))
-    with caplog.at_level("WARNING", logger="sfrnn_hf.recurrent_sfrnn"):
-        model(input_ids=input_ids, labels=input_ids)  # dsf: calibrates, nothing to say
-        assert not _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
-        model.config.gradient_mode = "bptt"
-        with torch.no_grad():
-            model(input_ids=input_ids)  # an eval forward never calibrates: nothing to say either
-        assert not _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
-        for _ in range(2):
-            model(input_ids=input_ids, labels=input_ids)
-    warnings = _warnings(caplog, "sfrnn_hf.recurrent_sfrnn")
-    assert warnings == [
-        "`feedback_type='calibrated'` has no effect with `gradient_mode='bptt'`: the feedback is re-estimated only in "
-        "`dsf` training steps (set gradient_mode='dsf', or feedback_type='linspace')."
-    ]
+@pytest.mark.parametrize("settings, mode", [
+    (dict(gradient_mode="dsf", feedback_type="calibrated"), "dsf_calibrated"),
+    (dict(feedback_type="calibrated"), "dsf_calibrated"),
+    (dict(gradient_mode="dsf", feedback_type="linspace"), "dsf"),
+    (dict(gradient_mode="bptt", feedback_type="calibrated"), "bptt"),  # calibration had no effect outside dsf
+])
+def test_an_earlier_config_with_feedback_type_loads_on_the_one_axis(settings, mode):
+    config = SfrnnConfig.from_dict(settings)
+    assert config.gradient_mode == mode and "feedback_type" not in config.to_dict()
+    with pytest.raises(ValueError, match="feedback_type.*'learned'"):
+        SfrnnConfig(feedback_type="learned")
+    with pytest.raises(AttributeError, match="dsf_calibrated"):
+        config.feedback_type = "calibrated"  # no setting any more: it would change nothing
 
 
 def test_print_model_shows_cell_sizes_mode_and_feedback():
@@ -131,5 +120,6 @@ def test_print_model_shows_cell_sizes_mode_and_feedback():
     assert ("SfrnnRecurrentLayer(cell_type=lstm, hidden_size=4, state_size=8, output_size=8, gradient_mode=dsf, "
             "feedback=linspace(0.0, 1.0))") in text
     model.config.gradient_mode = "bptt"  # the live mode, not the one at construction
-    model.config.feedback_type = "calibrated"
-    assert "gradient_mode=bptt, feedback=calibrated (momentum 0.9))" in str(model.model.layers[0].recurrent)
+    assert "gradient_mode=bptt, feedback=linspace(0.0, 1.0))" in str(model.model.layers[0].recurrent)
+    model.config.gradient_mode = "dsf_calibrated"
+    assert "gradient_mode=dsf_calibrated, feedback=calibrated (momentum 0.9))" in str(model.model.layers[0].recurrent)

@@ -24,12 +24,11 @@ def _free_port():
 
 
 # calibrated: each layer's feedback is the global batch's mean diag(J), summed over both ranks at each optimizer step.
-@pytest.mark.parametrize("feedback_type", ["linspace", "calibrated"])
-def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path, feedback_type):
+@pytest.mark.parametrize("mode", ["dsf", "dsf_calibrated"])
+def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_path, mode):
     train = write_corpus(tmp_path / "train.txt", 32, seed=5)
     config = {
-        "model": {"hidden_size": 16, "num_hidden_layers": 2, "gradient_mode": "dsf", "feedback_type": feedback_type,
-                  "feedback_momentum": 0.5},
+        "model": {"hidden_size": 16, "num_hidden_layers": 2, "gradient_mode": mode, "feedback_momentum": 0.5},
         "data": {"dataset": "text", "tokenizer": "word", "sequences": "sentence", "max_length": 16,
                  "train_files": [train]},
         "training": {"output_dir": str(tmp_path / "ddp"), "batch_size": 8, "max_steps": 3, "learning_rate": 1.0e-2,
@@ -53,7 +52,7 @@ def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_pat
     for name, tensor in ranks[0]["state_dict"].items():
         assert torch.equal(tensor, ranks[1]["state_dict"][name]), name  # DDP keeps the replicas bit-identical
     feedback = ranks[0]["state_dict"]["model.layers.0.recurrent.feedback"]
-    assert torch.equal(feedback, torch.linspace(0, 1, 16)) == (feedback_type == "linspace")
+    assert torch.equal(feedback, torch.linspace(0, 1, 16)) == (mode == "dsf")
 
     # One process, batch 8 (the same 8 sentences per step as the two ranks' 4 + 4).
     single, _ = run(load_config(str(path), [f"training.output_dir={tmp_path / 'single'}"]))

@@ -169,7 +169,7 @@ def test_calibrated_feedback_with_momentum_zero_is_the_batch_mean_of_diag_jacobi
     monkeypatch.setattr(backends_sfrnn, "DSF_CHUNK", chunk)
     monkeypatch.setattr(fused_sfrnn, "DSF_CHUNK", chunk)
     layer = make_layer(cell, scale=1.0)
-    layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
+    layer.config.gradient_mode, layer.config.feedback_momentum = "dsf_calibrated", 0.0
     before = layer.feedback.clone()
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     mask = make_mask("right", 4, 9)
@@ -223,18 +223,18 @@ def test_gpu_forward_form_calibrates_and_scans_like_the_reference(cell):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_training():
+def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_calibrated_training():
     layer = make_layer("gru", scale=1.0)
-    layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.5
+    layer.config.feedback_momentum = 0.5
     inputs = torch.randn(4, 9, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     start = layer.feedback.clone()
-    for mode in ("bptt", "ft_bptt", "diag_jacobian"):
+    for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
         layer.config.gradient_mode = mode
         layer(inputs)
     with torch.no_grad():
-        layer.config.gradient_mode = "dsf"
+        layer.config.gradient_mode = "dsf_calibrated"
         layer(inputs)
-    assert not layer.update_calibrated_feedback()  # no estimate outside dsf training
+    assert not layer.update_calibrated_feedback()  # no estimate outside dsf_calibrated training
     assert torch.equal(layer.feedback, start)
     layer(inputs)
     assert layer.update_calibrated_feedback()
@@ -245,7 +245,7 @@ def test_calibrated_feedback_smooths_with_momentum_and_only_in_dsf_training():
 def test_calibrated_feedback_survives_save_and_load(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = SfrnnConfig(vocab_size=19, hidden_size=8, num_hidden_layers=2, feedback_type="calibrated",
+    config = SfrnnConfig(vocab_size=19, hidden_size=8, num_hidden_layers=2, gradient_mode="dsf_calibrated",
                          feedback_momentum=0.0)
     model = SfrnnForCausalLM(config)
     input_ids, labels, mask = padded_batch(19, 3, 10, "right")
@@ -255,7 +255,7 @@ def test_calibrated_feedback_survives_save_and_load(tmp_path):
     assert not torch.allclose(calibrated[0], torch.linspace(0, 1, 8))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.config.feedback_type == "calibrated"
+    assert loaded.config.gradient_mode == "dsf_calibrated"
     for block, want in zip(loaded.model.layers, calibrated):
         assert torch.equal(block.recurrent.feedback, want)
 

@@ -122,13 +122,13 @@ def test_state_gradient_fidelity_reports_every_layer():
         assert -1 <= entry["total_cosine_dsf"] <= 1 and -1 <= entry["total_cosine_ft_bptt"] <= 1
 
 
-@pytest.mark.parametrize("feedback_type", ["linspace", "calibrated"])
-def test_calibrated_fidelity_mode_is_dsf_with_the_batch_mean_diagonal_jacobian(feedback_type):
+@pytest.mark.parametrize("trained_mode", ["dsf", "dsf_calibrated"])
+def test_calibrated_fidelity_mode_is_dsf_with_the_batch_mean_diagonal_jacobian(trained_mode):
     """`dsf_calibrated` is the DSF gradient with the feedback set to the batch's mean autograd Jacobian diagonal; the
     model's own feedback and config are untouched by the measurement, also when it trains a calibrated feedback."""
     from test_diag_jacobian_mode import batch_mean_diagonal
 
-    config = SfrnnConfig(vocab_size=17, hidden_size=6, cell_type="gru", feedback_type=feedback_type)
+    config = SfrnnConfig(vocab_size=17, hidden_size=6, cell_type="gru", gradient_mode=trained_mode)
     model = SfrnnForCausalLM(config).double()
     layer = model.model.layers[0].recurrent
     ids, labels, mask = padded_batch(17, 3, 10, "right")
@@ -136,11 +136,12 @@ def test_calibrated_fidelity_mode_is_dsf_with_the_batch_mean_diagonal_jacobian(f
     before = layer.feedback.clone()
 
     got = parameter_gradients(model, batch, "dsf_calibrated")
-    assert torch.equal(layer.feedback, before) and model.config.feedback_type == feedback_type
+    assert torch.equal(layer.feedback, before) and model.config.gradient_mode == trained_mode
+    assert layer.pending_calibration is None  # measuring records no calibration statistics
 
     inputs = model.model.embeddings(ids).detach()  # a one-layer residual model: the layer sees the embeddings
     want_feedback = batch_mean_diagonal(layer, inputs, mask).clamp(0, 1)
-    reference = SfrnnForCausalLM(SfrnnConfig(**{**config.to_dict(), "feedback_type": "linspace"})).double()
+    reference = SfrnnForCausalLM(SfrnnConfig(**{**config.to_dict(), "gradient_mode": "dsf"})).double()
     reference.load_state_dict({**model.state_dict(), "model.layers.0.recurrent.feedback": want_feedback})
     want = parameter_gradients(reference, batch, "dsf")
     plain = parameter_gradients(model, batch, "dsf")
@@ -150,7 +151,7 @@ def test_calibrated_fidelity_mode_is_dsf_with_the_batch_mean_diagonal_jacobian(f
 
     result = gradient_fidelity(model, [batch], modes=("dsf", "dsf_calibrated"))
     assert set(result["parameters"]) == {"dsf", "dsf_calibrated"}
-    assert torch.equal(layer.feedback, before) and model.config.feedback_type == feedback_type
+    assert torch.equal(layer.feedback, before) and model.config.gradient_mode == trained_mode
 
 
 def test_feedback_match_compares_the_feedback_with_the_measured_memory():

@@ -329,8 +329,7 @@ def test_every_backend_equals_the_reference_through_the_layer(cell, mode):
     """`config.dsf_backend` picks the op; every CPU-runnable op gives the reference's states, gradients and
     calibration statistics (arbitrary mask)."""
     layer = make_layer(cell)
-    layer.config.gradient_mode = "dsf" if mode == "calibrated" else mode
-    layer.config.feedback_type = "calibrated" if mode == "calibrated" else "linspace"
+    layer.config.gradient_mode = "dsf_calibrated" if mode == "calibrated" else mode
     x = torch.randn(3, 7, layer.hidden_size, dtype=torch.float64, requires_grad=True)
     mask = make_mask("arbitrary", 3, 7)
     results = {}

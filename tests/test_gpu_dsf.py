@@ -59,7 +59,7 @@ def test_cuda_diag_jacobian_and_calibrated_feedback_equal_the_cpu_path(cell, var
     if variant == "diag_jacobian":
         layer.config.gradient_mode = "diag_jacobian"
     else:
-        layer.config.feedback_type, layer.config.feedback_momentum = "calibrated", 0.0
+        layer.config.gradient_mode, layer.config.feedback_momentum = "dsf_calibrated", 0.0
     x = torch.randn(4, 50, 64)
     mask = make_mask("arbitrary", 4, 50)
     readout = torch.randn(4, 50, layer.output_size)

@@ -135,14 +135,14 @@ def test_model_card_states_the_mode_and_the_feedback_the_model_has(tmp_path, wor
     assert "| feedback diagonal | `linspace(0.0, 1.0, 12)`, fixed |" in (folder / "README.md").read_text()
 
     # A calibrated feedback is not the paper's linspace: the card gives each layer's values (written here by hand).
-    config = dict(gradient_mode="diag_jacobian", feedback_type="calibrated", feedback_momentum=0.5)
+    config = dict(gradient_mode="dsf_calibrated", feedback_momentum=0.5)
     model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=12, num_hidden_layers=2,
                                          **config))
     model.model.layers[0].recurrent.feedback = torch.linspace(0.1, 0.5, 12)
     model.model.layers[1].recurrent.feedback = torch.full((12,), 0.25)
     folder = export_for_hub(model, word_tokenizer, tmp_path / "calibrated" / "hub", repo_id="someone/calibrated")
     body = ModelCard.load(folder / "README.md").text
-    assert "diag_jacobian" in body and "linspace(0.0, 1.0, 12)`, fixed" not in body
+    assert "dsf_calibrated" in body and "linspace(0.0, 1.0, 12)`, fixed" not in body
     assert "momentum 0.5" in body and "layer 0: 0.10-0.50, mean 0.30; layer 1: 0.25-0.25, mean 0.25" in body
     assert set(GRADIENT_MODE_NAMES) == set(GRADIENT_MODES)  # every mode a model can be trained in has a name
 

@@ -274,6 +274,8 @@ def test_a_long_run_recorded_under_the_earlier_names_resumes_with_no_change():
     recorded = yaml.safe_load(PROTOCOL_EXPERIMENT_YAML)
     experiment = load_config("ptb_gru_1x256", settings)
     assert changed_settings(recorded, experiment.to_dict()) == []
+    today = load_config("ptb_gru_1x256", ["model.gradient_mode=dsf_calibrated", *settings[2:]])  # one axis
+    assert today.model["gradient_mode"] == "dsf_calibrated" and changed_settings(recorded, today.to_dict()) == []
     assert changed_settings(recorded, load_config("ptb_gru_1x256", settings + ["training.seed=1"]).to_dict()) == [
         "training.seed: 0 -> 1"]
     # the earlier record, read as a config file, is the same run; today's record loads back to itself

@@ -165,8 +165,7 @@ def test_checkpointing_gives_the_same_gradients_and_feedback_step_after_step(cel
     # A calibrated feedback must move once per optimizer step, never inside a (re)computed forward; an LSTM's padded
     # batch must survive the reentrant recompute (its no-grad first pass returns what the recompute returns).
     config = SfrnnConfig(vocab_size=23, hidden_size=8, num_hidden_layers=2, cell_type=cell,
-                         gradient_mode="dsf" if variant == "calibrated" else variant,
-                         feedback_type="calibrated" if variant == "calibrated" else "linspace", feedback_momentum=0.5)
+                         gradient_mode="dsf_calibrated" if variant == "calibrated" else variant, feedback_momentum=0.5)
     plain = SfrnnForCausalLM(config).double().train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -199,8 +198,7 @@ def test_calibrated_feedback_accumulating_2_x_4_is_one_batch_of_8_through_the_tr
     models = {}
     for accumulation in (1, 2):
         trainer, _ = run(tiny_experiment(
-            tmp_path / f"acc{accumulation}", "model.gradient_mode=dsf", "model.feedback_type=calibrated",
-            "model.feedback_momentum=0.5", "data.max_train_samples=24", "training.batch_size=8",
+            tmp_path / f"acc{accumulation}", "model.gradient_mode=dsf_calibrated", "model.feedback_momentum=0.5", "data.max_train_samples=24", "training.batch_size=8",
             f"training.gradient_accumulation_steps={accumulation}", "training.max_steps=3", "training.adam_eps=1.0",
             "training.learning_rate=0.1", "training.train_sampling_strategy=sequential"))
         models[accumulation] = trainer.model

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_type_hints
 
 from huggingface_hub.dataclasses import strict, validated_field
 
-from ..configuration_sfrnn import SfrnnConfig
+from ..configuration_sfrnn import SfrnnConfig, fold_feedback_type
 from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
 from .config_reading import (ConfigError, apply_override, checked, parse_overrides, read_yaml, resolve_config_path,
                              shipped_configs, strict_section, unknown_key)
@@ -239,6 +239,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
     model = raw.get("model") or {}
     if not isinstance(model, dict):
         raise ConfigError(f"Section `model` must be a mapping, got {model!r}.")
+    try:
+        model = fold_feedback_type(model)  # an earlier config's `feedback_type: calibrated`
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
     training, trainer_args = _training(raw.get("training"), spelled)
     config = ExperimentConfig(model=dict(model), data=strict_section(DataConfig, "data", raw.get("data")),
                               training=training, trainer_args=trainer_args,

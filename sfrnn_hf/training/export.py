@@ -30,17 +30,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
+import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 import yaml
 
 from ..cells_sfrnn import CELLS
+from ..recurrent_sfrnn import linspace_feedback
 from .checkpoints import MANIFEST, damage
 from .data import is_character_level, update_saved_tokenizer
 from .run_folder import RUN_FILES
 
 GRADIENT_MODE_NAMES = {
     "dsf": "Diagonal State Feedbacks (DSF)",
+    "dsf_calibrated": "Diagonal State Feedbacks with a calibrated diagonal (dsf_calibrated: each optimizer step moves "
+                      "the diagonal towards the units' mean diag(J_t))",
     "bptt": "exact backpropagation through time (BPTT)",
     "ft_bptt": "fully truncated BPTT (FT-BPTT)",
     "diag_jacobian": "the time-varying diagonal Jacobian (diag_jacobian: DSF's scan decayed by each step's own "
@@ -62,9 +66,10 @@ def feedback_description(model) -> str:
     config = model.config
     width = config.hidden_size * config.state_multiplier
     paper = f"`linspace({config.feedback_min}, {config.feedback_max}, {width})`"
-    if config.feedback_type != "calibrated":
-        return f"{paper}, fixed"
     layers = [layer.recurrent.feedback for layer in model.base_model.layers]
+    initial = linspace_feedback(config)
+    if all(torch.allclose(a.detach().cpu().float(), initial, rtol=0, atol=1e-6) for a in layers):  # never moved
+        return f"{paper}, fixed"
     values = "; ".join(f"layer {i}: {a.min().item():.2f}-{a.max().item():.2f}, mean {a.mean().item():.2f}"
                        for i, a in enumerate(layers))
     return (f"calibrated from the units' mean diag(J) during training (momentum {config.feedback_momentum}, clamped "

@@ -106,18 +106,15 @@ def parameter_gradients(model, batch: dict, mode: str) -> dict[str, torch.Tensor
     if mode == CALIBRATED:
         with calibrated_on(model, batch):
             return parameter_gradients(model, batch, "dsf")
-    config = model.config
-    feedback_type = getattr(config, "feedback_type", None)  # any model with `config.gradient_mode` can be measured
-    if feedback_type is not None:
-        config.feedback_type = "linspace"  # measuring must not record calibration statistics
+    config = model.config  # (`dsf` holds a calibrated diagonal constant: measuring records no statistics)
+    trained_mode = config.gradient_mode
     try:
         config.gradient_mode = mode
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         loss = model(**batch).loss
         grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     finally:
-        if feedback_type is not None:
-            config.feedback_type = feedback_type
+        config.gradient_mode = trained_mode
     return {name: (g if g is not None else torch.zeros_like(p)) for (name, p), g in zip(named, grads)}
 
 

@@ -7,6 +7,7 @@ import fnmatch
 import os
 import shutil
 
+from ..configuration_sfrnn import fold_feedback_type
 from .checkpoints import checkpoints
 from .config import DataConfig, LoraSection, TrainingConfig, canonical_training, trainer_default, trainer_fields
 from .config_reading import is_secret
@@ -144,8 +145,8 @@ def changed_settings(started: dict, now: dict) -> list[str]:
     """What a resume would change in the run it continues: `"section.key: <started> -> <now>"` for every setting
     (`ExperimentConfig.to_dict()` form, also an earlier config's names) that differs, except `RESUMABLE_CHANGES`. A
     setting a record lacks (written before the setting existed) counts as its default."""
-    before, after = (_flatten({**tree, "training": canonical_training(tree.get("training") or {})})
-                     for tree in (started, now))
+    before, after = (_flatten({**tree, "model": fold_feedback_type(tree.get("model") or {}),
+                               "training": canonical_training(tree.get("training") or {})}) for tree in (started, now))
     defaults = _flatten({"data": dataclasses.asdict(DataConfig()), "training": dataclasses.asdict(TrainingConfig()),
                          "lora": dataclasses.asdict(LoraSection())})
 
