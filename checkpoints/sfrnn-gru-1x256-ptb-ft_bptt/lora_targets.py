@@ -30,13 +30,12 @@ DEFAULT_TARGET_PARAMETERS = tuple(f"recurrent.{name}" for name in RECURRENT_LORA
 MODEL_TYPE = "sfrnn"
 
 
-def recurrent_lora_parameters(model_config) -> tuple[str, ...]:
-    """The recurrent parameters a LoRA can adapt in a model of `model_config` (a config or its dict): those of
-    `RECURRENT_LORA_PARAMETERS` that its cell makes non-empty matrices."""
+def recurrent_lora_parameters(cell_type: str) -> tuple[str, ...]:
+    """The recurrent parameters a LoRA can adapt in a model of `cell_type`: those of `RECURRENT_LORA_PARAMETERS` that
+    the cell makes non-empty matrices (the emptiness of a shape does not depend on the width)."""
     from .cells_sfrnn import get_cell
 
-    get = model_config.get if isinstance(model_config, dict) else functools.partial(getattr, model_config)
-    shapes = get_cell(get("cell_type")).parameter_shapes(get("hidden_size"))
+    shapes = get_cell(cell_type).parameter_shapes(1)
     return tuple(name for name in RECURRENT_LORA_PARAMETERS if len(shapes[name]) == 2 and 0 not in shapes[name])
 
 
@@ -68,20 +67,19 @@ def check_lora_targets(target_modules, target_parameters, lora_parameters=RECURR
             f"prenorm blocks), and target_parameters={list(DEFAULT_TARGET_PARAMETERS)} for the recurrence itself.")
 
 
-def sfrnn_lora_defaults(peft_config, model_config) -> None:
-    """Fill (in place) what the `LoraConfig` of a model of `model_config` leaves to defaults, then check its
-    targets."""
+def sfrnn_lora_defaults(peft_config, model_config: dict) -> None:
+    """Fill (in place) what the `LoraConfig` of a model of `model_config` (the dict PEFT passes) leaves to defaults,
+    then check its targets."""
     from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
-    parameters = recurrent_lora_parameters(model_config)
-    if not peft_config.target_parameters:
+    cell_type = model_config["cell_type"]
+    parameters = recurrent_lora_parameters(cell_type)
+    if not peft_config.target_parameters and (peft_config.target_modules is None
+                                              or peft_config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         if peft_config.target_modules is None:
             peft_config.target_modules = set()  # PEFT's way of saying "no module, parameters only"
-            peft_config.target_parameters = [f"recurrent.{name}" for name in parameters]
-        elif peft_config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-            peft_config.target_parameters = [f"recurrent.{name}" for name in parameters]
-    check_lora_targets(peft_config.target_modules, peft_config.target_parameters, parameters,
-                       model_config.get("cell_type"))
+        peft_config.target_parameters = [f"recurrent.{name}" for name in parameters]
+    check_lora_targets(peft_config.target_modules, peft_config.target_parameters, parameters, cell_type)
 
 
 def register_with_peft() -> bool:

@@ -203,12 +203,13 @@ def _training(values, spelled: dict) -> tuple[TrainingConfig, dict]:
     for key, value in values.items():
         if key in SET_BY:
             raise ConfigError(f"`training.{key}` is set by `training.{SET_BY[key]}`; use that instead.")
-        if key not in ours and key not in trainer_fields():
+        if key in ours or (value is None and TRAINER_DEFAULTS.get(key, 0) is None):  # (None: the package default)
+            continue
+        if key not in trainer_fields():
             raise unknown_key("training", key, [*TrainingConfig.__dataclass_fields__, *trainer_fields()],
                               TrainingConfig.__dataclass_fields__, ", and any other transformers.TrainingArguments field")
-        if key not in ours and not (value is None and TRAINER_DEFAULTS.get(key, 0) is None):  # (None: its default)
-            trainer_args[key] = checked(f"training.{spelled.get(key, key)}", value, trainer_fields()[key][1],
-                                        [TRAINER_RANGES[key]] if key in TRAINER_RANGES else [])
+        trainer_args[key] = checked(f"training.{spelled.get(key, key)}", value, trainer_fields()[key][1],
+                                    [TRAINER_RANGES[key]] if key in TRAINER_RANGES else [])
     training = strict_section(TrainingConfig, "training", ours)
     if trainer_args["num_train_epochs"] <= 0 and trainer_args.get("max_steps", -1) <= 0:
         raise ConfigError(f"`training.num_train_epochs` must be positive (or set max_steps), got "

@@ -127,11 +127,11 @@ def _yaml_reading(key: str, value, options: tuple):
 def checked(name: str, value, annotation, validators=()):
     """YAML's `value` for a field named `name` of type `annotation`, checked by its type and `validators`. (An error
     about a secret does not show its value.)"""
-    if not is_secret(name):
-        return _checked(name, value, annotation, validators)
     try:
         return _checked(name, value, annotation, validators)
     except ConfigError:
+        if not is_secret(name):
+            raise
         raise ConfigError(f"`{name}` must be {annotation} (its value is not shown: it is a secret).") from None
 
 

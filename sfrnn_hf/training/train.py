@@ -616,7 +616,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
         base = SfrnnConfig.from_pretrained(experiment.model["from_pretrained"])
         try:
             check_lora_targets(experiment.lora.target_modules, experiment.lora.target_parameters,
-                               recurrent_lora_parameters(base), base.cell_type)
+                               recurrent_lora_parameters(base.cell_type), base.cell_type)
         except ValueError as error:
             raise ConfigError(f"lora.{error}") from None
     training = experiment.training
