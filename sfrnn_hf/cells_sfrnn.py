@@ -181,10 +181,6 @@ class Cell:
         """`(low, high)` of the uniform init of parameter `name`: torch's RNN init `U(-1/sqrt(d), 1/sqrt(d))`."""
         return -1.0 / d**0.5, 1.0 / d**0.5
 
-    def matrix_parameters(self, d: int) -> tuple:
-        """The parameters that are matrices (what LoRA can adapt)."""
-        return tuple(name for name, shape in self.parameter_shapes(d).items() if len(shape) == 2 and shape[0])
-
     def recurrent_diagonals(self, weight_hh):
         """`(H, d)`: the diagonal of each gate's `(d, d)` block of `weight_hh` `(H*d, d)`: what `diagonal_jacobian`
         (and its Triton form) reads of the recurrent weights."""

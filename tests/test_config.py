@@ -1,6 +1,8 @@
-"""SfrnnConfig: defaults, serialisation, and a ValueError naming the field for every invalid value."""
+"""SfrnnConfig: defaults, serialisation, and an error naming the field and the value for every invalid value (a strict
+dataclass: `StrictDataclassError`, as transformers' own configs raise)."""
 
 import pytest
+from huggingface_hub.errors import StrictDataclassError
 
 from sfrnn_hf import SfrnnConfig
 
@@ -34,23 +36,37 @@ def test_round_trip_through_dict():
         ("feedback_min", -0.1),
         ("feedback_max", 1.5),
         ("initializer_range", 0.0),
+        ("initializer_range", float("inf")),
+        ("layer_norm_eps", float("nan")),
+        ("feedback_momentum", 1.0),
+        ("dsf_backend", "cuda"),
+        ("lstm_expose_cell_state", "yes"),
+        ("feedback_max", True),
     ],
 )
-def test_invalid_value_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_invalid_value_names_the_field_and_the_value(field, value):
+    with pytest.raises(StrictDataclassError, match=field) as raised:
         SfrnnConfig(**{field: value})
+    assert repr(value) in str(raised.value) or str(value) in str(raised.value)
+
+
+def test_numbers_may_be_written_as_integers():
+    config = SfrnnConfig(feedback_min=0, feedback_max=1, initializer_range=1, layer_norm_eps=1)
+    assert (config.feedback_min, config.feedback_max) == (0, 1)
 
 
 def test_expose_cell_state_needs_lstm():
-    with pytest.raises(ValueError, match="lstm_expose_cell_state"):
+    with pytest.raises(StrictDataclassError, match="lstm_expose_cell_state"):
         SfrnnConfig(cell_type="gru", lstm_expose_cell_state=True)
 
 
-@pytest.mark.parametrize("field, value", [("gradient_mode", "exact"), ("cell_type", "mamba"), ("block_type", "x")])
+@pytest.mark.parametrize("field, value", [("gradient_mode", "exact"), ("cell_type", "mamba"), ("block_type", "x"),
+                                          ("feedback_max", 2.0), ("hidden_size", 0)])
 def test_invalid_assignment_names_the_field(field, value):
     config = SfrnnConfig()
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(StrictDataclassError, match=field):
         setattr(config, field, value)
+    assert getattr(config, field) == getattr(SfrnnConfig, field)  # refused before it is set
 
 
 def test_valid_assignment_switches_mode():

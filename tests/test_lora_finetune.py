@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 from sfrnn_hf.cells_sfrnn import CELLS
+from sfrnn_hf.lora_targets import recurrent_lora_parameters
 from sfrnn_hf.training.train import apply_lora, main, run
-from sfrnn_hf.training.config import LoraSection
+from sfrnn_hf.training.config import ConfigError, LoraSection, load_config
 from training_helpers import tiny_experiment
 
 peft = pytest.importorskip("peft")
@@ -26,7 +27,7 @@ def _adapted_model(cell="gru", block="prenorm", mode="dsf"):
     config = SfrnnConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2, cell_type=cell, block_type=block,
                          gradient_mode=mode)
     base = SfrnnForCausalLM(config).double()
-    matrices = list(CELLS[cell].matrix_parameters(config.hidden_size))  # weight_ih, and weight_hh where a matrix
+    matrices = list(recurrent_lora_parameters(cell))  # weight_ih, and weight_hh where a matrix
     section = LoraSection(enabled=True, r=3, alpha=6, target_parameters=matrices,
                           target_modules=["output_projection"] if block == "prenorm" else [])
     adapted = apply_lora(copy.deepcopy(base), section)
@@ -135,3 +136,30 @@ def test_lora_option_fine_tunes_a_trained_checkpoint(tmp_path, capsys):
     # The command line's --lora takes the same route (here stopped at the config print).
     assert main(["ptb_gru_1x256", "--lora", str(checkpoint), "--print-config"]) == 0
     assert "enabled: true" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", CELL_TYPES)
+def test_the_lora_section_defaults_to_the_recurrent_matrices_the_cell_has(tmp_path, cell):
+    SfrnnForCausalLM(SfrnnConfig(vocab_size=VOCAB, hidden_size=8, cell_type=cell)).save_pretrained(tmp_path)
+    experiment = load_config(None, ["lora.enabled=true", f"model.from_pretrained={tmp_path}"])
+    shapes = CELLS[cell].parameter_shapes(8)
+    assert experiment.lora.target_parameters == [  # explicit in the run's experiment.yaml
+        name for name in ("weight_ih", "weight_hh") if len(shapes[name]) == 2 and 0 not in shapes[name]]
+    assert experiment.to_dict()["lora"]["target_parameters"] == experiment.lora.target_parameters
+    if "weight_hh" not in experiment.lora.target_parameters:  # asked for explicitly: refused, naming the cell
+        with pytest.raises(ConfigError, match=f"weight_hh.*{cell}"):
+            load_config(None, ["lora.enabled=true", f"model.from_pretrained={tmp_path}",
+                               "lora.target_parameters=[weight_ih, weight_hh]"])
+
+
+def test_lora_option_fine_tunes_a_cell_without_a_recurrent_matrix(tmp_path):
+    run(tiny_experiment(tmp_path / "base", "training.max_steps=1", "model.cell_type=indrnn"))
+    checkpoint = tmp_path / "base" / "run"
+    experiment = tiny_experiment(tmp_path / "lora", "training.max_steps=2", "lora.enabled=true", "lora.r=2",
+                                 f"model.from_pretrained={checkpoint}")
+    experiment.model = {"from_pretrained": str(checkpoint)}
+    trainer, _ = run(experiment)
+    assert json.load(open(tmp_path / "lora" / "run" / "adapter_config.json"))["target_parameters"] == [
+        "recurrent.weight_ih"]
+    adapters = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert len(adapters) == 2 and all(p.abs().max() > 0 for p in adapters)  # one matrix in each of the 2 layers, trained

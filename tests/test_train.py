@@ -177,6 +177,9 @@ def test_missing_config_file_and_lora_without_checkpoint(tmp_path, capsys):
     with pytest.raises(ConfigError, match="bias_hh"):
         load_config("ptb_gru_1x256", ["lora.enabled=true", f"model.from_pretrained={tmp_path}",
                                       "lora.target_parameters=[bias_hh]"])
+    (tmp_path / "config.json").write_text("{damaged")  # the base model's cell decides the LoRA defaults
+    with pytest.raises(ConfigError, match="model.from_pretrained.*not a valid JSON"):
+        load_config("ptb_gru_1x256", ["lora.enabled=true", f"model.from_pretrained={tmp_path}"])
 
 
 def test_overrides_are_typed_and_cli_forms_agree():
@@ -187,6 +190,19 @@ def test_overrides_are_typed_and_cli_forms_agree():
     assert a.model["gradient_mode"] == "bptt" and a.trainer_args["eval_strategy"] == "no"  # YAML reads `no` as false
     with pytest.raises(ConfigError, match="training.epochs"):
         load_config("ptb_gru_1x256", ["training.epochs=many"])
+
+
+def test_the_model_section_is_read_against_the_fields_of_sfrnnconfig():
+    config = load_config(None, ["model.feedback_max=5e-1", "model.feedback_min=0"])  # no file: every default
+    assert config.model == {"feedback_max": 0.5, "feedback_min": 0.0}  # YAML reads `5e-1` as a string
+    assert config.trainer_args["learning_rate"] == trainer_default("learning_rate")
+    for overrides, message in [(["model.gradient_mode=dfs"], r"model.gradient_mode.*'dfs'.*Did you mean 'dsf'"),
+                               (["model.feedback_max=1.5"], r"model.feedback_max. must be in \[0, 1\], got 1.5"),
+                               (["model.hidden_size=8.5"], r"model.hidden_size. must be int, got 8.5"),
+                               (["model.cell_type=gru", "model.lstm_expose_cell_state=true"],  # a rule between fields
+                                r"lstm_expose_cell_state=True.*'gru'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
 
 
 def test_changed_settings_names_what_a_resume_would_change():

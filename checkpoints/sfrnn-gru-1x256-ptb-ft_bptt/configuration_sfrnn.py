@@ -1,10 +1,19 @@
 """Configuration of sfrnn models: multi-layer GRU / LSTM / tanh-RNN language models whose backward is exact BPTT,
 Diagonal State Feedbacks (DSF, arXiv 2503.23104) or fully truncated BPTT.
 
-Hub-exported file: imports only transformers and its flat siblings `cells_sfrnn` and `scan_sfrnn` (the registered
-cells and feedbacks).
+A strict dataclass as transformers' own configs are: each field's type (a `Literal` for a choice) and range is checked
+when the config is built and on every assignment (`model.config.gradient_mode = "dfs"` fails at once, naming the
+field), the rules between fields in `validate_*` methods; a bad value raises
+`huggingface_hub.errors.StrictDataclassError` naming the field and the value.
+
+Hub-exported file: imports only transformers (and huggingface_hub, its dependency) and its flat siblings `cells_sfrnn`
+and `scan_sfrnn` (the registered cells and feedbacks).
 """
 
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict, validated_field
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
@@ -19,10 +28,26 @@ BLOCK_TYPES = ("residual", "prenorm")
 # Which op runs the DSF-family modes (`backends_sfrnn.resolve_dsf_backend`); "auto" picks by device.
 DSF_BACKENDS = ("auto", "reference", "fused", "fused_kernel", "triton")
 
-# Fields whose value must be one of a fixed set, checked at construction AND on assignment, so that
-# `model.config.gradient_mode = "dfs"` fails at once instead of at the next forward pass.
-_CHOICES = {"cell_type": CELL_TYPES, "gradient_mode": GRADIENT_MODES, "block_type": BLOCK_TYPES,
-            "dsf_backend": DSF_BACKENDS}
+
+def in_range(low, high=None, low_open=False, high_open=False):
+    """A field validator of `low <= value <= high` (an open end excludes its bound; NaN is outside); None passes (an
+    unset optional). It runs after the field's type check."""
+    def check(value):
+        if value is None:
+            return
+        if not ((value > low if low_open else value >= low) and (
+                high is None or (value < high if high_open else value <= high))):
+            if high is None or high == math.inf:
+                bound = "positive" if low == 0 and low_open else f"at least {low}"
+                raise ValueError(f"must be {bound}{' and finite' if high else ''}, got {value!r}")
+            raise ValueError(f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, got "
+                             f"{value!r}")
+    return check
+
+
+POSITIVE, UNIT_INTERVAL = in_range(0, low_open=True), in_range(0, 1)
+POSITIVE_FINITE = in_range(0, math.inf, low_open=True, high_open=True)
+
 # Earlier configs named the calibrated feedback on a second axis: `gradient_mode="dsf", feedback_type="calibrated"` is
 # today's `gradient_mode="dsf_calibrated"` (outside `dsf` it had no effect).
 LEGACY_FEEDBACK_TYPES = ("linspace", "calibrated")
@@ -38,12 +63,6 @@ def fold_feedback_type(settings: dict) -> dict:
     if legacy == "calibrated" and settings.get("gradient_mode", "dsf") == "dsf":
         settings["gradient_mode"] = "dsf_calibrated"
     return settings
-
-
-def _check_choice(name, value):
-    allowed = _CHOICES[name]
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
 
 def settings_without_effect(config) -> list[str]:
@@ -73,11 +92,7 @@ def settings_without_effect(config) -> list[str]:
     return notes
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
+@strict
 class SfrnnConfig(PreTrainedConfig):
     r"""
     Args:
@@ -134,20 +149,20 @@ class SfrnnConfig(PreTrainedConfig):
     model_type = "sfrnn"
     keys_to_ignore_at_inference = ["past_key_values"]  # the Trainer's evaluation must not gather the state cache
 
-    vocab_size: int = 10000
-    hidden_size: int = 256
-    num_hidden_layers: int = 1
-    cell_type: str = "gru"
-    gradient_mode: str = "dsf"
-    feedback_min: float = 0.0
-    feedback_max: float = 1.0
-    feedback_momentum: float = 0.9
-    dsf_backend: str = "auto"
-    block_type: str = "residual"
-    intermediate_size: int | None = None
+    vocab_size: int = validated_field(POSITIVE, default=10000)
+    hidden_size: int = validated_field(POSITIVE, default=256)
+    num_hidden_layers: int = validated_field(POSITIVE, default=1)
+    cell_type: Literal[CELL_TYPES] = "gru"
+    gradient_mode: Literal[GRADIENT_MODES] = "dsf"
+    feedback_min: float | int = validated_field(UNIT_INTERVAL, default=0.0)  # in [0, 1]: a contracting feedback
+    feedback_max: float | int = validated_field(UNIT_INTERVAL, default=1.0)
+    feedback_momentum: float | int = validated_field(in_range(0, 1, high_open=True), default=0.9)
+    dsf_backend: Literal[DSF_BACKENDS] = "auto"
+    block_type: Literal[BLOCK_TYPES] = "residual"
+    intermediate_size: int | None = validated_field(POSITIVE, default=None)  # None: 4 * hidden_size
     lstm_expose_cell_state: bool = False
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    layer_norm_eps: float | int = validated_field(POSITIVE_FINITE, default=1e-5)
+    initializer_range: float | int = validated_field(POSITIVE_FINITE, default=0.02)
     use_cache: bool = True
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
@@ -158,37 +173,21 @@ class SfrnnConfig(PreTrainedConfig):
         if "feedback_type" in kwargs:
             self.gradient_mode = fold_feedback_type({"gradient_mode": self.gradient_mode,
                                                      "feedback_type": kwargs.pop("feedback_type")})["gradient_mode"]
-        for name in _CHOICES:
-            _check_choice(name, getattr(self, name))
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            _check_positive_int(name, getattr(self, name))
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
-        _check_positive_int("intermediate_size", self.intermediate_size)
-        for name in ("feedback_min", "feedback_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be a number in [0, 1] (a contracting feedback), got {value!r}.")
-        momentum = self.feedback_momentum
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`feedback_momentum` must be a number in [0, 1), got {momentum!r}.")
-        if self.lstm_expose_cell_state and CELLS[self.cell_type].state_vectors == 1:
-            raise ValueError(f"`lstm_expose_cell_state=True` needs a cell whose state holds more than `h` "
-                             f"(cell_type='lstm'), got cell_type={self.cell_type!r}.")
-        for name in ("initializer_range", "layer_norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
         for note in settings_without_effect(self):
             logger.warning(note)
         super().__post_init__(**kwargs)
+
+    def validate_cell_state(self):
+        if self.lstm_expose_cell_state and CELLS[self.cell_type].state_vectors == 1:
+            raise ValueError(f"`lstm_expose_cell_state=True` needs a cell whose state holds more than `h` "
+                             f"(cell_type='lstm'), got cell_type={self.cell_type!r}.")
 
     def __setattr__(self, key, value):
         if key == "feedback_type":
             raise AttributeError("`feedback_type` is no setting any more: the calibrated feedback is "
                                  "`gradient_mode='dsf_calibrated'`, the paper's fixed one `gradient_mode='dsf'`.")
-        if key in _CHOICES:
-            _check_choice(key, value)
         super().__setattr__(key, value)
 
     @property
@@ -203,4 +202,4 @@ class SfrnnConfig(PreTrainedConfig):
 
 
 __all__ = ["SfrnnConfig", "CELL_TYPES", "GRADIENT_MODES", "BLOCK_TYPES", "DSF_BACKENDS", "settings_without_effect",
-           "fold_feedback_type"]
+           "fold_feedback_type", "in_range"]

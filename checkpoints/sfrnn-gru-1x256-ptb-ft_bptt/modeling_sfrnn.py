@@ -130,10 +130,11 @@ CODE_DIGESTS = "sfrnn_code_sha256"  # config.json: the SHA-256 of each code file
 
 
 def code_digests(folder: str) -> dict[str, str]:
-    """`{file name: SHA-256}` of the flat code files (`*_sfrnn.py`) in `folder`."""
+    """`{file name: SHA-256}` of the flat code files in `folder`: `*_sfrnn.py` and `lora_targets.py` (PEFT's defaults),
+    what `save_pretrained` copies beside the weights."""
     digests = {}
     for name in sorted(os.listdir(folder)):
-        if name.endswith("_sfrnn.py"):
+        if name.endswith("_sfrnn.py") or name == "lora_targets.py":
             with open(os.path.join(folder, name), "rb") as handle:
                 digests[name] = hashlib.sha256(handle.read()).hexdigest()
     return digests

@@ -1,42 +1,25 @@
 """The training configuration: a YAML file (a path, or a shipped config's name) of four sections, plus `section.key=value`
 overrides; checked whole before any data is read. `model`: SfrnnConfig fields (the tokenizer gives the vocabulary and
 special tokens) or `from_pretrained: <path>`; `data`: DataConfig; `training`: any `transformers.TrainingArguments`
-field by its own name (`train.training_arguments` builds them with `HfArgumentParser`) and TrainingConfig, the
-package's own; `lora`: LoraSection. Sections are strict dataclasses with types, choices and ranges on their fields;
-an earlier config's names (`LEGACY_TRAINING_KEYS`, a `trainer_args` mapping) still load and resume.
+field by its own name and TrainingConfig, the package's own (`training_section.py`); `lora`: LoraSection. Every
+section is a strict dataclass with types, choices and ranges on its fields, read by `config_reading.checked`.
 """
 
 import dataclasses
-import functools
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_type_hints
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassError
 
-from ..configuration_sfrnn import SfrnnConfig, fold_feedback_type
-from ..lora_targets import RECURRENT_LORA_PARAMETERS, check_lora_targets
+from ..configuration_sfrnn import POSITIVE, SfrnnConfig, fold_feedback_type, in_range
+from ..lora_targets import check_lora_targets, recurrent_lora_parameters
 from .config_reading import (ConfigError, apply_override, checked, parse_overrides, read_yaml, resolve_config_path,
                              shipped_configs, strict_section, unknown_key)
 from .data import DATASETS, SEQUENCE_LAYOUTS, TOKENIZERS, check_source
-from .gradient_schedule import parse_schedule
-
-
-def _range(low, high=None, low_open=False, high_open=False):
-    """A validator of `low <= value <= high` (an open end excludes its bound); None passes (an unset optional)."""
-    def check(value):
-        if value is None or isinstance(value, str):  # (a string: the type check's error)
-            return
-        if (value <= low if low_open else value < low) or (
-                high is not None and (value >= high if high_open else value > high)):
-            if high is None:
-                raise ValueError("must be positive" if low == 0 and low_open else f"must be at least {low}")
-            raise ValueError(f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
-    return check
-
-
-POSITIVE, NON_NEGATIVE, UNIT = _range(0, low_open=True), _range(0), _range(0, 1, high_open=True)
+from .training_section import (TRAINER_DEFAULTS, TrainingConfig, canonical_override, canonical_training,
+                               read_training_section, trainer_default)
 
 
 @strict
@@ -44,7 +27,7 @@ POSITIVE, NON_NEGATIVE, UNIT = _range(0, low_open=True), _range(0), _range(0, 1,
 class DataConfig:
     dataset: Literal[DATASETS] = "ptb"  # ptb_char: the standard character-level PTB; text: local files
     sequences: Literal[SEQUENCE_LAYOUTS] = "sentence"  # one line a sequence, padded | concatenated, fixed chunks
-    max_length: int = validated_field(_range(2), default=65)  # sentence: truncation incl. <bos>/<eos>; stream: chunk
+    max_length: int = validated_field(in_range(2), default=65)  # sentence: truncation incl. <bos>/<eos>; stream: chunk
     tokenizer: str = "auto"  # auto | word | char | bpe | gpt2 | path of a saved tokenizer
     bpe_vocab_size: int = validated_field(POSITIVE, default=16000)
     train_files: list[str] | None = None  # dataset `text` only
@@ -78,86 +61,27 @@ class DataConfig:
 
 @strict
 @dataclass
-class TrainingConfig:
-    """The `training` keys that are this package's own; every other `training` key is a `TrainingArguments` field."""
-
-    # GLOBAL batch per optimizer step, whatever the number of devices and accumulation steps
-    batch_size: int = validated_field(POSITIVE, default=128)
-    scheduler: Literal["step", "warmup_cosine", "constant"] = "constant"
-    step_every: float = validated_field(_range(0, 1, low_open=True), default=1 / 3)  # step: run fraction between decays
-    step_gamma: float = validated_field(POSITIVE, default=0.1)  # (the paper: x0.1 every 10 of 30 epochs)
-    # warmup_cosine: linear warm-up over this fraction, then cosine to min_lr_ratio * learning_rate
-    warmup_ratio: float = validated_field(UNIT, default=0.1)
-    min_lr_ratio: float = validated_field(_range(0, 1), default=0.1)
-    evaluate_test: bool = True  # evaluate the best model on the test split at the end
-    resume_from_checkpoint: bool | str | None = None  # true: the newest intact checkpoint in output_dir | a path
-    overwrite_output_dir: bool = False  # a new run into a folder holding an earlier run: delete it first
-    # the model's gradient_mode from a point on, e.g. [{after_epochs: 20, gradient_mode: bptt}] (gradient_schedule.py)
-    gradient_mode_schedule: list[dict] = field(default_factory=list)
-
-    def validate_resume(self):
-        resume = self.resume_from_checkpoint
-        if isinstance(resume, str) and not os.path.isdir(resume):
-            raise ValueError(f"`training.resume_from_checkpoint`: {resume!r} is not a checkpoint folder.")
-
-    def validate_schedule(self):
-        parse_schedule(self.gradient_mode_schedule)
-
-
-@strict
-@dataclass
 class LoraSection:
     enabled: bool = False
     r: int = validated_field(POSITIVE, default=8)
     alpha: int = validated_field(POSITIVE, default=16)
-    target_parameters: list[str] = field(default_factory=lambda: list(RECURRENT_LORA_PARAMETERS))
+    target_parameters: list[str] | None = None  # None: the cell's recurrent matrices (`recurrent_lora_parameters`)
     target_modules: list[str] = field(default_factory=list)
     merge_at_end: bool = True  # also save the merged model (an ordinary sfrnn checkpoint) in output_dir/merged
 
-    def validate_targets(self):
+    def for_cell(self, cell_type: str) -> "LoraSection":
+        """This section with its targets checked against the recurrent matrices of `cell_type`, the default made
+        explicit (what a LoRA of that cell adapts, also written to the run's experiment.yaml)."""
+        parameters = recurrent_lora_parameters(cell_type)
+        section = dataclasses.replace(self, target_parameters=list(
+            parameters if self.target_parameters is None else self.target_parameters))
         try:
-            check_lora_targets(self.target_modules, self.target_parameters)
+            check_lora_targets(section.target_modules, section.target_parameters, parameters, cell_type)
         except ValueError as error:
-            raise ValueError(f"lora.{error}") from None
-        if self.enabled and not self.target_parameters and not self.target_modules:
-            raise ValueError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
-
-
-# `TrainingArguments` fields: this package's defaults where they differ from transformers' (the paper's protocol), the
-# ranges transformers leaves to the optimizer, the fields a TrainingConfig key sets, and the names of earlier configs.
-TRAINER_DEFAULTS = {"output_dir": "runs/sfrnn", "num_train_epochs": 1.0, "learning_rate": 1e-3, "max_grad_norm": 0.0,
-                    "seed": 0, "eval_strategy": "epoch", "save_total_limit": 2, "logging_steps": 50,
-                    "report_to": "auto",  # tensorboard when installed
-                    "per_device_eval_batch_size": None,  # the per-device training batch
-                    "activation_checkpointing": False}
-TRAINER_RANGES = {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE, "adam_beta1": UNIT,
-                  "adam_beta2": UNIT, "max_grad_norm": NON_NEGATIVE, "logging_steps": POSITIVE,
-                  "save_total_limit": POSITIVE, "gradient_accumulation_steps": POSITIVE, "eval_steps": POSITIVE,
-                  "per_device_eval_batch_size": POSITIVE}
-SET_BY = {"per_device_train_batch_size": "batch_size", "lr_scheduler_type": "scheduler",
-          "lr_scheduler_kwargs": "scheduler", "warmup_steps": "warmup_ratio", "load_best_model_at_end": "eval_strategy",
-          "metric_for_best_model": "eval_strategy", "greater_is_better": "eval_strategy"}
-LEGACY_TRAINING_KEYS = {"lr": "learning_rate", "epochs": "num_train_epochs", "adam_eps": "adam_epsilon",
-                        "eval_batch_size": "per_device_eval_batch_size",
-                        "gradient_checkpointing": "activation_checkpointing"}
-
-
-@functools.cache
-def trainer_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
-    """`{TrainingArguments field a config may set: (field, declared type)}`. (The annotation, not `Field.type`, which
-    `HfArgumentParser` rewrites in place: `IntervalStrategy | str` becomes `IntervalStrategy` once it has parsed.)"""
-    from transformers import TrainingArguments
-
-    hints = get_type_hints(TrainingArguments)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(TrainingArguments) if f.init and f.name not in SET_BY}
-
-
-def trainer_default(name: str):
-    """The value a run has for `TrainingArguments` field `name` when its config does not set it."""
-    if name in TRAINER_DEFAULTS:
-        return TRAINER_DEFAULTS[name]
-    f = trainer_fields()[name][0]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+            raise ConfigError(f"lora.{error}") from None
+        if not section.target_parameters and not section.target_modules:
+            raise ConfigError("LoRA needs at least one of `lora.target_parameters` and `lora.target_modules`.")
+        return section
 
 
 @dataclass
@@ -176,49 +100,6 @@ class ExperimentConfig:
                 "lora": dataclasses.asdict(self.lora)}
 
 
-def canonical_training(values: dict, spelled: dict | None = None) -> dict:
-    """`training` under today's names: an earlier config's `lr`, `epochs`... as the `TrainingArguments` fields they
-    set, a `trainer_args` mapping's keys as `training` keys (`spelled`: filled with `{name: the name given}`)."""
-    values = dict(values)
-    nested = values.pop("trainer_args", None) or {}
-    if not isinstance(nested, dict):
-        raise ConfigError(f"`training.trainer_args` must be a mapping, got {nested!r}.")
-    canonical = {}
-    for given, value in [*values.items(), *nested.items()]:
-        key = LEGACY_TRAINING_KEYS.get(given, given)
-        if key in canonical:
-            raise ConfigError(f"`training.{key}` is given twice (as {given!r} too): keep one.")
-        canonical[key] = value
-        if spelled is not None:
-            spelled.setdefault(key, f"trainer_args.{given}" if given in nested and given not in values else given)
-    return canonical
-
-
-def _training(values, spelled: dict) -> tuple[TrainingConfig, dict]:
-    """`training` (today's names): TrainingConfig, and the `TrainingArguments` fields with the package's defaults."""
-    if not isinstance(values or {}, dict):
-        raise ConfigError(f"Section `training` must be a mapping, got {values!r}.")
-    ours = {key: value for key, value in values.items() if key in TrainingConfig.__dataclass_fields__}
-    trainer_args = dict(TRAINER_DEFAULTS)
-    for key, value in values.items():
-        if key in SET_BY:
-            raise ConfigError(f"`training.{key}` is set by `training.{SET_BY[key]}`; use that instead.")
-        if key in ours or (value is None and TRAINER_DEFAULTS.get(key, 0) is None):  # (None: the package default)
-            continue
-        if key not in trainer_fields():
-            raise unknown_key("training", key, [*TrainingConfig.__dataclass_fields__, *trainer_fields()],
-                              TrainingConfig.__dataclass_fields__, ", and any other transformers.TrainingArguments field")
-        trainer_args[key] = checked(f"training.{spelled.get(key, key)}", value, trainer_fields()[key][1],
-                                    [TRAINER_RANGES[key]] if key in TRAINER_RANGES else [])
-    training = strict_section(TrainingConfig, "training", ours)
-    if trainer_args["num_train_epochs"] <= 0 and trainer_args.get("max_steps", -1) <= 0:
-        raise ConfigError(f"`training.num_train_epochs` must be positive (or set max_steps), got "
-                          f"{trainer_args['num_train_epochs']!r}.")
-    if trainer_args["eval_strategy"] == "steps" and trainer_args.get("eval_steps") is None:
-        raise ConfigError("`training.eval_strategy: steps` needs `training.eval_steps`.")
-    return training, trainer_args
-
-
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML config (a path or a shipped name; None: all defaults), apply `section.key=value` overrides and check
     everything that can be checked without data. Raises `ConfigError` naming the bad key, value or path."""
@@ -228,29 +109,23 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> E
     if isinstance(raw.get("training"), dict):
         raw["training"] = canonical_training(raw["training"], spelled)
     for path, value in parse_overrides(list(overrides)):
-        if path[0] == "training":  # an earlier name overrides the key it names today
-            given = ".".join(path[1:])
-            path = ["training", *path[2:]] if path[1] == "trainer_args" and len(path) > 2 else path
-            path = ["training", LEGACY_TRAINING_KEYS.get(path[1], path[1]), *path[2:]]
-            spelled[path[1]] = given
-        apply_override(raw, path, value)
+        apply_override(raw, canonical_override(path, spelled) if path[0] == "training" else path, value)
     for key in raw:
         if key not in ("model", "data", "training", "lora"):
             raise unknown_key("config", key, ("model", "data", "training", "lora"))
-    model = raw.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"Section `model` must be a mapping, got {model!r}.")
-    try:
-        model = fold_feedback_type(model)  # an earlier config's `feedback_type: calibrated`
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
-    training, trainer_args = _training(raw.get("training"), spelled)
-    config = ExperimentConfig(model=dict(model), data=strict_section(DataConfig, "data", raw.get("data")),
+    model, _ = check_model_section(raw.get("model"))
+    training, trainer_args = read_training_section(raw.get("training"), spelled)
+    config = ExperimentConfig(model=model, data=strict_section(DataConfig, "data", raw.get("data")),
                               training=training, trainer_args=trainer_args,
                               lora=strict_section(LoraSection, "lora", raw.get("lora")), source=source)
-    check_model_section(config.model)
-    if config.lora.enabled and config.model.get("from_pretrained") is None:
-        raise ConfigError("LoRA fine-tunes a trained checkpoint: set `model.from_pretrained` (or pass --lora PATH).")
+    if config.lora.enabled:
+        if model.get("from_pretrained") is None:
+            raise ConfigError("LoRA fine-tunes a trained checkpoint: set `model.from_pretrained` (or pass --lora PATH).")
+        try:
+            cell_type = SfrnnConfig.from_pretrained(model["from_pretrained"]).cell_type
+        except (OSError, ValueError, StrictDataclassError) as error:
+            raise ConfigError(f"`model.from_pretrained`: {model['from_pretrained']!r}: {error}") from None
+        config.lora = config.lora.for_cell(cell_type)
     return config
 
 
@@ -258,25 +133,33 @@ MODEL_DERIVED_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token
 MODEL_FIELDS = tuple(name for name in SfrnnConfig.__annotations__ if name not in MODEL_DERIVED_FIELDS)
 
 
-def check_model_section(model: dict) -> SfrnnConfig | None:
-    """The model section as an `SfrnnConfig` with a placeholder vocabulary (None with `from_pretrained`); its
-    ValueErrors name the bad field."""
-    for key, value in model.items():
+def check_model_section(values) -> tuple[dict, SfrnnConfig | None]:
+    """The model section with each value checked against its `SfrnnConfig` field (an earlier config's `feedback_type`
+    folded into `gradient_mode`), and the `SfrnnConfig` it makes with a placeholder vocabulary (None with
+    `from_pretrained`, whose folder must hold a config.json)."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError(f"Section `model` must be a mapping, got {values!r}.")
+    try:
+        values = fold_feedback_type(values or {})
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+    model = {}
+    for key, value in values.items():
         if key in MODEL_DERIVED_FIELDS:
             raise ConfigError(f"`model.{key}` is set from the tokenizer; remove it from the config.")
         if key != "from_pretrained" and key not in MODEL_FIELDS:
             raise unknown_key("model", key, MODEL_FIELDS + ("from_pretrained",))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"`model.{key}` must be a finite number, got {value!r}.")
+        model[key] = value if key == "from_pretrained" else checked(
+            f"model.{key}", value, SfrnnConfig.__annotations__[key], SfrnnConfig.__validators__[key][1:])
     pretrained = model.get("from_pretrained")
     if pretrained is not None:
         if not os.path.isfile(os.path.join(str(pretrained), "config.json")):
             raise ConfigError(f"`model.from_pretrained`: {pretrained!r} is not a checkpoint folder (no config.json).")
-        return None
+        return model, None
     try:
-        return SfrnnConfig(vocab_size=2, **model)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"model: {error}") from error
+        return model, SfrnnConfig(vocab_size=2, **model)
+    except StrictDataclassError as error:
+        raise ConfigError(f"model: {error.__cause__}") from None
 
 
 __all__ = ["ConfigError", "DataConfig", "TrainingConfig", "LoraSection", "ExperimentConfig", "load_config",

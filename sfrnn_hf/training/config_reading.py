@@ -155,8 +155,8 @@ def _checked(name: str, value, annotation, validators):
     for validator in validators:
         try:
             validator(typed)
-        except ValueError as cause:
-            raise ConfigError(f"`{name}` {cause}, got {value!r}.") from None
+        except ValueError as cause:  # (it names the value)
+            raise ConfigError(f"`{name}` {cause}.") from None
     return typed
 
 

@@ -130,23 +130,19 @@ def gradient_fidelity(model, batches, modes=("dsf", "ft_bptt"), reference: str =
 
     Returns `{"parameters": {mode: {name: {"cosine", "norm_ratio"}}}, "layers": {mode: {"layers.i": {...}}}}`.
     """
-    original_mode = model.config.gradient_mode
     sums = {"parameters": {}, "layers": {}}
-    try:
-        for batch in batches:
-            exact = parameter_gradients(model, batch, reference)
-            exact_by_layer = _concatenate_by_layer(exact)
-            for mode in modes:
-                approximate = parameter_gradients(model, batch, mode)
-                for kind, pairs in (("parameters", ((n, approximate[n], exact[n]) for n in exact)),
-                                    ("layers", ((n, g, exact_by_layer[n])
-                                                for n, g in _concatenate_by_layer(approximate).items()))):
-                    for name, got, want in pairs:
-                        entry = sums[kind].setdefault(mode, {}).setdefault(name, {"cosine": 0.0, "norm_ratio": 0.0})
-                        entry["cosine"] += cosine_similarity(got, want)
-                        entry["norm_ratio"] += norm_ratio(got, want)
-    finally:
-        model.config.gradient_mode = original_mode
+    for batch in batches:  # (`parameter_gradients` restores the mode)
+        exact = parameter_gradients(model, batch, reference)
+        exact_by_layer = _concatenate_by_layer(exact)
+        for mode in modes:
+            approximate = parameter_gradients(model, batch, mode)
+            for kind, pairs in (("parameters", ((n, approximate[n], exact[n]) for n in exact)),
+                                ("layers", ((n, g, exact_by_layer[n])
+                                            for n, g in _concatenate_by_layer(approximate).items()))):
+                for name, got, want in pairs:
+                    entry = sums[kind].setdefault(mode, {}).setdefault(name, {"cosine": 0.0, "norm_ratio": 0.0})
+                    entry["cosine"] += cosine_similarity(got, want)
+                    entry["norm_ratio"] += norm_ratio(got, want)
     count = len(batches)
     return {kind: {mode: {name: {key: value / count for key, value in entry.items()} for name, entry in per.items()}
                    for mode, per in by_mode.items()} for kind, by_mode in sums.items()}

@@ -9,8 +9,9 @@ import shutil
 
 from ..configuration_sfrnn import fold_feedback_type
 from .checkpoints import checkpoints
-from .config import DataConfig, LoraSection, TrainingConfig, canonical_training, trainer_default, trainer_fields
+from .config import DataConfig, LoraSection
 from .config_reading import is_secret
+from .training_section import TrainingConfig, canonical_training, trainer_default, trainer_fields
 
 LOCK_FILE = ".sfrnn-run.lock"
 # What marks a folder as holding a run: its settings, its checkpoints, its results.
@@ -144,9 +145,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def changed_settings(started: dict, now: dict) -> list[str]:
     """What a resume would change in the run it continues: `"section.key: <started> -> <now>"` for every setting
     (`ExperimentConfig.to_dict()` form, also an earlier config's names) that differs, except `RESUMABLE_CHANGES`. A
-    setting a record lacks (written before the setting existed) counts as its default."""
+    setting a record lacks (written before the setting existed) counts as its default; a LoRA section disabled in
+    both is no setting of the run."""
     before, after = (_flatten({**tree, "model": fold_feedback_type(tree.get("model") or {}),
-                               "training": canonical_training(tree.get("training") or {})}) for tree in (started, now))
+                               "training": canonical_training(tree.get("training") or {}),
+                               "lora": tree.get("lora") if (tree.get("lora") or {}).get("enabled") else {}})
+                     for tree in (started, now))
     defaults = _flatten({"data": dataclasses.asdict(DataConfig()), "training": dataclasses.asdict(TrainingConfig()),
                          "lora": dataclasses.asdict(LoraSection())})
 

@@ -45,7 +45,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
-from ..lora_targets import check_lora_targets, recurrent_lora_parameters
+from ..lora_targets import recurrent_lora_parameters
 from ..backends_sfrnn import resolve_dsf_backend
 from ..modeling_sfrnn import CalibratedFeedbackCallback, SfrnnForCausalLM
 from ..recurrent_sfrnn import SfrnnRecurrentLayer
@@ -115,23 +115,25 @@ def build_model(model_section: dict, tokenizer) -> SfrnnForCausalLM:
     return model
 
 
-def lora_config(section):
-    """PEFT `LoraConfig` for an sfrnn model.
+def lora_config(section, cell_type: str):
+    """PEFT `LoraConfig` for an sfrnn model of `cell_type`.
 
-    - `target_parameters`: the recurrent matrices `weight_ih` / `weight_hh`, raw parameters read inside
-      `SfrnnRecurrentLayer.forward`; PEFT parametrizes them while that forward runs, so the adapted weights drive the
-      recurrence itself (the fused forward, the DSF one-step gradients and generation alike).
+    - `target_parameters`: the recurrent matrices `weight_ih` / `weight_hh` (by default those the cell has), raw
+      parameters read inside `SfrnnRecurrentLayer.forward`; PEFT parametrizes them while that forward runs, so the
+      adapted weights drive the recurrence itself (the fused forward, the DSF one-step gradients and generation alike).
     - `target_modules`: ordinary `nn.Linear`s: `output_projection` (after the recurrence; pre-norm blocks and LSTMs
       exposing `[h, c]`), `up_proj` / `down_proj` (pre-norm MLP), `lm_head`.
     """
     from peft import LoraConfig
 
+    parameters = section.target_parameters
     return LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=0.0,  # PEFT's parameter LoRA cannot apply dropout
         target_modules=list(section.target_modules),
-        target_parameters=[name if "." in name else f"recurrent.{name}" for name in section.target_parameters],
+        target_parameters=[name if "." in name else f"recurrent.{name}"
+                           for name in (recurrent_lora_parameters(cell_type) if parameters is None else parameters)],
         task_type="CAUSAL_LM",
     )
 
@@ -140,7 +142,7 @@ def apply_lora(model, section):
     """`model` wrapped by PEFT with the LoRA `section` describes; only the adapters train."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(section))
+    return get_peft_model(model, lora_config(section, model.config.cell_type))
 
 
 def check_bf16_autocast(config: SfrnnConfig, device: str) -> None:
@@ -346,7 +348,8 @@ def _report_to(value):
 
 def training_arguments(experiment: ExperimentConfig, has_validation: bool, world_size: int) -> TrainingArguments:
     """The `TrainingArguments` of a run, built by `HfArgumentParser`: defaults for running an sfrnn model, then the
-    fields the config's `training` section sets, then the ones its `TrainingConfig` keys derive (`config.SET_BY`)."""
+    fields the config's `training` section sets, then the ones its `TrainingConfig` keys derive
+    (`training_section.SET_BY`)."""
     training, given = experiment.training, experiment.trainer_args
     accumulation, eval_strategy = given.get("gradient_accumulation_steps", 1), given["eval_strategy"]
     per_step = world_size * accumulation
@@ -367,7 +370,7 @@ def training_arguments(experiment: ExperimentConfig, has_validation: bool, world
         ddp_find_unused_parameters=False,  # every parameter gets a gradient at every step, in every mode
         remove_unused_columns=False,  # the collator builds the model's inputs
     )
-    derived = dict(  # the fields `config.SET_BY` names, and the ones whose config value means more
+    derived = dict(  # the fields `training_section.SET_BY` names, and the ones whose config value means more
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=given["per_device_eval_batch_size"] or per_device,
         lr_scheduler_type="cosine_with_min_lr" if cosine else "constant",  # `step`: SfrnnTrainer.create_scheduler
@@ -604,7 +607,7 @@ def run(experiment: ExperimentConfig, callbacks=None):
     finished run trains no further step. A non-finite loss or gradient stops training (`TrainingDiverged`) before
     the update, keeping the last checkpoint.
     """
-    model_check = check_model_section(experiment.model)
+    _, model_check = check_model_section(experiment.model)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if model_check is not None:
@@ -612,13 +615,6 @@ def run(experiment: ExperimentConfig, callbacks=None):
             resolve_dsf_backend(model_check.dsf_backend, torch.device(device), model_check.cell_type)
         except ValueError as error:
             raise ConfigError(f"`model.dsf_backend`: {error}") from None
-    if experiment.lora.enabled:  # the targets the base model's cell has, checked before the folder is claimed
-        base = SfrnnConfig.from_pretrained(experiment.model["from_pretrained"])
-        try:
-            check_lora_targets(experiment.lora.target_modules, experiment.lora.target_parameters,
-                               recurrent_lora_parameters(base.cell_type), base.cell_type)
-        except ValueError as error:
-            raise ConfigError(f"lora.{error}") from None
     training = experiment.training
     has_validation = experiment.data.dataset != "text" or bool(experiment.data.validation_files)
     args = training_arguments(experiment, has_validation, world_size)
