@@ -7,6 +7,9 @@ BPTT runs torch's own kernel in both trees, so its difference between the trees 
     python benchmarks/ab_trees.py main=../sfrnn-main branch=../sfrnn-branch --cell gru --lengths 256 1024 --repeats 6
 
 (each NAME=PATH a checkout of this repository, e.g. made with `git worktree add ../sfrnn-main main`).
+With `--compare-gradients` it times nothing and checks instead that both trees compute the same arithmetic: the logits
+and every parameter gradient of a small 2-layer prenorm model, bit for bit, for every cell x mode x backend that
+both trees have (fp32 and fp64, the same seed).
 """
 
 import argparse
@@ -41,6 +44,54 @@ def worker(cell, threads):
         print(time.perf_counter() - start, flush=True)
 
 
+def save_gradients(path):
+    """`{(cell, mode, backend, dtype): [logits, every parameter's gradient]}` of this tree, to `path`."""
+    import torch
+
+    from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
+
+    results = {}
+    for cell in CELL_TYPES:
+        for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
+            for backend in ("reference", "fused", "fused_kernel"):
+                for dtype in (torch.float32, torch.float64):
+                    torch.manual_seed(0)
+                    config = SfrnnConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, cell_type=cell,
+                                         gradient_mode=mode, dsf_backend=backend, block_type="prenorm")
+                    model = SfrnnForCausalLM(config).to(dtype)
+                    ids = torch.randint(0, 13, (3, 11))
+                    mask = torch.ones_like(ids)
+                    mask[1, 7:] = 0
+                    output = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                                   return_logits=True)
+                    output.loss.backward()
+                    results[(cell, mode, backend, str(dtype))] = [output.logits.detach()] + [
+                        torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    torch.save(results, path)
+
+
+def compare_gradients(trees):
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        saved = {}
+        for name, path in trees.items():
+            saved[name] = f"{folder}/{name}.pt"
+            subprocess.run([f"{path}/.venv/bin/python", __file__, "--save-gradients", saved[name]], cwd=path,
+                           check=True, env={**os.environ, "PYTHONPATH": path})
+        first, second = (torch.load(saved[name]) for name in trees)
+    common = sorted(set(first) & set(second))
+    differ = [key for key in common if len(first[key]) != len(second[key])
+              or not all(torch.equal(a, b) for a, b in zip(first[key], second[key]))]
+    print(f"bit-identical in both trees: {len(common) - len(differ)} of {len(common)} cell x mode x backend x dtype "
+          f"({len(first)} and {len(second)} in each tree)")
+    for key in differ:
+        print("differs:", *key)
+    return 1 if differ else 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="*", help="two name=path, each a checkout with its own .venv")
@@ -48,13 +99,19 @@ def main():
     parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare-gradients", action="store_true", help="check the arithmetic instead of timing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-gradients", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.cell, args.threads)
+    if args.save_gradients:
+        return save_gradients(args.save_gradients)
     if len(args.trees) != 2 or not all("=" in tree for tree in args.trees):
         parser.error(f"expected two name=path trees, got {args.trees}")
     trees = dict(tree.split("=", 1) for tree in args.trees)
+    if args.compare_gradients:
+        return compare_gradients(trees)
     # PYTHONPATH: each worker imports its own tree's package, even where two trees share one venv.
     workers = {name: subprocess.Popen([f"{path}/.venv/bin/python", __file__, "--worker", "--cell",
                                        args.cell, "--threads", str(args.threads)],
@@ -90,4 +147,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
