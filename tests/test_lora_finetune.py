@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
-from sfrnn_hf.cells_sfrnn import CELLS
 from sfrnn_hf.lora_targets import recurrent_lora_parameters
 from sfrnn_hf.training.train import apply_lora, main, run
 from sfrnn_hf.training.config import ConfigError, LoraSection, load_config
@@ -140,11 +139,13 @@ def test_lora_option_fine_tunes_a_trained_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("cell", CELL_TYPES)
 def test_the_lora_section_defaults_to_the_recurrent_matrices_the_cell_has(tmp_path, cell):
-    SfrnnForCausalLM(SfrnnConfig(vocab_size=VOCAB, hidden_size=8, cell_type=cell)).save_pretrained(tmp_path)
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=VOCAB, hidden_size=8, cell_type=cell))
+    model.save_pretrained(tmp_path)
     experiment = load_config(None, ["lora.enabled=true", f"model.from_pretrained={tmp_path}"])
-    shapes = CELLS[cell].parameter_shapes(8)
+    recurrent = model.model.layers[0].recurrent  # the matrices this model's layers hold
     assert experiment.lora.target_parameters == [  # explicit in the run's experiment.yaml
-        name for name in ("weight_ih", "weight_hh") if len(shapes[name]) == 2 and 0 not in shapes[name]]
+        name for name in ("weight_ih", "weight_hh") if getattr(recurrent, name).dim() == 2
+        and getattr(recurrent, name).numel()]
     assert experiment.to_dict()["lora"]["target_parameters"] == experiment.lora.target_parameters
     if "weight_hh" not in experiment.lora.target_parameters:  # asked for explicitly: refused, naming the cell
         with pytest.raises(ConfigError, match=f"weight_hh.*{cell}"):
