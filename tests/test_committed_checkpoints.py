@@ -90,3 +90,17 @@ def test_a_committed_checkpoint_scores_its_cards_test_perplexity_without_the_pac
     else:
         assert result["sentences"] == 3761
         assert result["perplexity"] == pytest.approx(card_test_perplexity(folder), rel=1e-5)
+
+
+@pytest.mark.skipif(not CHECKPOINTS, reason="no trained checkpoint is committed under checkpoints/ yet")
+@pytest.mark.parametrize("folder", CHECKPOINTS, ids=[path.name for path in CHECKPOINTS])
+def test_a_committed_checkpoint_carries_the_packages_code(folder):
+    """Its remote code is the package's, file for file, and its config.json records their digests: loading it with and
+    without the package runs the same code. (A change to a Hub file re-saves the folders' code: load each with the
+    package, `save_pretrained` to a scratch folder, copy its `*.py` and config.json back; the weights do not change.)"""
+    from sfrnn_hf import SfrnnConfig
+    from sfrnn_hf.modeling_sfrnn import check_folder_code
+
+    assert check_folder_code(str(folder), SfrnnConfig.from_pretrained(folder)) == []
+    assert sorted(SfrnnConfig.from_pretrained(folder).sfrnn_code_sha256) == sorted(
+        path.name for path in folder.glob("*.py"))

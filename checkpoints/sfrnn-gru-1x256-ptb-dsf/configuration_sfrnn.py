@@ -45,8 +45,8 @@ def in_range(low, high=None, low_open=False, high_open=False):
     return check
 
 
-POSITIVE, UNIT_INTERVAL = in_range(0, low_open=True), in_range(0, 1)
-POSITIVE_FINITE = in_range(0, math.inf, low_open=True, high_open=True)
+POSITIVE, POSITIVE_FINITE = in_range(0, low_open=True), in_range(0, math.inf, low_open=True, high_open=True)
+UNIT_INTERVAL, HALF_OPEN_UNIT_INTERVAL = in_range(0, 1), in_range(0, 1, high_open=True)  # [0, 1], [0, 1)
 
 # Earlier configs named the calibrated feedback on a second axis: `gradient_mode="dsf", feedback_type="calibrated"` is
 # today's `gradient_mode="dsf_calibrated"` (outside `dsf` it had no effect).
@@ -156,7 +156,7 @@ class SfrnnConfig(PreTrainedConfig):
     gradient_mode: Literal[GRADIENT_MODES] = "dsf"
     feedback_min: float | int = validated_field(UNIT_INTERVAL, default=0.0)  # in [0, 1]: a contracting feedback
     feedback_max: float | int = validated_field(UNIT_INTERVAL, default=1.0)
-    feedback_momentum: float | int = validated_field(in_range(0, 1, high_open=True), default=0.9)
+    feedback_momentum: float | int = validated_field(HALF_OPEN_UNIT_INTERVAL, default=0.9)
     dsf_backend: Literal[DSF_BACKENDS] = "auto"
     block_type: Literal[BLOCK_TYPES] = "residual"
     intermediate_size: int | None = validated_field(POSITIVE, default=None)  # None: 4 * hidden_size

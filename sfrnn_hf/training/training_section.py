@@ -14,11 +14,11 @@ from typing import Any, Literal, get_type_hints
 
 from huggingface_hub.dataclasses import strict, validated_field
 
-from ..configuration_sfrnn import POSITIVE, in_range
+from ..configuration_sfrnn import HALF_OPEN_UNIT_INTERVAL, POSITIVE, UNIT_INTERVAL, in_range
 from .config_reading import ConfigError, checked, strict_section, unknown_key
 from .gradient_schedule import parse_schedule
 
-NON_NEGATIVE, UNIT = in_range(0), in_range(0, 1, high_open=True)
+NON_NEGATIVE = in_range(0)
 
 
 @strict
@@ -32,8 +32,8 @@ class TrainingConfig:
     step_every: float = validated_field(in_range(0, 1, low_open=True), default=1 / 3)  # step: run fraction per decay
     step_gamma: float = validated_field(POSITIVE, default=0.1)  # (the paper: x0.1 every 10 of 30 epochs)
     # warmup_cosine: linear warm-up over this fraction, then cosine to min_lr_ratio * learning_rate
-    warmup_ratio: float = validated_field(UNIT, default=0.1)
-    min_lr_ratio: float = validated_field(in_range(0, 1), default=0.1)
+    warmup_ratio: float = validated_field(HALF_OPEN_UNIT_INTERVAL, default=0.1)
+    min_lr_ratio: float = validated_field(UNIT_INTERVAL, default=0.1)
     evaluate_test: bool = True  # evaluate the best model on the test split at the end
     resume_from_checkpoint: bool | str | None = None  # true: the newest intact checkpoint in output_dir | a path
     overwrite_output_dir: bool = False  # a new run into a folder holding an earlier run: delete it first
@@ -56,9 +56,10 @@ TRAINER_DEFAULTS = {"output_dir": "runs/sfrnn", "num_train_epochs": 1.0, "learni
                     "report_to": "auto",  # tensorboard when installed
                     "per_device_eval_batch_size": None,  # the per-device training batch
                     "activation_checkpointing": False}
-TRAINER_RANGES = {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE, "adam_beta1": UNIT,
-                  "adam_beta2": UNIT, "max_grad_norm": NON_NEGATIVE, "logging_steps": POSITIVE,
-                  "save_total_limit": POSITIVE, "gradient_accumulation_steps": POSITIVE, "eval_steps": POSITIVE,
+TRAINER_RANGES = {"learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE,
+                  "adam_beta1": HALF_OPEN_UNIT_INTERVAL, "adam_beta2": HALF_OPEN_UNIT_INTERVAL,
+                  "max_grad_norm": NON_NEGATIVE, "logging_steps": POSITIVE, "save_total_limit": POSITIVE,
+                  "gradient_accumulation_steps": POSITIVE, "eval_steps": POSITIVE,
                   "per_device_eval_batch_size": POSITIVE}
 SET_BY = {"per_device_train_batch_size": "batch_size", "lr_scheduler_type": "scheduler",
           "lr_scheduler_kwargs": "scheduler", "warmup_steps": "warmup_ratio", "load_best_model_at_end": "eval_strategy",
