@@ -44,8 +44,10 @@ for targets in ({}, {"target_modules": "all-linear"}):
 """
 
 
-def test_lora_defaults_through_remote_code_without_the_package(tmp_path, word_tokenizer):
-    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8, num_hidden_layers=2))
+@pytest.mark.parametrize("cell", ["gru", "indrnn"])  # both recurrent matrices; weight_ih only (a vector weight_hh)
+def test_lora_defaults_through_remote_code_without_the_package(tmp_path, word_tokenizer, cell):
+    model = SfrnnForCausalLM(SfrnnConfig(vocab_size=len(word_tokenizer), hidden_size=8, num_hidden_layers=2,
+                                         cell_type=cell))
     folder = export_for_hub(model, word_tokenizer, tmp_path / "hub", repo_id="someone/sfrnn-test")
     card = (folder / "README.md").read_text()
     stated = ast.literal_eval(re.search(r"target_parameters=(\[[^\]]*\])", card).group(1))
