@@ -4,8 +4,8 @@
     python examples/finetune_lora.py outputs/demo --targets weight_ih weight_hh lm_head --steps 100 --mode bptt
 
 Targets (see `sfrnn_hf.training.train.lora_config`):
-- `weight_ih`, `weight_hh`: the recurrent matrices (PEFT `target_parameters`): the adapter changes the recurrence
-  itself and, in `dsf` mode, is trained by the DSF gradient;
+- `weight_ih`, `weight_hh`: the recurrent matrices (PEFT `target_parameters`; by default those the checkpoint's cell
+  has): the adapter changes the recurrence itself and, in `dsf` mode, is trained by the DSF gradient;
 - `output_projection`, `up_proj`, `down_proj`, `lm_head`: ordinary linear layers (`target_modules`).
 The same run from the command line: `sfrnn-train ptb_gru_1x256 --lora CHECKPOINT training.max_steps=100`.
 """
@@ -25,8 +25,8 @@ from sfrnn_hf.training.config import load_config
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a trained sfrnn checkpoint folder (model + tokenizer)")
-    parser.add_argument("--targets", nargs="+", default=list(RECURRENT_LORA_PARAMETERS),
-                        choices=list(RECURRENT_LORA_PARAMETERS) + list(LINEAR_LORA_MODULES))
+    parser.add_argument("--targets", nargs="+", choices=list(RECURRENT_LORA_PARAMETERS) + list(LINEAR_LORA_MODULES),
+                        help="default: the recurrent matrices the checkpoint's cell has")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
@@ -34,11 +34,13 @@ def main():
     parser.add_argument("--output-dir", default="outputs/lora")
     cli = parser.parse_args()
 
-    parameters = [t for t in cli.targets if t in RECURRENT_LORA_PARAMETERS]
-    modules = [t for t in cli.targets if t in LINEAR_LORA_MODULES]
+    targets = []
+    if cli.targets:
+        targets = [f"lora.target_parameters={[t for t in cli.targets if t in RECURRENT_LORA_PARAMETERS]}",
+                   f"lora.target_modules={[t for t in cli.targets if t in LINEAR_LORA_MODULES]}"]
     experiment = load_config("ptb_gru_1x256", [
         f"model.from_pretrained={cli.checkpoint}", "lora.enabled=true", f"lora.r={cli.r}", f"lora.alpha={cli.alpha}",
-        f"lora.target_parameters={parameters}", f"lora.target_modules={modules}",
+        *targets,
         f"training.max_steps={cli.steps}", "training.batch_size=32", "training.scheduler=constant",
         "training.eval_strategy=no", "training.evaluate_test=false", "training.logging_steps=10",
         f"training.output_dir={cli.output_dir}", "data.max_eval_samples=500",
