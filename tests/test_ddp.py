@@ -65,3 +65,28 @@ def test_two_gloo_processes_match_one_process_over_the_same_global_batch(tmp_pat
     logged = [e["loss"] for e in single.state.log_history if "loss" in e]
     assert ranks[0]["losses"] == pytest.approx(logged, rel=1e-5)  # the token-mean loss over both ranks
     assert max((tensor - state[name]).abs().max().item() for name, tensor in ranks[0]["state_dict"].items()) < 2e-6
+
+
+def test_the_training_command_under_torchrun_leaves_the_process_group_before_exit(tmp_path):
+    """`sfrnn-train` itself (its `main`) under torchrun: both ranks train, rank 0 writes the results, and each leaves
+    the gloo group (`Trainer.end`) instead of tearing it down at interpreter exit."""
+    write_corpus(tmp_path / "train.txt", 32, seed=5)
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys, torch\n"
+        "from sfrnn_hf.training.train import main\n"
+        "assert main(sys.argv[1:]) == 0\n"
+        "open(f\"left{os.environ['RANK']}\", 'w').write(str(torch.distributed.is_initialized()))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(probe), "--output-dir", "run"]
+    for setting in ("data.dataset=text", "data.tokenizer=word", "data.train_files=[train.txt]", "model.hidden_size=8",
+                    "training.batch_size=8", "training.max_steps=2", "training.eval_strategy=no",
+                    "training.evaluate_test=false", "training.report_to=none", "training.save_strategy=no"):
+        command += ["--set", setting]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert [(tmp_path / f"left{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
+    assert (tmp_path / "run" / "results.json").exists()

@@ -25,8 +25,8 @@ transformers.Trainer.training_step = _recording_step
 """
 SAVE = """
 import os
-torch.save({"seen": seen, "world_size": args.world_size, "state": trainer.model.state_dict()},
-           f"rank{os.environ['RANK']}.pt")
+torch.save({"seen": seen, "world_size": args.world_size, "state": trainer.model.state_dict(),
+            "in_group_at_exit": torch.distributed.is_initialized()}, f"rank{os.environ['RANK']}.pt")
 """
 
 
@@ -51,6 +51,7 @@ def run_two_processes(tmp_path, code):
 def test_the_readme_plain_trainer_trains_disjoint_shards_with_identical_weights(tmp_path):
     ranks = run_two_processes(tmp_path, readme_script())
     assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert [rank["in_group_at_exit"] for rank in ranks] == [False, False]  # the script left the group (Trainer.end)
     assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 16  # 4 steps of 4 rows
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])  # each process its own rows
     for name, tensor in ranks[0]["state"].items():

@@ -758,7 +758,8 @@ def main(argv=None):
         if cli.print_config:
             print(yaml.safe_dump(redact_secrets(experiment.to_dict()), sort_keys=False))
             return 0
-        _, results = run(experiment)
+        trainer, results = run(experiment)
+        trainer.end()  # the trackers finish and, under torchrun, the process group is left before exit
     except (ConfigError, OutputDirError, DataError, FileNotFoundError) as error:
         parser.exit(2, f"sfrnn-train: error: {error}\n")
     except TrainingDiverged as error:
