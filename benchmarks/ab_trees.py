@@ -13,6 +13,7 @@ both trees have (fp32 and fp64, the same seed).
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -51,22 +52,20 @@ def save_gradients(path):
     from sfrnn_hf import CELL_TYPES, SfrnnConfig, SfrnnForCausalLM
 
     results = {}
-    for cell in CELL_TYPES:
-        for mode in ("bptt", "dsf", "ft_bptt", "diag_jacobian"):
-            for backend in ("reference", "fused", "fused_kernel"):
-                for dtype in (torch.float32, torch.float64):
-                    torch.manual_seed(0)
-                    config = SfrnnConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, cell_type=cell,
-                                         gradient_mode=mode, dsf_backend=backend, block_type="prenorm")
-                    model = SfrnnForCausalLM(config).to(dtype)
-                    ids = torch.randint(0, 13, (3, 11))
-                    mask = torch.ones_like(ids)
-                    mask[1, 7:] = 0
-                    output = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
-                                   return_logits=True)
-                    output.loss.backward()
-                    results[(cell, mode, backend, str(dtype))] = [output.logits.detach()] + [
-                        torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    for cell, mode, backend, dtype in itertools.product(CELL_TYPES, ("bptt", "dsf", "ft_bptt", "diag_jacobian"),
+                                                        ("reference", "fused", "fused_kernel"),
+                                                        (torch.float32, torch.float64)):
+        torch.manual_seed(0)
+        config = SfrnnConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, cell_type=cell, gradient_mode=mode,
+                             dsf_backend=backend, block_type="prenorm")
+        model = SfrnnForCausalLM(config).to(dtype)
+        ids = torch.randint(0, 13, (3, 11))
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        output = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), return_logits=True)
+        output.loss.backward()
+        results[(cell, mode, backend, str(dtype))] = [output.logits.detach()] + [
+            torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
     torch.save(results, path)
 
 

@@ -26,7 +26,6 @@ RECURRENT_LORA_PARAMETERS = ("weight_ih", "weight_hh")
 LINEAR_LORA_MODULES = ("output_projection", "up_proj", "down_proj", "lm_head")
 # Every module of an sfrnn model PEFT can wrap (nn.Linear and nn.Embedding).
 LORA_MODULES = LINEAR_LORA_MODULES + ("embeddings",)
-DEFAULT_TARGET_PARAMETERS = tuple(f"recurrent.{name}" for name in RECURRENT_LORA_PARAMETERS)
 MODEL_TYPE = "sfrnn"
 
 
@@ -39,11 +38,16 @@ def recurrent_lora_parameters(cell_type: str) -> tuple[str, ...]:
     return tuple(name for name in RECURRENT_LORA_PARAMETERS if len(shapes[name]) == 2 and 0 not in shapes[name])
 
 
-def check_lora_targets(target_modules, target_parameters, lora_parameters=RECURRENT_LORA_PARAMETERS,
-                       cell_type="sfrnn") -> None:
-    """ValueError naming a target that is no LoRA-able part of an sfrnn model (whose cell has `lora_parameters`),
-    and what to use instead. Names are matched by their last dotted part, as PEFT matches them; a regex string
-    (`target_modules="..."`) is PEFT's to match and is not checked."""
+def default_target_parameters(cell_type: str) -> list[str]:
+    """What `LoraConfig` without targets adapts in every layer of a `cell_type` model (PEFT's `target_parameters`)."""
+    return [f"recurrent.{name}" for name in recurrent_lora_parameters(cell_type)]
+
+
+def check_lora_targets(target_modules, target_parameters, cell_type: str) -> None:
+    """ValueError naming a target that is no LoRA-able part of an sfrnn model of `cell_type`, and what to use instead.
+    Names are matched by their last dotted part, as PEFT matches them; a regex string (`target_modules="..."`) is
+    PEFT's to match and is not checked."""
+    lora_parameters = recurrent_lora_parameters(cell_type)
     for name in sorted(target_parameters or ()):
         if name.split(".")[-1] not in lora_parameters:
             raise ValueError(
@@ -59,12 +63,12 @@ def check_lora_targets(target_modules, target_parameters, lora_parameters=RECURR
         if last in ("recurrent", "weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             raise ValueError(
                 f"target_modules: {name!r} is not a module LoRA can wrap: an sfrnn model's recurrent weights are "
-                f"parameters of its `recurrent` layers. Use target_parameters={list(DEFAULT_TARGET_PARAMETERS)} (what "
-                f"LoraConfig without targets adapts); modules, if any: {list(LORA_MODULES)}.")
+                f"parameters of its `recurrent` layers. Use target_parameters={default_target_parameters(cell_type)} "
+                f"(what LoraConfig without targets adapts); modules, if any: {list(LORA_MODULES)}.")
         raise ValueError(
             f"target_modules: {name!r} names no module LoRA can wrap in an sfrnn model; choose among "
             f"{list(LORA_MODULES)} (output_projection: prenorm blocks or an LSTM exposing [h, c]; up_proj, down_proj: "
-            f"prenorm blocks), and target_parameters={list(DEFAULT_TARGET_PARAMETERS)} for the recurrence itself.")
+            f"prenorm blocks), and target_parameters={default_target_parameters(cell_type)} for the recurrence itself.")
 
 
 def sfrnn_lora_defaults(peft_config, model_config: dict) -> None:
@@ -73,13 +77,12 @@ def sfrnn_lora_defaults(peft_config, model_config: dict) -> None:
     from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
     cell_type = model_config["cell_type"]
-    parameters = recurrent_lora_parameters(cell_type)
     if not peft_config.target_parameters and (peft_config.target_modules is None
                                               or peft_config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         if peft_config.target_modules is None:
             peft_config.target_modules = set()  # PEFT's way of saying "no module, parameters only"
-        peft_config.target_parameters = [f"recurrent.{name}" for name in parameters]
-    check_lora_targets(peft_config.target_modules, peft_config.target_parameters, parameters, cell_type)
+        peft_config.target_parameters = default_target_parameters(cell_type)
+    check_lora_targets(peft_config.target_modules, peft_config.target_parameters, cell_type)
 
 
 def register_with_peft() -> bool:
@@ -108,5 +111,5 @@ def register_with_peft() -> bool:
     return True
 
 
-__all__ = ["recurrent_lora_parameters", "RECURRENT_LORA_PARAMETERS", "LINEAR_LORA_MODULES", "LORA_MODULES", "DEFAULT_TARGET_PARAMETERS",
-           "check_lora_targets", "register_with_peft"]
+__all__ = ["recurrent_lora_parameters", "default_target_parameters", "RECURRENT_LORA_PARAMETERS", "LINEAR_LORA_MODULES",
+           "LORA_MODULES", "check_lora_targets", "register_with_peft"]

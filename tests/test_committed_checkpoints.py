@@ -101,6 +101,6 @@ def test_a_committed_checkpoint_carries_the_packages_code(folder):
     from sfrnn_hf import SfrnnConfig
     from sfrnn_hf.modeling_sfrnn import check_folder_code
 
-    assert check_folder_code(str(folder), SfrnnConfig.from_pretrained(folder)) == []
-    assert sorted(SfrnnConfig.from_pretrained(folder).sfrnn_code_sha256) == sorted(
-        path.name for path in folder.glob("*.py"))
+    config = SfrnnConfig.from_pretrained(folder)
+    assert check_folder_code(str(folder), config) == []
+    assert sorted(config.sfrnn_code_sha256) == sorted(path.name for path in folder.glob("*.py"))

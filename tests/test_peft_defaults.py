@@ -3,7 +3,9 @@ recurrent matrices (the adapted forward differs from the base, equals the merged
 LoRA factors in every mode); `"all-linear"` adds the recurrent matrices to PEFT's linear modules; a target that is no
 LoRA-able part of the model gets an error saying what to use; other model types keep PEFT's own defaults."""
 
+import ast
 import copy
+import re
 
 import pytest
 import torch
@@ -119,6 +121,11 @@ def test_defaults_adapt_the_matrices_each_cell_has(cell):
     for absent in {"weight_ih", "weight_hh"} - matrices:
         with pytest.raises(ValueError, match=f"'{absent}' is not a LoRA-able recurrent parameter of an {cell} model"):
             get_peft_model(tiny(cell), LoraConfig(target_modules=[], target_parameters=[absent]))
+    # A recurrent weight named as a module: the advice is this cell's defaults, which adapt exactly `matrices`.
+    with pytest.raises(ValueError, match="is not a module") as raised:
+        get_peft_model(tiny(cell), LoraConfig(target_modules=["weight_hh"]))
+    advised = re.search(r"target_parameters=(\[[^\]]*\])", str(raised.value)).group(1)
+    assert {name.rsplit(".", 1)[1] for name in ast.literal_eval(advised)} == matrices
 
 
 def test_other_model_types_keep_peft_defaults():

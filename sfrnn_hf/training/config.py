@@ -69,14 +69,16 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=list)
     merge_at_end: bool = True  # also save the merged model (an ordinary sfrnn checkpoint) in output_dir/merged
 
+    def parameters_for(self, cell_type: str) -> list[str]:
+        """The recurrent parameters this section adapts in a `cell_type` model (by default the cell's matrices)."""
+        return list(recurrent_lora_parameters(cell_type) if self.target_parameters is None else self.target_parameters)
+
     def for_cell(self, cell_type: str) -> "LoraSection":
-        """This section with its targets checked against the recurrent matrices of `cell_type`, the default made
-        explicit (what a LoRA of that cell adapts, also written to the run's experiment.yaml)."""
-        parameters = recurrent_lora_parameters(cell_type)
-        section = dataclasses.replace(self, target_parameters=list(
-            parameters if self.target_parameters is None else self.target_parameters))
+        """This section with its targets checked against a `cell_type` model and the default made explicit (written
+        to the run's experiment.yaml)."""
+        section = dataclasses.replace(self, target_parameters=self.parameters_for(cell_type))
         try:
-            check_lora_targets(section.target_modules, section.target_parameters, parameters, cell_type)
+            check_lora_targets(section.target_modules, section.target_parameters, cell_type)
         except ValueError as error:
             raise ConfigError(f"lora.{error}") from None
         if not section.target_parameters and not section.target_modules:

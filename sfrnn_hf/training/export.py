@@ -36,7 +36,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 import yaml
 
 from ..cells_sfrnn import CELLS
-from ..lora_targets import recurrent_lora_parameters
+from ..lora_targets import default_target_parameters
 from ..recurrent_sfrnn import linspace_feedback
 from .checkpoints import MANIFEST, damage
 from .data import is_character_level, update_saved_tokenizer
@@ -111,7 +111,7 @@ def model_card(model, *, repo_id, datasets=(), perplexity=None, test_perplexity=
         bits_per_character={split: math.log2(value) for split, value in perplexities.items()} if character_level else {},
         eval_dataset_name=DATASET_NAMES.get(eval_dataset, eval_dataset), eval_command=eval_command,
         example_prompt=example_prompt,
-        lora_default_targets=json.dumps([f"recurrent.{name}" for name in recurrent_lora_parameters(config.cell_type)]),
+        lora_default_targets=json.dumps(default_target_parameters(config.cell_type)),
     )
 
 

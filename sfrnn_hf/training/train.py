@@ -45,7 +45,6 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 
 from ..configuration_sfrnn import SfrnnConfig
-from ..lora_targets import recurrent_lora_parameters
 from ..backends_sfrnn import resolve_dsf_backend
 from ..modeling_sfrnn import CalibratedFeedbackCallback, SfrnnForCausalLM
 from ..recurrent_sfrnn import SfrnnRecurrentLayer
@@ -126,14 +125,12 @@ def lora_config(section, cell_type: str):
     """
     from peft import LoraConfig
 
-    parameters = section.target_parameters
     return LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=0.0,  # PEFT's parameter LoRA cannot apply dropout
         target_modules=list(section.target_modules),
-        target_parameters=[name if "." in name else f"recurrent.{name}"
-                           for name in (recurrent_lora_parameters(cell_type) if parameters is None else parameters)],
+        target_parameters=[name if "." in name else f"recurrent.{name}" for name in section.parameters_for(cell_type)],
         task_type="CAUSAL_LM",
     )
 
